@@ -1,0 +1,257 @@
+"""Configuration: one frozen `Settings`, built once from the environment and the .env file.
+
+Precedence: the process environment wins over the .env file, which wins over the defaults
+below. Every variable is declared exactly once in `VARIABLES` (name, default, parser and a
+one-line description); `.env.example` and the README's table are checked against it by the
+tests, so a new setting cannot go undocumented. A bad value raises `ConfigError` with one
+sentence naming the variable and what was expected; nothing here opens a connection.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from neuronetz import envfile
+
+DEFAULT_ENV_FILE = Path(".env")
+# The CLI passes the chosen --env-file to Granian's worker processes through this variable,
+# so every worker builds the same Settings as the process that started it.
+ENV_FILE_VARIABLE = "NEURONETZ_ENV_FILE"
+
+
+class ConfigError(Exception):
+    """A configuration value is missing or wrong; str(error) is the sentence for the user."""
+
+
+# --- value parsers: each takes the raw string and the variable name, returns the value ---
+
+
+def _integer(low: int, high: int) -> Callable[[str, str], int]:
+    def parse(raw: str, name: str) -> int:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise ConfigError(f"{name} must be a whole number, got {raw!r}.") from None
+        if not low <= value <= high:
+            raise ConfigError(f"{name} must be between {low} and {high}, got {value}.")
+        return value
+
+    return parse
+
+
+def _seconds(low: float, high: float) -> Callable[[str, str], float]:
+    def parse(raw: str, name: str) -> float:
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            raise ConfigError(f"{name} must be a number of seconds, got {raw!r}.") from None
+        if not low <= value <= high:
+            raise ConfigError(f"{name} must be between {low:g} and {high:g} seconds, got {value:g}.")
+        return value
+
+    return parse
+
+
+def _boolean(raw: str, name: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}.")
+
+
+def _choice(*options: str) -> Callable[[str, str], str]:
+    def parse(raw: str, name: str) -> str:
+        value = raw.strip().lower()
+        if value not in options:
+            raise ConfigError(f"{name} must be one of {', '.join(options)}, got {raw!r}.")
+        return value
+
+    return parse
+
+
+def _host(raw: str, name: str) -> str:
+    value = raw.strip()
+    if not value or any(ch.isspace() or ch in "/?#" for ch in value):
+        raise ConfigError(f"{name} must be a host name or IP address to listen on, got {raw!r}.")
+    return value
+
+
+def _url(schemes: tuple[str, ...], example: str) -> Callable[[str, str], str]:
+    def parse(raw: str, name: str) -> str:
+        value = raw.strip()
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError:
+            raise ConfigError(f"{name} must be a URL like {example}, got {raw!r}.") from None
+        if parts.scheme not in schemes or not (parts.hostname or parts.path):
+            raise ConfigError(f"{name} must be a URL like {example}, got {raw!r}.")
+        return value
+
+    return parse
+
+
+def parse_backend_url(raw: str, name: str = "OLLAMA_BACKENDS") -> str:
+    """Validate one Ollama base URL and return it in canonical form (no trailing slash).
+
+    >>> parse_backend_url("http://ollama:11434/")
+    'http://ollama:11434'
+    """
+    value = raw.strip()
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError:
+        raise ConfigError(f"{name}: {raw!r} is not a valid URL (expected e.g. http://ollama:11434).") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{name}: {raw!r} must be an http:// or https:// URL with a host, e.g. http://ollama:11434.")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise ConfigError(f"{name}: {raw!r} must not carry a query, fragment or credentials.")
+    host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
+    netloc = host if port is None else f"{host}:{port}"
+    return f"{parts.scheme}://{netloc}{parts.path.rstrip('/')}"
+
+
+def parse_backends(raw: str, name: str = "OLLAMA_BACKENDS") -> tuple[str, ...]:
+    """Comma-separated backend URLs, validated, canonical and de-duplicated in order."""
+    urls: list[str] = []
+    for item in raw.split(","):
+        if item.strip():
+            url = parse_backend_url(item, name)
+            if url not in urls:
+                urls.append(url)
+    return tuple(urls)
+
+
+@dataclass(frozen=True)
+class Variable:
+    name: str
+    field: str
+    default: str
+    parse: Callable[[str, str], Any]
+    doc: str
+
+
+VARIABLES: tuple[Variable, ...] = (
+    Variable(
+        "DATABASE_URL",
+        "database_url",
+        "postgresql://127.0.0.1:5432/neuronetz",
+        _url(("postgres", "postgresql"), "postgresql://user:password@host:5432/neuronetz"),
+        "Postgres connection URL (tenants, keys, usage ledger, audit). The database is created if missing.",
+    ),
+    Variable(
+        "REDIS_URL",
+        "redis_url",
+        "redis://127.0.0.1:6379/0",
+        _url(("redis", "rediss", "unix"), "redis://host:6379/0"),
+        "Redis connection URL (key cache, rate-limit and budget counters).",
+    ),
+    Variable(
+        "OLLAMA_BACKENDS",
+        "ollama_backends",
+        "http://127.0.0.1:11434",
+        parse_backends,
+        "Comma-separated Ollama base URLs; edited by add-backend/remove-backend, reloaded live.",
+    ),
+    Variable("GATEWAY_HOST", "host", "127.0.0.1", _host, "Address to listen on (0.0.0.0 in the container)."),
+    Variable("GATEWAY_PORT", "port", "8080", _integer(1, 65535), "TCP port to listen on."),
+    Variable(
+        "GATEWAY_WORKERS", "workers", "1", _integer(1, 64), "Granian worker processes (one per core is a good start)."
+    ),
+    Variable(
+        "GATEWAY_MIGRATE_ON_START",
+        "migrate_on_start",
+        "true",
+        _boolean,
+        "Apply pending migrations when `serve` starts.",
+    ),
+    Variable(
+        "GATEWAY_MAX_BODY_BYTES",
+        "max_body_bytes",
+        str(32 * 1024 * 1024),
+        _integer(1024, 1 << 30),
+        "Largest request body accepted (413 above it); base64 images need tens of MB.",
+    ),
+    Variable(
+        "GATEWAY_READY_TIMEOUT",
+        "ready_timeout",
+        "1.0",
+        _seconds(0.05, 30),
+        "Time each /readyz dependency check may take before it counts as failed.",
+    ),
+    Variable(
+        "GATEWAY_SHUTDOWN_TIMEOUT",
+        "shutdown_timeout",
+        "30",
+        _integer(1, 3600),
+        "Seconds in-flight requests get to finish after SIGTERM before workers are killed.",
+    ),
+    Variable(
+        "GATEWAY_DB_POOL_SIZE", "db_pool_size", "10", _integer(1, 500), "Postgres connections per worker process."
+    ),
+    Variable(
+        "GATEWAY_LOG_LEVEL",
+        "log_level",
+        "info",
+        _choice("debug", "info", "warning", "error"),
+        "Log level of the JSON log lines on stdout.",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the gateway reads from its environment, validated."""
+
+    database_url: str
+    redis_url: str
+    ollama_backends: tuple[str, ...]
+    host: str
+    port: int
+    workers: int
+    migrate_on_start: bool
+    max_body_bytes: int
+    ready_timeout: float
+    shutdown_timeout: int
+    db_pool_size: int
+    log_level: str
+    env_file: Path | None = None
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+def resolve_env_file(explicit: str | None) -> Path | None:
+    """The .env file to read: the one given (which must exist), else ./.env when present."""
+    if explicit:
+        path = Path(explicit)
+        if not path.is_file():
+            raise ConfigError(f"The env file {path} does not exist (given with --env-file).")
+        return path
+    inherited = os.environ.get(ENV_FILE_VARIABLE)
+    if inherited:
+        return Path(inherited)
+    return DEFAULT_ENV_FILE if DEFAULT_ENV_FILE.is_file() else None
+
+
+def load(env_file: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Build Settings from `environ` (default: os.environ) over the values in `env_file`."""
+    environ = os.environ if environ is None else environ
+    try:
+        file_values = envfile.read(env_file) if env_file is not None else {}
+    except envfile.EnvFileError as exc:
+        raise ConfigError(str(exc)) from None
+    values: dict[str, Any] = {}
+    for variable in VARIABLES:
+        raw = environ.get(variable.name, file_values.get(variable.name, variable.default))
+        values[variable.field] = variable.parse(raw, variable.name)
+    return Settings(**values, env_file=env_file)

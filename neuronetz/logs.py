@@ -1,0 +1,55 @@
+"""Structured logs: one JSON object per line on stdout, for our own loggers and Granian's.
+
+Log calls pass their structured data as `extra={"fields": {...}}`; the formatter merges it
+into the line. Nothing here knows about requests: what goes into a line (and that it never
+holds a secret or a prompt) is decided where the line is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.config
+import time
+from typing import Any
+
+import orjson
+
+LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if fields:
+            entry.update(fields)
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(entry, default=str).decode()
+
+
+def dictconfig(level: str) -> dict[str, Any]:
+    """A logging.config dict that sends every logger (Granian's included) through the JSON
+    formatter; Granian applies it in each worker process, and `configure` in the CLI."""
+    handler = {"class": "logging.StreamHandler", "stream": "ext://sys.stdout", "formatter": "json"}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": "neuronetz.logs.JsonFormatter"}},
+        "handlers": {"console": handler, "access": handler},
+        "root": {"handlers": ["console"], "level": LEVELS[level]},
+        "loggers": {
+            "_granian": {"handlers": ["console"], "level": LEVELS[level], "propagate": False},
+            "granian.access": {"handlers": ["access"], "level": LEVELS[level], "propagate": False},
+            "neuronetz": {"level": LEVELS[level]},
+        },
+    }
+
+
+def configure(level: str) -> None:
+    logging.config.dictConfig(dictconfig(level))

@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from neuronetz.errors import BadRequest, BudgetExceeded, NotFound, PayloadTooLarge, RateLimited, Unauthorized
+from neuronetz.http import ClientDisconnected, Request
+from neuronetz.types import Message
+
+
+def make_request(
+    messages: list[dict[str, Any]], headers: list[tuple[bytes, bytes]] | None = None, path: str = "/api/chat"
+) -> tuple[Request, dict[str, int]]:
+    received: list[Message] = list(messages)
+    reads = {"count": 0}
+
+    async def receive() -> Message:
+        reads["count"] += 1
+        return received.pop(0) if received else {"type": "http.disconnect"}
+
+    scope: dict[str, Any] = {"type": "http", "method": "POST", "path": path, "headers": headers or []}
+    return Request(scope, receive, path), reads
+
+
+async def test_body_is_assembled_from_chunks() -> None:
+    request, _ = make_request(
+        [{"type": "http.request", "body": b'{"a":', "more_body": True}, {"type": "http.request", "body": b"1}"}]
+    )
+    assert await request.json(1024) == {"a": 1}
+
+
+async def test_declared_length_over_the_limit_is_refused_before_reading() -> None:
+    request, reads = make_request([], headers=[(b"content-length", b"2048")])
+    with pytest.raises(PayloadTooLarge):
+        await request.body(1024)
+    assert reads["count"] == 0
+
+
+async def test_undeclared_body_is_cut_off_as_soon_as_it_crosses_the_limit() -> None:
+    chunks = [{"type": "http.request", "body": b"x" * 600, "more_body": True} for _ in range(10)]
+    request, reads = make_request(chunks)
+    with pytest.raises(PayloadTooLarge):
+        await request.body(1024)
+    assert reads["count"] == 2
+
+
+async def test_disconnect_while_reading_the_body() -> None:
+    request, _ = make_request([{"type": "http.request", "body": b"{", "more_body": True}])
+    with pytest.raises(ClientDisconnected):
+        await request.body(1024)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"", "The request body is empty"),
+        (b"{nope", "The request body is not valid JSON"),
+        (b"[1, 2]", "The request body must be a JSON object."),
+        (b"\xff\xfe", "The request body is not valid JSON"),
+    ],
+)
+async def test_malformed_json_is_a_400_saying_what_is_wrong(body: bytes, message: str) -> None:
+    request, _ = make_request([{"type": "http.request", "body": body}])
+    with pytest.raises(BadRequest, match=message):
+        await request.json(1024)
+
+
+def test_request_id_is_echoed_only_when_sane() -> None:
+    request, _ = make_request([], headers=[(b"x-request-id", b"abc-123.XYZ:9")])
+    assert request.request_id == "abc-123.XYZ:9"
+    request, _ = make_request([], headers=[(b"x-request-id", b"bad id\r\nx")])
+    assert request.request_id != "bad id\r\nx"
+    assert len(request.request_id) == 24
+
+
+def test_errors_render_in_the_ollama_dialect() -> None:
+    assert orjson.loads(NotFound("no such model").body(openai_dialect=False)) == {"error": "no such model"}
+
+
+def test_errors_render_in_the_openai_dialect() -> None:
+    body = orjson.loads(RateLimited("slow down", retry_after=1.2).body(openai_dialect=True))
+    assert body == {
+        "error": {"message": "slow down", "type": "rate_limit_error", "code": "rate_limit_exceeded", "param": None}
+    }
+
+
+def test_rate_limit_and_auth_headers() -> None:
+    assert RateLimited("x", retry_after=1.2).headers() == [(b"retry-after", b"2")]
+    assert BudgetExceeded("x", retry_after=0.01).headers() == [(b"retry-after", b"1")]
+    assert BudgetExceeded("x").code == "budget_exceeded"
+    assert (b"www-authenticate", b"Bearer") in Unauthorized("x").headers()
