@@ -1,106 +1,92 @@
 """Composition root: the ASGI application, its lifespan and the request pipeline.
 
-Granian imports `neuronetz.app:app` in every worker process. The lifespan builds one
-`Gateway` per worker (settings, Postgres pool, Redis client, the shared upstream client);
-`App.__call__` runs every HTTP request through the pipeline in `handle`, top to bottom.
+Granian imports `neuronetz.app:app` in every worker process. The lifespan opens one
+`Gateway` (gateway.py) per worker. Every HTTP request runs through `App.handle`, and model
+requests continue in `App.inference`; read together, top to bottom:
+
+    normalise the path → block model-mutating endpoints → route → authenticate →
+    read the body → check the model is allowed → admit (limits and budget reservation, one
+    Redis round trip) → pick a backend → proxy and stream (failing over while nothing was
+    sent; the client leaving cancels the backend at once) → settle the real usage (exactly
+    once, also on errors and disconnects) → record: metrics, one JSON log line, audit row
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import hmac
+import ipaddress
 import logging
-from collections.abc import Awaitable
+import time
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
+from urllib.parse import quote
 
-import asyncpg
-import httpx
-import redis.asyncio as aioredis
+import orjson
 
-from neuronetz import config, db
-from neuronetz.errors import BadRequest, Forbidden, GatewayError
-from neuronetz.http import ClientDisconnected, Request, send_error, send_json
+from neuronetz import config, metrics, models, proxy, tokens
+from neuronetz.auth import KeyRecord, bearer_token
+from neuronetz.backends import Backend
+from neuronetz.errors import BadGateway, BadRequest, Forbidden, GatewayError, NotFound, ServiceUnavailable
+from neuronetz.gateway import Gateway
+from neuronetz.http import ClientDisconnected, Request, client_address, parse_json, send_bytes, send_error, send_json
+from neuronetz.proxy import BackendUnreachable, Exchange
 from neuronetz.router import Route, Router, is_blocked, normalize_path
 from neuronetz.types import Receive, Scope, Send
 
 log = logging.getLogger("neuronetz.app")
+requests_log = logging.getLogger("neuronetz.request")
 GET = frozenset({"GET", "HEAD"})
+GET_ONLY = frozenset({"GET"})
+POST = frozenset({"POST"})
+PROMETHEUS = b"text/plain; version=0.0.4; charset=utf-8"
 
 
-class Gateway:
-    """What one worker process holds for its lifetime; opened and closed by the lifespan."""
+@dataclass(frozen=True)
+class Endpoint:
+    """A forwarded route: where it goes upstream and how its answer is read."""
 
-    def __init__(
-        self, settings: config.Settings, pool: asyncpg.Pool[Any], redis: aioredis.Redis, http: httpx.AsyncClient
-    ) -> None:
-        self.settings = settings
-        self.db = pool
-        self.redis = redis
-        self.http = http
-
-    @classmethod
-    async def open(cls, settings: config.Settings) -> Gateway:
-        pool = await db.create_pool(settings.database_url, settings.db_pool_size)
-        redis = aioredis.Redis.from_url(
-            settings.redis_url, socket_connect_timeout=2, socket_timeout=5, health_check_interval=10
-        )
-        # trust_env=False: proxy variables and .netrc in the environment must not redirect
-        # traffic meant for the internal Ollama network (performance-anchors.md §6).
-        http = httpx.AsyncClient(trust_env=False, timeout=httpx.Timeout(5.0))
-        return cls(settings, pool, redis, http)
-
-    async def close(self) -> None:
-        await self.http.aclose()
-        await self.redis.aclose()
-        await self.db.close()
-
-    async def readiness(self) -> dict[str, Any]:
-        """Check Postgres, Redis and the backends concurrently, each within ready_timeout."""
-        timeout = self.settings.ready_timeout
-
-        async def check(name: str, probe: Awaitable[Any]) -> tuple[str, dict[str, Any]]:
-            try:
-                async with asyncio.timeout(timeout):
-                    await probe
-            except TimeoutError:
-                return name, {"ok": False, "error": f"no answer within {timeout:g} s"}
-            except Exception as exc:  # any failure of a dependency is a failed check, not a crash
-                return name, {"ok": False, "error": _describe(exc)}
-            return name, {"ok": True}
-
-        backends = self.settings.ollama_backends
-        probes = [check("postgres", db.ping(self.db)), check("redis", self.redis.ping())]
-        probes += [check(url, self._probe_backend(url)) for url in backends]
-        results = dict(await asyncio.gather(*probes))
-        each = {url: results.pop(url) for url in backends}
-        if not each:
-            results["backends"] = {"ok": False, "error": "no backend is configured (OLLAMA_BACKENDS is empty)"}
-        else:
-            results["backends"] = {"ok": any(state["ok"] for state in each.values()), "each": each}
-        return results
-
-    async def _probe_backend(self, url: str) -> None:
-        response = await self.http.get(url + "/api/version")
-        response.raise_for_status()
+    upstream: str  # the canonical path sent to the backend
+    kind: str  # "inference", "show", "listing" or "info"
+    methods: frozenset[str] = POST
+    stream_default: bool = False  # native generation streams unless told otherwise
+    generates: bool = False  # produces completion tokens (not an embedding)
+    usage_events: bool = False  # an OpenAI stream that can carry a usage event
 
 
-def _describe(exc: BaseException) -> str:
-    """A short reason for a failed check that never repeats a URL (it may hold a password)."""
-    if isinstance(exc, httpx.HTTPStatusError):
-        return f"answered HTTP {exc.response.status_code}"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror.lower()
-    return type(exc).__name__
+# Default deny: these and nothing else are forwarded (ollama-api.md §1 for methods).
+ENDPOINTS = {
+    "/": Endpoint("/", "info", GET),
+    "/api/version": Endpoint("/api/version", "info", GET),
+    "/api/tags": Endpoint("/api/tags", "listing", GET),
+    "/api/ps": Endpoint("/api/ps", "listing", GET_ONLY),
+    "/api/show": Endpoint("/api/show", "show"),
+    "/api/generate": Endpoint("/api/generate", "inference", stream_default=True, generates=True),
+    "/api/chat": Endpoint("/api/chat", "inference", stream_default=True, generates=True),
+    "/api/embed": Endpoint("/api/embed", "inference"),
+    "/api/embeddings": Endpoint("/api/embeddings", "inference"),
+    "/v1/chat/completions": Endpoint("/v1/chat/completions", "inference", generates=True, usage_events=True),
+    "/v1/completions": Endpoint("/v1/completions", "inference", generates=True, usage_events=True),
+    "/v1/embeddings": Endpoint("/v1/embeddings", "inference"),
+    "/v1/models": Endpoint("/v1/models", "listing", GET_ONLY),
+    "/v1/models/{model}": Endpoint("/v1/models/", "show", GET_ONLY),
+}
 
 
 class App:
     def __init__(self) -> None:
         self.gateway: Gateway | None = None
-        self.router = Router(
-            [
-                Route("/healthz", GET, self.healthz, public=True),
-                Route("/readyz", GET, self.readyz, public=True),
-            ]
-        )
+        routes = [
+            Route("/healthz", GET, self.healthz, public=True),
+            Route("/readyz", GET, self.readyz, public=True),
+            Route("/metrics", GET_ONLY, self.metrics, public=True),
+        ]
+        handlers = {"inference": self.inference, "show": self.show, "listing": self.listing, "info": self.info}
+        for path, endpoint in ENDPOINTS.items():
+            routes.append(Route(path, endpoint.methods, partial(handlers[endpoint.kind], endpoint)))
+        self.router = Router(routes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -109,52 +95,376 @@ class App:
             await self.lifespan(receive, send)
 
     async def lifespan(self, receive: Receive, send: Send) -> None:
-        message = await receive()
+        await receive()  # lifespan.startup
         try:
             gateway = await Gateway.open(config.load(config.resolve_env_file(None)))
         except Exception as exc:
             await send({"type": "lifespan.startup.failed", "message": f"neuronetz could not start: {exc}"})
             return
         self.gateway = gateway
+        log.info("worker started", extra={"fields": {"backends": list(gateway.backends.urls)}})
         await send({"type": "lifespan.startup.complete"})
-        message = await receive()
-        if message["type"] == "lifespan.shutdown":
-            await gateway.close()
-            await send({"type": "lifespan.shutdown.complete"})
+        await receive()  # lifespan.shutdown: Granian sends it once in-flight requests are done
+        log.info("worker stopping")
+        await gateway.close()
+        log.info("worker stopped")
+        await send({"type": "lifespan.shutdown.complete"})
+
+    def _gateway(self) -> Gateway:
+        if self.gateway is None:
+            raise ServiceUnavailable("The gateway is still starting.", retry_after=1)
+        return self.gateway
+
+    # --- the pipeline -------------------------------------------------------------------------
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """The request pipeline: normalise → block → route → (authenticate …) → handle."""
+        exchange = Exchange(time.perf_counter())
         try:
             path = normalize_path(scope.get("raw_path") or scope["path"].encode())
         except BadRequest as error:
             request = Request(scope, receive, "/")
             request.openai = scope["path"].startswith("/v1/")
             await send_error(send, request, error)
+            self._count(None, error.status, exchange)
             return
         request = Request(scope, receive, path)
+        route: Route | None = None
         try:
             if is_blocked(path):
                 raise Forbidden(
                     "This endpoint changes the models on the server and is blocked by the gateway.",
                     code="endpoint_blocked",
                 )
-            route, _ = self.router.resolve(path, request.method)
-            await route.handler(request, send)
+            route, request.param = self.router.resolve(path, request.method)
+            if not route.public:
+                gateway = self._gateway()
+                request.client = client_address(
+                    request.client, request.headers.get(b"x-forwarded-for"), gateway.settings.trusted_proxies
+                )
+                request.key = await gateway.auth.authenticate(request.headers.get(b"authorization"), request.client)
+            await route.handler(request, send, exchange)
         except GatewayError as error:
-            await send_error(send, request, error)
+            exchange.status, exchange.error_code = error.status, error.code
+            if not exchange.started:
+                await send_error(send, request, error)
         except ClientDisconnected:
-            pass
+            exchange.disconnected = True
+        finally:
+            if route is not None and route.public:
+                pass  # health checks and scrapes are not requests worth recording
+            elif route is None:
+                self._count(None, exchange.status, exchange)
+            else:
+                self._record(request, route, exchange)
 
-    async def healthz(self, request: Request, send: Send) -> None:
+    async def inference(self, endpoint: Endpoint, request: Request, send: Send, exchange: Exchange) -> None:
+        gateway = self._gateway()
+        key = _key(request)
+        raw = await request.body(gateway.settings.max_body_bytes)
+        exchange.bytes_in = len(raw)
+        body = parse_json(raw)
+        model = exchange.model = _model_of(body)
+        if model is not None:
+            key.check_model(model)
+        openai = request.openai
+        estimate = tokens.estimate_prompt(body)
+        requested = tokens.requested_cap(body, openai, endpoint.generates)
+        admission = await gateway.limiter.admit(key.subject, estimate, requested)
+        rewrite = strip_usage = False
+        cap = None
+        if admission is not None:
+            request.response_headers.extend(admission.headers)
+            cap = admission.cap if endpoint.generates else None
+            if cap is not None and cap != requested:
+                tokens.set_cap(body, openai, cap)
+                rewrite = True
+        if endpoint.usage_events and body.get("stream", endpoint.stream_default) is True:
+            options = body.get("stream_options")
+            if not (isinstance(options, dict) and options.get("include_usage") is True):
+                # Ask for the usage the client did not ask for, and take it out again on the
+                # way back (relay.py): accounting needs it, the client must not see it.
+                body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+                rewrite = strip_usage = True
+        if key.log_prompts:
+            exchange.prompt = _prompt_of(body)
+            exchange.outcome.text = []
+        try:
+            await self._forward(
+                request, send, exchange, model, endpoint.upstream, orjson.dumps(body) if rewrite else raw,
+                strip_usage=strip_usage, cap=cap,
+            )  # fmt: skip
+        finally:
+            usage = exchange.outcome.usage
+            if exchange.backend is None:  # nothing reached a backend: nothing to charge
+                prompt, completion = 0, 0
+            elif usage.exact:
+                prompt, completion = usage.prompt_tokens, usage.completion_tokens
+            else:  # cut short (disconnect, failure): the estimate and the tokens seen so far
+                prompt, completion = estimate, usage.completion_tokens
+                usage.prompt_tokens = estimate
+            # Shielded: a cancelled request still settles, exactly once.
+            await asyncio.shield(gateway.limiter.settle(admission, key.subject, prompt, completion))
+
+    async def show(self, endpoint: Endpoint, request: Request, send: Send, exchange: Exchange) -> None:
+        gateway = self._gateway()
+        key = _key(request)
+        if request.param is not None:  # /v1/models/{model}
+            model: str | None = request.param
+            path, raw = endpoint.upstream + quote(request.param, safe=":/"), None
+        else:
+            raw = await request.body(gateway.settings.max_body_bytes)
+            exchange.bytes_in = len(raw)
+            model = _model_of(parse_json(raw))
+            path = endpoint.upstream
+        exchange.model = model
+        if model is not None:
+            key.check_model(model)
+        await self._forward(request, send, exchange, model, path, raw)
+
+    async def info(self, endpoint: Endpoint, request: Request, send: Send, exchange: Exchange) -> None:
+        await self._forward(request, send, exchange, None, endpoint.upstream, None)
+
+    async def listing(self, endpoint: Endpoint, request: Request, send: Send, exchange: Exchange) -> None:
+        """/api/tags, /api/ps and /v1/models: every available backend's list, merged without
+        duplicates and reduced to the models this key may use."""
+        gateway = self._gateway()
+        key = _key(request)
+        openai = request.openai
+        entries = await gateway.backends.gather_listing(endpoint.upstream, "data" if openai else "models")
+        allowed = [e for e in entries if key.allows(str(e.get("id" if openai else "name", "")))]
+        body = {"object": "list", "data": allowed or None} if openai else {"models": allowed}
+        exchange.status = 200
+        await send_json(send, request, 200, body)
+
+    async def _forward(
+        self,
+        request: Request,
+        send: Send,
+        exchange: Exchange,
+        model: str | None,
+        path: str,
+        body: bytes | None,
+        *,
+        strip_usage: bool = False,
+        cap: int | None = None,
+    ) -> None:
+        """Proxy to a backend chosen for `model`, trying the next one while nothing reached the
+        previous. The client going away cancels the upstream request at once: Granian reports
+        a disconnect only through receive() (measurements.md), so a watcher task listens."""
+        gateway = self._gateway()
+        task = asyncio.current_task()
+        if task is None:  # Granian runs every request in a task; this is a bug if reached
+            raise RuntimeError("_forward must run inside a task")
+        disconnected = False
+
+        async def watch() -> None:
+            nonlocal disconnected
+            await request.wait_for_disconnect()
+            disconnected = True
+            task.cancel()
+
+        watcher = asyncio.create_task(watch())
+        gateway.in_flight.add(task)
+        try:
+            tried: set[Backend] = set()
+            last: BackendUnreachable | None = None
+            while True:
+                try:
+                    backend = await gateway.backends.choose(model, frozenset(tried))
+                except ServiceUnavailable:
+                    if last is None:
+                        raise
+                    if last.reason.startswith("busy"):
+                        raise ServiceUnavailable("Every backend is busy; retry shortly.", retry_after=2) from None
+                    raise BadGateway("No backend could be reached.") from None
+                backend.in_flight += 1
+                try:
+                    await proxy.forward(
+                        gateway.http, backend.url, backend.host, path, request, body, send, exchange,
+                        gateway.timeouts, strip_usage=strip_usage, cap=cap,
+                    )  # fmt: skip
+                except BackendUnreachable as exc:
+                    exchange.backend = None
+                    if not exc.reason.startswith("busy"):
+                        gateway.backends.failed(backend, exc.reason)
+                    tried.add(backend)
+                    last = exc
+                    continue
+                finally:
+                    backend.in_flight -= 1
+                gateway.backends.answered(backend, exchange.status)
+                return
+        except asyncio.CancelledError:
+            if not (disconnected or gateway.draining):
+                raise
+            task.uncancel()
+            if disconnected:
+                exchange.disconnected = True
+            elif exchange.started:
+                await proxy.end_with_error(
+                    send, request, exchange, "The gateway is restarting; the answer was cut off.", "gateway_restart"
+                )
+            else:
+                raise ServiceUnavailable("The gateway is restarting; retry.", retry_after=1) from None
+        finally:
+            gateway.in_flight.discard(task)
+            watcher.cancel()
+
+    # --- public routes ------------------------------------------------------------------------
+
+    async def healthz(self, request: Request, send: Send, exchange: Exchange) -> None:
         await send_json(send, request, 200, {"status": "ok"})
 
-    async def readyz(self, request: Request, send: Send) -> None:
+    async def readyz(self, request: Request, send: Send, exchange: Exchange) -> None:
         if self.gateway is None:
             await send_json(send, request, 503, {"status": "starting"})
             return
         checks = await self.gateway.readiness()
         ready = all(check["ok"] for check in checks.values())
         await send_json(send, request, 200 if ready else 503, {"status": "ready" if ready else "not ready", **checks})
+
+    async def metrics(self, request: Request, send: Send, exchange: Exchange) -> None:
+        """Prometheus text for this instance (all its workers). Requires GATEWAY_METRICS_TOKEN
+        as a bearer token; without one configured, the route does not exist."""
+        gateway = self._gateway()
+        expected = gateway.settings.metrics_token
+        if not expected:
+            raise NotFound("There is no route /metrics on this gateway (set GATEWAY_METRICS_TOKEN to enable it).")
+        presented = bearer_token(request.headers.get(b"authorization")) or ""
+        if not hmac.compare_digest(presented.encode(), expected.encode()):
+            raise Forbidden("GET /metrics needs `Authorization: Bearer <GATEWAY_METRICS_TOKEN>`.", code="forbidden")
+        await send_bytes(send, request, 200, gateway.metrics_text(), content_type=PROMETHEUS)
+
+    # --- recording ----------------------------------------------------------------------------
+
+    def _count(self, route: Route | None, status: int, exchange: Exchange) -> None:
+        """Metrics for a request refused before it reached authentication."""
+        if self.gateway is not None:
+            key = metrics.labels(route=route.path if route else "unmatched", status=str(status), model="")
+            self.gateway.metrics.inc("neuronetz_requests_total", key=key)
+
+    def _record(self, request: Request, route: Route, exchange: Exchange) -> None:
+        """Metrics, the request's JSON log line and its audit row (and prompt row, if the key
+        opted in). Never a secret or a prompt in the first three."""
+        gateway = self.gateway
+        if gateway is None:
+            return
+        duration = time.perf_counter() - exchange.started_at
+        status = exchange.status or (499 if exchange.disconnected else 500)
+        usage = exchange.outcome.usage
+        model_label = self._model_label(gateway, exchange.model)
+        registry = gateway.metrics
+        registry.inc(
+            "neuronetz_requests_total", key=metrics.labels(route=route.path, status=str(status), model=model_label)
+        )
+        registry.observe("neuronetz_request_duration_seconds", duration, metrics.labels(route=route.path))
+        if exchange.forwarded_at is not None:
+            registry.observe("neuronetz_gateway_overhead_seconds", exchange.forwarded_at - exchange.started_at)
+            if exchange.upstream_head_at is not None:
+                registry.observe(
+                    "neuronetz_upstream_first_byte_seconds", exchange.upstream_head_at - exchange.forwarded_at
+                )
+        if usage.prompt_tokens or usage.completion_tokens:
+            registry.inc(
+                "neuronetz_tokens_total", usage.prompt_tokens, metrics.labels(direction="prompt", model=model_label)
+            )
+            registry.inc("neuronetz_tokens_total", usage.completion_tokens, metrics.labels(direction="completion",
+                         model=model_label))  # fmt: skip
+        if exchange.error_code in ("rate_limit_exceeded", "budget_exceeded"):
+            registry.inc("neuronetz_refusals_total", key=metrics.labels(reason=exchange.error_code))
+        key = request.key
+        ttfb = (exchange.first_byte_at - exchange.started_at) * 1000 if exchange.first_byte_at is not None else None
+        created = dt.datetime.fromtimestamp(time.time() - duration, dt.UTC)
+        requests_log.info(
+            "request",
+            extra={
+                "fields": {
+                    "request_id": request.request_id,
+                    "tenant": key.tenant if key else None,
+                    "key": key.prefix if key else None,
+                    "method": request.method,
+                    "route": route.path,
+                    "model": exchange.model,
+                    "backend": exchange.backend,
+                    "status": status,
+                    "error": exchange.error_code,
+                    "stream": exchange.stream,
+                    "prompt_tokens": usage.prompt_tokens,
+                    "completion_tokens": usage.completion_tokens,
+                    "ttfb_ms": round(ttfb, 2) if ttfb is not None else None,
+                    "duration_ms": round(duration * 1000, 2),
+                    "disconnected": exchange.disconnected,
+                }
+            },
+        )
+        record = (
+            created, request.request_id, key.tenant_id if key else None, key.prefix if key else None,
+            _inet(request.client), request.method, route.path, exchange.model, exchange.backend, status,
+            exchange.error_code, exchange.stream, usage.prompt_tokens, usage.completion_tokens, exchange.bytes_in,
+            exchange.bytes_out, ttfb, duration * 1000, exchange.disconnected,
+        )  # fmt: skip
+        prompt = None
+        if key is not None and key.log_prompts and key.prompt_ttl_days and exchange.prompt is not None:
+            prompt = (
+                created, request.request_id, key.tenant_id, key.prefix, exchange.model,
+                created + dt.timedelta(days=key.prompt_ttl_days), orjson.dumps(exchange.prompt).decode(),
+                "".join(exchange.outcome.text or []),
+            )  # fmt: skip
+        gateway.audit.submit(record, prompt)
+
+    @staticmethod
+    def _model_label(gateway: Gateway, model: str | None) -> str:
+        """The model as a metrics label: only names some backend has, so a client cannot blow
+        up the number of series with made-up names."""
+        if not model:
+            return ""
+        name = models.normalize(model)
+        known = any(b.models is not None and name in b.models for b in gateway.backends.backends)
+        return name if known else "other"
+
+
+def _key(request: Request) -> KeyRecord:
+    if request.key is None:  # routes without a key are marked public; reaching this is a bug
+        raise RuntimeError("an authenticated route ran without a key")
+    return request.key
+
+
+def _model_of(body: dict[str, Any]) -> str | None:
+    model = body.get("model")
+    if model is None:
+        return None  # the backend answers a missing model in its own words (400 or 404)
+    if not isinstance(model, str):
+        raise BadRequest("The field 'model' must be a string.")
+    return model
+
+
+def _prompt_of(body: dict[str, Any]) -> dict[str, Any]:
+    """What prompt logging keeps of a request: its text, with images replaced by a marker."""
+    kept: dict[str, Any] = {}
+    for field in ("system", "prompt", "suffix", "input"):
+        if field in body:
+            kept[field] = body[field]
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        kept["messages"] = [_text_only(m) for m in messages if isinstance(m, dict)]
+    return kept
+
+
+def _text_only(message: dict[str, Any]) -> dict[str, Any]:
+    content = message.get("content")
+    if isinstance(content, list):
+        content = [p if not (isinstance(p, dict) and p.get("type") == "image_url") else "[image]" for p in content]
+    kept = {"role": message.get("role"), "content": content}
+    if message.get("images"):
+        kept["images"] = len(message["images"])
+    return kept
+
+
+def _inet(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(address)
+    except ValueError:
+        return None
 
 
 app = App()

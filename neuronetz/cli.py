@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import ipaddress
 import os
 import sys
@@ -12,9 +13,31 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from functools import partial
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
 
-from neuronetz import __version__, config, db, envfile, logs, migrate
+import asyncpg
+import httpx
+import orjson
+import redis.asyncio as aioredis
+
+from neuronetz import (
+    __version__,
+    audit,
+    backends,
+    budgets,
+    config,
+    db,
+    envfile,
+    keys,
+    limits,
+    logs,
+    migrate,
+    models,
+    tenants,
+)
+from neuronetz.limits import BUDGET_NAMES, LIMIT_NAMES, Limits
 
 PROG = "neuronetz-gateway"
 T = TypeVar("T")
@@ -140,15 +163,490 @@ def cmd_selfcheck(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- tenants and keys ---------------------------------------------------------------------
+
+
+def limit_value(name: str, minimum: int) -> Callable[[str], int | None]:
+    """argparse type for a limit flag: a whole number >= minimum, or `none` to clear it."""
+
+    def parse(raw: str) -> int | None:
+        if raw.strip().lower() == "none":
+            return None
+        try:
+            value = int(raw)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--{name} takes a whole number or 'none', got {raw!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"--{name} must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def add_limit_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("limits (a key's unset limit inherits the tenant's; 'none' clears one)")
+    for name in LIMIT_NAMES:
+        flag = name.replace("_", "-")
+        budget = name in BUDGET_NAMES
+        help_text = {
+            "rpm": "requests per minute",
+            "tpm": "tokens (prompt + completion) per minute",
+            "max_concurrent": "requests in flight at once",
+            "daily_tokens": "token budget per UTC day",
+            "monthly_tokens": "token budget per UTC calendar month",
+            "total_tokens": "token budget for all time",
+        }[name]
+        group.add_argument(
+            f"--{flag}",
+            dest=name,
+            metavar="N",
+            type=limit_value(flag, 0 if budget else 1),
+            default=argparse.SUPPRESS,
+            help=help_text,
+        )
+
+
+def limits_from(args: argparse.Namespace) -> Limits:
+    return Limits(**{name: getattr(args, name) for name in LIMIT_NAMES if name in args})
+
+
+def limit_changes(args: argparse.Namespace) -> dict[str, int | None]:
+    return {name: getattr(args, name) for name in LIMIT_NAMES if name in args}
+
+
+def parse_models(raw: str) -> tuple[str, ...] | None:
+    if raw.strip().lower() == "all":
+        return None
+    names = tuple(dict.fromkeys(models.normalize(m) for m in raw.split(",") if m.strip()))
+    if not names:
+        raise CliError("--models needs at least one model name (or 'all').")
+    return names
+
+
+def parse_expiry(args: argparse.Namespace) -> dt.datetime | None:
+    now = dt.datetime.now(dt.UTC)
+    if args.expires_in_days is not None:
+        if args.expires_in_days <= 0:
+            raise CliError(f"--expires-in-days must be positive, got {args.expires_in_days}.")
+        return now + dt.timedelta(days=args.expires_in_days)
+    if args.expires is None:
+        return None
+    try:
+        moment = dt.datetime.fromisoformat(args.expires)
+    except ValueError:
+        raise CliError(
+            f"--expires must be an ISO 8601 date or time, e.g. 2027-01-31 or 2027-01-31T18:00Z; got {args.expires!r}."
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.UTC)
+    if moment <= now:
+        raise CliError(f"--expires {args.expires} is in the past.")
+    return moment
+
+
+def prompt_logging(args: argparse.Namespace) -> int | None:
+    """The prompt TTL in days when the key opts in to prompt logging, else None."""
+    if args.log_prompts and args.prompt_ttl_days is None:
+        raise CliError("--log-prompts needs --prompt-ttl-days D: how many days prompts are kept.")
+    if args.prompt_ttl_days is not None and not args.log_prompts:
+        raise CliError("--prompt-ttl-days only applies together with --log-prompts.")
+    if args.prompt_ttl_days is not None and args.prompt_ttl_days <= 0:
+        raise CliError(f"--prompt-ttl-days must be positive, got {args.prompt_ttl_days}.")
+    ttl: int | None = args.prompt_ttl_days
+    return ttl
+
+
+async def with_database(args: argparse.Namespace, work: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
+    connection = await db.connect(settings_from(args).database_url)
+    try:
+        return await work(connection)
+    except asyncpg.UndefinedTableError:
+        raise CliError("The database has no neuronetz tables yet: run `migrate` first.") from None
+    finally:
+        await connection.close()
+
+
+def cmd_create_tenant(args: argparse.Namespace) -> int:
+    tenant = run_async(with_database(args, lambda c: tenants.create_tenant(c, args.name, limits_from(args))))
+    print(f"created tenant {tenant.name} ({describe_limits(tenant.limits, 'unlimited')})")
+    return 0
+
+
+def cmd_list_tenants(args: argparse.Namespace) -> int:
+    found = run_async(with_database(args, tenants.list_tenants))
+    if args.json:
+        print_json([{"name": t.name, "keys": t.keys, "created_at": t.created_at, **t.limits.as_dict()} for t in found])
+    else:
+        print_table(
+            ["TENANT", "KEYS", "CREATED", "LIMITS"],
+            [[t.name, str(t.keys), when(t.created_at), describe_limits(t.limits, "unlimited")] for t in found],
+        )
+    return 0
+
+
+def cmd_create_key(args: argparse.Namespace) -> int:
+    ttl = prompt_logging(args)
+    expires = parse_expiry(args)
+    allowed = parse_models(args.models) if args.models is not None else None
+    info, key = run_async(
+        with_database(
+            args,
+            lambda c: tenants.create_key(
+                c,
+                args.tenant,
+                args.name,
+                expires_at=expires,
+                models=allowed,
+                prompt_ttl_days=ttl,
+                limits=limits_from(args),
+            ),
+        )
+    )
+    print(f"created key {info.prefix} ({info.name}) for tenant {info.tenant}", file=sys.stderr)
+    print(key)
+    print("Store this key now: it is shown only this once and cannot be recovered.", file=sys.stderr)
+    return 0
+
+
+def key_row(key: tenants.KeyInfo) -> dict[str, Any]:
+    return {
+        "prefix": key.prefix,
+        "name": key.name,
+        "tenant": key.tenant,
+        "status": key.status(),
+        "created_at": key.created_at,
+        "expires_at": key.expires_at,
+        "last_used_at": key.last_used_at,
+        "allowed_models": list(key.allowed_models) if key.allowed_models is not None else None,
+        "log_prompts": key.log_prompts,
+        "prompt_ttl_days": key.prompt_ttl_days,
+        **key.limits.as_dict(),
+    }
+
+
+def cmd_list_keys(args: argparse.Namespace) -> int:
+    found = run_async(with_database(args, lambda c: tenants.list_keys(c, args.tenant)))
+    if args.json:
+        print_json([key_row(k) for k in found])
+        return 0
+    rows = [
+        [
+            k.prefix,
+            k.name,
+            k.tenant,
+            k.status(),
+            when(k.created_at),
+            when(k.expires_at),
+            when(k.last_used_at),
+            ",".join(k.allowed_models) if k.allowed_models is not None else "all",
+            f"{k.prompt_ttl_days}d" if k.log_prompts else "off",
+            describe_limits(k.limits, "inherit"),
+        ]
+        for k in found
+    ]
+    print_table(
+        ["PREFIX", "NAME", "TENANT", "STATUS", "CREATED", "EXPIRES", "LAST USED", "MODELS", "PROMPTS", "LIMITS"], rows
+    )
+    return 0
+
+
+def cmd_revoke_key(args: argparse.Namespace) -> int:
+    prefix = args.prefix.strip()
+    if not keys.PREFIX_PATTERN.fullmatch(prefix):
+        raise CliError(f"{prefix!r} is not a key prefix: it looks like nz_ followed by 8 lowercase letters or digits.")
+    info, was_active = run_async(with_database(args, lambda c: tenants.revoke_key(c, prefix)))
+    if was_active:
+        print(f"revoked key {info.prefix} ({info.name}) of tenant {info.tenant}; every replica refuses it within 1 s")
+    else:
+        print(f"key {info.prefix} ({info.name}) was already revoked")
+    return 0
+
+
+def cmd_set_limits(args: argparse.Namespace) -> int:
+    changes: dict[str, Any] = limit_changes(args)
+    if args.tenant is not None:
+        for flag in ("models", "log_prompts", "no_log_prompts", "prompt_ttl_days"):
+            if getattr(args, flag) not in (None, False):
+                raise CliError(f"--{flag.replace('_', '-')} applies to keys: use --prefix.")
+        if not changes:
+            raise CliError("Nothing to change: give at least one limit flag, e.g. --rpm 60.")
+        tenant = run_async(with_database(args, lambda c: tenants.update_tenant(c, args.tenant, changes)))
+        print(f"tenant {tenant.name}: {describe_limits(tenant.limits, 'unlimited')}")
+        return 0
+    if args.models is not None:
+        models_ = parse_models(args.models)
+        changes["allowed_models"] = list(models_) if models_ is not None else None
+    if args.no_log_prompts:
+        if args.log_prompts:
+            raise CliError("--log-prompts and --no-log-prompts contradict each other.")
+        changes.update(log_prompts=False, prompt_ttl_days=None)
+    elif args.log_prompts or args.prompt_ttl_days is not None:
+        changes.update(log_prompts=True, prompt_ttl_days=prompt_logging(args))
+    if not changes:
+        raise CliError("Nothing to change: give at least one flag, e.g. --rpm 60 or --models llama3.2.")
+    key = run_async(with_database(args, lambda c: tenants.update_key(c, args.prefix, changes)))
+    print(
+        f"key {key.prefix} ({key.name}): {describe_limits(key.limits, 'inherit')}; models "
+        f"{','.join(key.allowed_models) if key.allowed_models is not None else 'all'}; prompt logging "
+        f"{f'{key.prompt_ttl_days}d' if key.log_prompts else 'off'}. Every replica applies it within 1 s."
+    )
+    return 0
+
+
+# --- backends -------------------------------------------------------------------------------
+
+
+def env_path(args: argparse.Namespace) -> Path:
+    return Path(args.env_file) if args.env_file else config.DEFAULT_ENV_FILE
+
+
+def cmd_change_backend(args: argparse.Namespace, add: bool) -> int:
+    path = env_path(args)
+    try:
+        change, text = backends.plan_backends_change(path, args.url, add)
+    except config.ConfigError as exc:
+        raise CliError(str(exc).replace("URL:", "The URL", 1)) from None
+    except OSError as exc:
+        raise CliError(f"Cannot read {path}: {exc.strerror}.") from None
+    verb = "add-backend" if add else "remove-backend"
+    if not change.changed:
+        state = "is already configured" if add else "is not configured"
+        print(f"{args.url} {state} in {path}; nothing to change.", file=sys.stderr)
+        print(change.line)
+        return 0
+    try:
+        envfile.write_atomically(path, text)
+    except OSError as exc:
+        reason = (exc.strerror or str(exc)).lower()
+        error_line(f"cannot write {path} ({reason}): the file is unchanged.")
+        hint = (
+            f"This process runs as uid {os.getuid()}; in the container the .env file belongs to the host user.\n"
+            "Two ways forward:\n"
+            f"  1. run the command as root in the container (same files, ownership bypassed):\n"
+            f"       docker exec -u root <container> neuronetz-gateway {verb} {args.url}\n"
+            f"  2. or edit {path} by hand so that it has this line:"
+        )
+        print(_colour(hint, "31"), file=sys.stderr)
+        print(change.line)
+        return 1
+    print(f"{'added' if add else 'removed'} {args.url} in {path}; running gateways apply it within a few seconds",
+          file=sys.stderr)  # fmt: skip
+    if not change.was_set:
+        print(f"note: {path} did not set OLLAMA_BACKENDS before; it now lists only what is shown.", file=sys.stderr)
+    if "OLLAMA_BACKENDS" in os.environ:
+        print("note: OLLAMA_BACKENDS is also set in this environment, and the environment wins over the file.",
+              file=sys.stderr)  # fmt: skip
+    print(change.line)
+    return 0
+
+
+def cmd_list_backends(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    states = _gateway_view(settings) if not args.check else None
+    source = "gateway"
+    if states is None and args.check:
+        states, source = run_async(_probe_backends(settings.ollama_backends)), "probe"
+    rows = []
+    for url in settings.ollama_backends:
+        state = (states or {}).get(url)
+        rows.append({"url": url, **({"state": state} if state is not None else {})})
+    if args.json:
+        print_json(rows)
+        return 0
+    if states is None:
+        print("(no gateway answered on this host; use --check to probe the backends directly)", file=sys.stderr)
+    elif source == "gateway":
+        print("(as the running gateway sees them)", file=sys.stderr)
+    table = []
+    for row in rows:
+        state = row.get("state") or {}
+        health = "-" if not state else "up" if state.get("ok") else f"down ({state.get('error', 'unavailable')})"
+        table.append([row["url"], health, str(state.get("version") or "-"), ",".join(state.get("models") or []) or "-"])
+    print_table(["BACKEND", "HEALTH", "VERSION", "MODELS"], table)
+    return 0
+
+
+def _gateway_view(settings: config.Settings) -> dict[str, Any] | None:
+    url = f"http://{_connectable(settings.host)}:{settings.port}/readyz"
+    try:
+        with urllib.request.urlopen(url, timeout=1.5) as response:  # nosec B310
+            body = response.read()
+    except urllib.error.HTTPError as exc:
+        body = exc.read()
+    except (urllib.error.URLError, OSError):
+        return None
+    try:
+        each: dict[str, Any] = orjson.loads(body)["backends"].get("each") or {}
+    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+        return None
+    return each
+
+
+async def _probe_backends(urls: tuple[str, ...]) -> dict[str, Any]:
+    async with httpx.AsyncClient(trust_env=False, timeout=3.0) as client:
+        pool = backends.BackendPool(urls, client, interval=60, cooldown=0)
+        await pool.refresh()
+        return {backend.url: backend.state() for backend in pool.backends}
+
+
+# --- usage, audit, prompts -------------------------------------------------------------------
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+
+    async def work(connection: Any) -> list[dict[str, Any]]:
+        if args.tenant is not None:
+            await tenants.tenant_id(connection, args.tenant)
+        if args.prefix is not None:
+            await tenants.get_key(connection, args.prefix)
+        report = await budgets.usage_report(connection, tenant=args.tenant, prefix=args.prefix, now=time.time())
+        limits_of = {k.prefix: k for k in await tenants.list_keys(connection, args.tenant)}
+        tenant_limits = {t.name: t.limits for t in await tenants.list_tenants(connection)}
+        flights = await _in_flight(settings, report)
+        for row in report:
+            key = limits_of[row["prefix"]]
+            row["key_limits"] = key.limits.as_dict()
+            row["tenant_limits"] = tenant_limits[row["tenant"]].as_dict()
+            row["in_flight_key"], row["in_flight_tenant"] = flights.get(row["key_id"], (None, None))
+        return report
+
+    report = run_async(with_database(args, work))
+    if args.json:
+        print_json(report)
+        return 0
+    table = []
+    for row in report:
+        flight = "-" if row["in_flight_key"] is None else f"{row['in_flight_key']}/{row['in_flight_tenant']}"
+        table.append([
+            row["tenant"], row["prefix"], row["name"],
+            f"{row['requests_today']} / {_against(row, 'tokens_today', 'daily_tokens')}",
+            f"{row['requests_month']} / {_against(row, 'tokens_month', 'monthly_tokens')}",
+            f"{row['requests_total']} / {_against(row, 'tokens_total', 'total_tokens')}",
+            flight,
+        ])  # fmt: skip
+    print_table(["TENANT", "KEY", "NAME", "TODAY req/tokens", "MONTH req/tokens", "TOTAL req/tokens", "IN FLIGHT"],
+                table)  # fmt: skip
+    print("tokens are shown as used/budget where a budget applies (the key's own, else its tenant's); "
+          "IN FLIGHT is key/tenant, counted where a concurrency limit or budget applies", file=sys.stderr)  # fmt: skip
+    return 0
+
+
+def _against(row: dict[str, Any], used: str, budget: str) -> str:
+    """`used/budget` with the budget that applies (the key's own, else its tenant's)."""
+    limit = row["key_limits"][budget] if row["key_limits"][budget] is not None else row["tenant_limits"][budget]
+    return f"{row[used]}/{limit}" if limit is not None else str(row[used])
+
+
+async def _in_flight(settings: config.Settings, report: list[dict[str, Any]]) -> dict[int, tuple[int, int]]:
+    """Requests holding a lease right now, per key and its tenant; empty if Redis is away."""
+    client = aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=2)
+    prefix = settings.redis_prefix
+    try:
+        return {
+            row["key_id"]: (
+                await limits.in_flight(client, prefix, row["tenant_id"], f"k{row['key_id']}"),
+                await limits.in_flight(client, prefix, row["tenant_id"], "t"),
+            )
+            for row in report
+        }
+    except limits.REDIS_ERRORS:
+        return {}
+    finally:
+        await client.aclose()
+
+
+def parse_since(raw: str) -> dt.datetime:
+    """`--since` as ISO 8601 (UTC unless it says otherwise) or a span back from now: 30m, 2h, 7d."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if raw and raw[-1] in units and raw[:-1].isdigit():
+        return dt.datetime.now(dt.UTC) - dt.timedelta(seconds=int(raw[:-1]) * units[raw[-1]])
+    try:
+        moment = dt.datetime.fromisoformat(raw)
+    except ValueError:
+        raise CliError(f"--since takes an ISO 8601 time or a span like 30m, 2h or 7d; got {raw!r}.") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    since = parse_since(args.since) if args.since else None
+    if not 1 <= args.limit <= 100_000:
+        raise CliError(f"--limit must be between 1 and 100000, got {args.limit}.")
+
+    async def work(connection: Any) -> list[dict[str, Any]]:
+        tenant = await tenants.tenant_id(connection, args.tenant) if args.tenant is not None else None
+        return await audit.recent(connection, tenant_id=tenant, prefix=args.prefix, since=since, limit=args.limit)
+
+    records = run_async(with_database(args, work))
+    if args.json:
+        print_json(records)
+        return 0
+    print_table(
+        ["TIME", "REQUEST ID", "TENANT", "KEY", "CLIENT", "ROUTE", "MODEL", "STATUS", "TOKENS", "TTFB ms", "TOTAL ms"],
+        [_audit_row(record) for record in records],
+    )
+    return 0
+
+
+def _audit_row(r: dict[str, Any]) -> list[str]:
+    status = str(r["status"]) + (f" {r['error_code']}" if r["error_code"] else "")
+    return [
+        r["created_at"].astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S"), r["request_id"], r["tenant"] or "-",
+        r["key_prefix"] or "-", str(r["client_addr"] or "-"), r["route"], r["model"] or "-",
+        status + (" (client left)" if r["disconnected"] else ""), f"{r['prompt_tokens']}+{r['completion_tokens']}",
+        f"{r['ttfb_ms']:.1f}" if r["ttfb_ms"] is not None else "-", f"{r['duration_ms']:.1f}",
+    ]  # fmt: skip
+
+
+def cmd_purge_prompts(args: argparse.Namespace) -> int:
+    deleted = run_async(with_database(args, audit.purge_prompts))
+    print(f"deleted {deleted} prompt log rows past their expiry")
+    return 0
+
+
+# --- output -------------------------------------------------------------------------------
+
+
+def when(moment: dt.datetime | None) -> str:
+    return moment.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M") if moment is not None else "-"
+
+
+def describe_limits(limits: Limits, unset: str) -> str:
+    parts = [
+        f"{name.replace('_tokens', '').replace('max_', '')}={value}"
+        for name, value in limits.as_dict().items()
+        if value is not None
+    ]
+    return " ".join(parts) if parts else unset
+
+
+def print_table(headers: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    for line in [headers, *rows]:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
+
+
+def print_json(value: Any) -> None:
+    print(orjson.dumps(value, option=orjson.OPT_INDENT_2, default=str).decode())
+
+
 # --- parser -----------------------------------------------------------------------------
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one tidy line and exit 1 like every other user error."""
+
+    def error(self, message: str) -> NoReturn:
+        error_line(f"{message} (see `{self.prog} --help`)")
+        raise SystemExit(1)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = Parser(add_help=False)
     common.add_argument(
         "--env-file", metavar="PATH", help="read settings from this .env file (default: ./.env when present)"
     )
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog=PROG,
         description="A secure, multi-tenant API gateway in front of Ollama servers.",
         epilog="Settings come from the environment and the .env file; see the README for every variable.",
@@ -170,7 +668,63 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--url", help="the URL to check (default: http://127.0.0.1:GATEWAY_PORT/healthz)")
     health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait (default: 3)")
     command("selfcheck", cmd_selfcheck, "import every dependency of the binary and print their versions")
+
+    create_tenant = command("create-tenant", cmd_create_tenant, "create a tenant, optionally with limits")
+    create_tenant.add_argument("--name", required=True, help="unique tenant name (letters, digits, . _ -)")
+    add_limit_flags(create_tenant)
+    list_tenants = command("list-tenants", cmd_list_tenants, "list tenants with their limits")
+    list_tenants.add_argument("--json", action="store_true", help="print one JSON array")
+
+    create_key = command("create-key", cmd_create_key, "create an API key and print it, exactly once")
+    create_key.add_argument("--tenant", required=True, help="the tenant the key belongs to")
+    create_key.add_argument("--name", required=True, help="a name for the key, unique within the tenant")
+    expiry = create_key.add_mutually_exclusive_group()
+    expiry.add_argument("--expires", metavar="ISO8601", help="expiry time, e.g. 2027-01-31 or 2027-01-31T18:00Z (UTC)")
+    expiry.add_argument("--expires-in-days", metavar="D", type=int, help="expire D days from now")
+    create_key.add_argument("--models", metavar="m1,m2", help="allow only these models (default: all)")
+    add_prompt_flags(create_key)
+    add_limit_flags(create_key)
+
+    list_keys = command("list-keys", cmd_list_keys, "list API keys (never their secrets)")
+    list_keys.add_argument("--tenant", help="only this tenant's keys")
+    list_keys.add_argument("--json", action="store_true", help="print one JSON array")
+    revoke = command("revoke-key", cmd_revoke_key, "revoke a key; every replica refuses it within 1 s")
+    revoke.add_argument("--prefix", required=True, metavar="nz_xxxxxxxx", help="the key's public prefix")
+
+    set_limits = command("set-limits", cmd_set_limits, "change a tenant's or a key's limits (applied within 1 s)")
+    target = set_limits.add_mutually_exclusive_group(required=True)
+    target.add_argument("--tenant", help="change this tenant")
+    target.add_argument("--prefix", metavar="nz_xxxxxxxx", help="change this key")
+    set_limits.add_argument("--models", metavar="m1,m2", help="a key's allowed models, or 'all'")
+    add_prompt_flags(set_limits)
+    set_limits.add_argument("--no-log-prompts", action="store_true", help="stop logging this key's prompts")
+    add_limit_flags(set_limits)
+
+    for name, add in (("add-backend", True), ("remove-backend", False)):
+        verb = "add an Ollama base URL to" if add else "remove an Ollama base URL from"
+        change = command(name, partial(cmd_change_backend, add=add), f"{verb} OLLAMA_BACKENDS in the .env file")
+        change.add_argument("url", metavar="URL", help="e.g. http://ollama:11434")
+    list_backends = command("list-backends", cmd_list_backends, "show the configured backends and their health")
+    list_backends.add_argument("--check", action="store_true", help="probe each backend from here")
+    list_backends.add_argument("--json", action="store_true", help="print one JSON array")
+
+    usage = command("usage", cmd_usage, "requests and tokens today, this month and in total, against budgets")
+    usage.add_argument("--tenant", help="only this tenant's keys")
+    usage.add_argument("--prefix", metavar="nz_xxxxxxxx", help="only this key")
+    usage.add_argument("--json", action="store_true", help="print one JSON array")
+    audit_ = command("audit", cmd_audit, "recent request records, newest first")
+    audit_.add_argument("--tenant", help="only this tenant")
+    audit_.add_argument("--prefix", metavar="nz_xxxxxxxx", help="only this key")
+    audit_.add_argument("--since", metavar="T", help="ISO 8601 time, or a span back from now: 30m, 2h, 7d")
+    audit_.add_argument("--limit", type=int, default=50, metavar="N", help="at most N records (default 50)")
+    audit_.add_argument("--json", action="store_true", help="print one JSON array")
+    command("purge-prompts", cmd_purge_prompts, "delete prompt logs past their TTL now (the gateway also does it)")
     return parser
+
+
+def add_prompt_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-prompts", action="store_true", help="log this key's prompts and answers (opt-in)")
+    parser.add_argument("--prompt-ttl-days", metavar="D", type=int, help="days logged prompts are kept")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,6 +742,7 @@ def main(argv: list[str] | None = None) -> int:
         envfile.EnvFileError,
         db.DatabaseUnavailable,
         migrate.MigrationError,
+        tenants.AdminError,
     ) as exc:
         error_line(str(exc))
         return 1

@@ -13,6 +13,7 @@ import dataclasses
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -75,6 +76,24 @@ def _choice(*options: str) -> Callable[[str, str], str]:
         return value
 
     return parse
+
+
+def _text(raw: str, name: str) -> str:
+    return raw.strip()
+
+
+def _networks(raw: str, name: str) -> tuple[IPv4Network | IPv6Network, ...]:
+    try:
+        return tuple(ip_network(item.strip(), strict=False) for item in raw.split(",") if item.strip())
+    except ValueError:
+        raise ConfigError(f"{name} must be comma-separated IP addresses or CIDR ranges, got {raw!r}.") from None
+
+
+def _redis_prefix(raw: str, name: str) -> str:
+    value = raw.strip()
+    if not value or any(ch.isspace() or ch in "{}*?[]" for ch in value):
+        raise ConfigError(f"{name} must be a non-empty key prefix without spaces, braces or glob characters.")
+    return value
 
 
 def _host(raw: str, name: str) -> str:
@@ -140,72 +159,73 @@ class Variable:
     doc: str
 
 
+# fmt: off
 VARIABLES: tuple[Variable, ...] = (
-    Variable(
-        "DATABASE_URL",
-        "database_url",
-        "postgresql://127.0.0.1:5432/neuronetz",
-        _url(("postgres", "postgresql"), "postgresql://user:password@host:5432/neuronetz"),
-        "Postgres connection URL (tenants, keys, usage ledger, audit). The database is created if missing.",
-    ),
-    Variable(
-        "REDIS_URL",
-        "redis_url",
-        "redis://127.0.0.1:6379/0",
-        _url(("redis", "rediss", "unix"), "redis://host:6379/0"),
-        "Redis connection URL (key cache, rate-limit and budget counters).",
-    ),
-    Variable(
-        "OLLAMA_BACKENDS",
-        "ollama_backends",
-        "http://127.0.0.1:11434",
-        parse_backends,
-        "Comma-separated Ollama base URLs; edited by add-backend/remove-backend, reloaded live.",
-    ),
-    Variable("GATEWAY_HOST", "host", "127.0.0.1", _host, "Address to listen on (0.0.0.0 in the container)."),
+    Variable("DATABASE_URL", "database_url", "postgresql://127.0.0.1:5432/neuronetz",
+             _url(("postgres", "postgresql"), "postgresql://user:password@host:5432/neuronetz"),
+             "Postgres connection URL (tenants, keys, usage ledger, audit). The database is created if missing."),
+    Variable("REDIS_URL", "redis_url", "redis://127.0.0.1:6379/0",
+             _url(("redis", "rediss", "unix"), "redis://host:6379/0"),
+             "Redis connection URL (key cache, rate-limit and budget counters)."),
+    Variable("OLLAMA_BACKENDS", "ollama_backends", "http://127.0.0.1:11434", parse_backends,
+             "Comma-separated Ollama base URLs; edited by add-backend/remove-backend, reloaded live."),
+    Variable("GATEWAY_HOST", "host", "127.0.0.1", _host,
+             "Address to listen on (0.0.0.0 in the container)."),
     Variable("GATEWAY_PORT", "port", "8080", _integer(1, 65535), "TCP port to listen on."),
-    Variable(
-        "GATEWAY_WORKERS", "workers", "1", _integer(1, 64), "Granian worker processes (one per core is a good start)."
-    ),
-    Variable(
-        "GATEWAY_MIGRATE_ON_START",
-        "migrate_on_start",
-        "true",
-        _boolean,
-        "Apply pending migrations when `serve` starts.",
-    ),
-    Variable(
-        "GATEWAY_MAX_BODY_BYTES",
-        "max_body_bytes",
-        str(32 * 1024 * 1024),
-        _integer(1024, 1 << 30),
-        "Largest request body accepted (413 above it); base64 images need tens of MB.",
-    ),
-    Variable(
-        "GATEWAY_READY_TIMEOUT",
-        "ready_timeout",
-        "1.0",
-        _seconds(0.05, 30),
-        "Time each /readyz dependency check may take before it counts as failed.",
-    ),
-    Variable(
-        "GATEWAY_SHUTDOWN_TIMEOUT",
-        "shutdown_timeout",
-        "30",
-        _integer(1, 3600),
-        "Seconds in-flight requests get to finish after SIGTERM before workers are killed.",
-    ),
-    Variable(
-        "GATEWAY_DB_POOL_SIZE", "db_pool_size", "10", _integer(1, 500), "Postgres connections per worker process."
-    ),
-    Variable(
-        "GATEWAY_LOG_LEVEL",
-        "log_level",
-        "info",
-        _choice("debug", "info", "warning", "error"),
-        "Log level of the JSON log lines on stdout.",
-    ),
+    Variable("GATEWAY_WORKERS", "workers", "1", _integer(1, 64),
+             "Granian worker processes (one per core is a good start)."),
+    Variable("GATEWAY_MIGRATE_ON_START", "migrate_on_start", "true", _boolean,
+             "Apply pending migrations when `serve` starts."),
+    Variable("GATEWAY_MAX_BODY_BYTES", "max_body_bytes", str(32 * 1024 * 1024), _integer(1024, 1 << 30),
+             "Largest request body accepted (413 above it); base64 images need tens of MB."),
+    Variable("GATEWAY_READY_TIMEOUT", "ready_timeout", "1.0", _seconds(0.05, 30),
+             "Time each /readyz dependency check may take before it counts as failed."),
+    Variable("GATEWAY_SHUTDOWN_TIMEOUT", "shutdown_timeout", "30", _integer(1, 3600),
+             "Seconds in-flight requests get to finish after SIGTERM before workers are killed."),
+    Variable("GATEWAY_DB_POOL_SIZE", "db_pool_size", "10", _integer(1, 500),
+             "Postgres connections per worker process."),
+    Variable("GATEWAY_LOG_LEVEL", "log_level", "info", _choice("debug", "info", "warning", "error"),
+             "Log level of the JSON log lines on stdout."),
+    Variable("GATEWAY_SECRET", "secret", "", _text,
+             "Server secret keying the hash under which verified keys are cached in Redis; the same on every replica."),
+    Variable("REDIS_KEY_PREFIX", "redis_prefix", "nz:", _redis_prefix,
+             "Prefix of every Redis key the gateway writes (to share one Redis between installations)."),
+    Variable("GATEWAY_KEY_CACHE_TTL", "key_cache_ttl", "30", _seconds(1, 3600),
+             "Seconds a verified key stays in a worker's memory; changes arrive sooner through NOTIFY."),
+    Variable("GATEWAY_AUTH_FAILURES_PER_MINUTE", "auth_failures_per_minute", "60", _integer(1, 1_000_000),
+             "Failed authentications a client address may cause per minute (per worker) before 429."),
+    Variable("GATEWAY_AUTH_THREADS", "auth_threads", "1", _integer(1, 64),
+             "Threads per worker verifying Argon2id hashes on a cache miss."),
+    Variable("GATEWAY_TRUSTED_PROXIES", "trusted_proxies", "127.0.0.1,::1", _networks,
+             "Peers whose X-Forwarded-For is believed (Caddy); comma-separated IPs or CIDRs."),
+    Variable("GATEWAY_UPSTREAM_CONNECT_TIMEOUT", "connect_timeout", "5", _seconds(0.1, 600),
+             "Seconds to open a connection to a backend."),
+    Variable("GATEWAY_UPSTREAM_FIRST_BYTE_TIMEOUT", "first_byte_timeout", "300", _seconds(1, 86400),
+             "Seconds a backend may take to start answering (loading a model takes a while)."),
+    Variable("GATEWAY_UPSTREAM_IDLE_TIMEOUT", "idle_timeout", "120", _seconds(1, 86400),
+             "Seconds a backend may stay silent in the middle of an answer."),
+    Variable("GATEWAY_UPSTREAM_TOTAL_TIMEOUT", "total_timeout", "1800", _seconds(1, 86400),
+             "Seconds one request to a backend may take in all."),
+    Variable("GATEWAY_UPSTREAM_MAX_CONNECTIONS", "upstream_connections", "512", _integer(1, 100_000),
+             "Connections per backend per worker (requests beyond it wait)."),
+    Variable("GATEWAY_HEALTH_INTERVAL", "health_interval", "5", _seconds(0.2, 3600),
+             "Seconds between active health checks (and model-list refreshes) of each backend."),
+    Variable("GATEWAY_BACKEND_COOLDOWN", "backend_cooldown", "10", _seconds(0.1, 3600),
+             "Seconds a backend is benched after a connection failure or repeated 5xx answers."),
+    Variable("GATEWAY_DEFAULT_MAX_TOKENS", "default_max_tokens", "1024", _integer(1, 1_000_000),
+             "Output cap written into requests without one when a TPM limit or budget applies."),
+    Variable("GATEWAY_MIN_OUTPUT_TOKENS", "min_output_tokens", "16", _integer(0, 1_000_000),
+             "Fewest output tokens worth admitting a request for; below that it is refused (429)."),
+    Variable("GATEWAY_LEASE_TTL", "lease_ttl", "60", _seconds(5, 3600),
+             "Seconds a request's concurrency/reservation lease lives unless renewed (crashed replicas)."),
+    Variable("GATEWAY_METRICS_TOKEN", "metrics_token", "", _text,
+             "Bearer token that GET /metrics requires; empty: /metrics is disabled (404)."),
+    Variable("GATEWAY_AUDIT_QUEUE", "audit_queue", "20000", _integer(100, 10_000_000),
+             "Audit records a worker holds while Postgres is slow or away; beyond it new records are dropped."),
+    Variable("GATEWAY_AUDIT_RETENTION_DAYS", "audit_retention_days", "90", _integer(1, 36500),
+             "Days of request metadata kept; older monthly partitions are dropped."),
 )
+# fmt: on
 
 
 @dataclass(frozen=True)
@@ -224,6 +244,25 @@ class Settings:
     shutdown_timeout: int
     db_pool_size: int
     log_level: str
+    secret: str
+    redis_prefix: str
+    key_cache_ttl: float
+    auth_failures_per_minute: int
+    auth_threads: int
+    trusted_proxies: tuple[IPv4Network | IPv6Network, ...]
+    connect_timeout: float
+    first_byte_timeout: float
+    idle_timeout: float
+    total_timeout: float
+    upstream_connections: int
+    health_interval: float
+    backend_cooldown: float
+    default_max_tokens: int
+    min_output_tokens: int
+    lease_ttl: float
+    metrics_token: str
+    audit_queue: int
+    audit_retention_days: int
     env_file: Path | None = None
 
     def replace(self, **changes: Any) -> Settings:

@@ -11,20 +11,56 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any
+from ipaddress import IPv4Network, IPv6Network, ip_address
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from neuronetz.errors import BadRequest, GatewayError, PayloadTooLarge
-from neuronetz.types import Receive, Scope, Send
+from neuronetz.types import Message, Receive, Scope, Send
+
+if TYPE_CHECKING:
+    from neuronetz.auth import KeyRecord
 
 JSON = b"application/json"
 TEXT = b"text/plain; charset=utf-8"
+DRAIN_LIMIT = 1 << 20
 _SANE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
 
 
 class ClientDisconnected(Exception):
     """The client went away (http.disconnect) before the request finished."""
+
+
+def client_address(peer: str, forwarded_for: bytes | None, trusted: tuple[IPv4Network | IPv6Network, ...]) -> str:
+    """The client's address: the peer, unless the peer is a trusted proxy (Caddy), in which
+    case the right-most X-Forwarded-For entry that is not itself a trusted proxy. Entries
+    left of that were written by the client and prove nothing."""
+    if forwarded_for is None or not trusted or not _is_trusted(peer, trusted):
+        return peer
+    hops = [hop.strip() for hop in forwarded_for.decode("latin-1").split(",")]
+    for hop in reversed(hops):
+        if not hop:
+            continue
+        if not _is_trusted(hop, trusted):
+            return hop if _valid_ip(hop) else peer
+    return peer
+
+
+def _valid_ip(text: str) -> bool:
+    try:
+        ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_trusted(address: str, trusted: tuple[IPv4Network | IPv6Network, ...]) -> bool:
+    try:
+        ip = ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in trusted)
 
 
 def new_request_id() -> str:
@@ -37,8 +73,10 @@ class Request:
     __slots__ = (
         "client",
         "headers",
+        "key",
         "method",
         "openai",
+        "param",
         "path",
         "query",
         "receive",
@@ -62,6 +100,8 @@ class Request:
         sent_id = self.headers.get(b"x-request-id")
         self.request_id = sent_id.decode() if sent_id and _SANE_REQUEST_ID.fullmatch(sent_id) else new_request_id()
         self.response_headers: list[tuple[bytes, bytes]] = [(b"x-request-id", self.request_id.encode())]
+        self.param: str | None = None  # the route's captured parameter (/v1/models/{model})
+        self.key: KeyRecord | None = None  # set once authenticated
 
     def header(self, name: bytes) -> str | None:
         value = self.headers.get(name)
@@ -80,6 +120,8 @@ class Request:
             except ValueError:
                 raise BadRequest("The Content-Length header is not a number.") from None
             if length > limit:
+                if length - limit <= DRAIN_LIMIT:
+                    await self._drain({"more_body": True})
                 raise PayloadTooLarge(f"The request body is larger than the {limit} bytes this gateway accepts.")
         parts: list[bytes] = []
         size = 0
@@ -91,24 +133,26 @@ class Request:
             if chunk:
                 size += len(chunk)
                 if size > limit:
+                    await self._drain(message)
                     raise PayloadTooLarge(f"The request body is larger than the {limit} bytes this gateway accepts.")
                 parts.append(chunk)
             if not message.get("more_body", False):
                 break
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
+    async def _drain(self, message: Message) -> None:
+        """Read and drop up to DRAIN_LIMIT more bytes of a refused body. Most clients send their
+        whole body before they read the answer; closing on them mid-upload would turn a clear
+        413 into a connection reset. A bigger remainder is cut off (Granian closes)."""
+        drained = 0
+        while message.get("more_body", False) and drained < DRAIN_LIMIT:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                return
+            drained += len(message.get("body", b""))
+
     async def json(self, limit: int) -> dict[str, Any]:
-        """The body as a JSON object; anything else is a 400 that says what was wrong."""
-        raw = await self.body(limit)
-        if not raw:
-            raise BadRequest("The request body is empty; this endpoint expects a JSON object.")
-        try:
-            value = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise BadRequest(f"The request body is not valid JSON: {exc.msg} (at character {exc.pos}).") from None
-        if not isinstance(value, dict):
-            raise BadRequest("The request body must be a JSON object.")
-        return value
+        return parse_json(await self.body(limit))
 
     async def wait_for_disconnect(self) -> None:
         """Return when the client disconnects. Granian reports a vanished client only through
@@ -116,6 +160,19 @@ class Request:
         body (GET routes) is simply drained on the way to the disconnect message."""
         while (await self.receive())["type"] != "http.disconnect":
             pass
+
+
+def parse_json(raw: bytes) -> dict[str, Any]:
+    """A request body as a JSON object; anything else is a 400 that says what was wrong."""
+    if not raw:
+        raise BadRequest("The request body is empty; this endpoint expects a JSON object.")
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"The request body is not valid JSON: {exc.msg} (at character {exc.pos}).") from None
+    if not isinstance(value, dict):
+        raise BadRequest("The request body must be a JSON object.")
+    return value
 
 
 async def start(

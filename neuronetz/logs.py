@@ -47,6 +47,9 @@ def dictconfig(level: str) -> dict[str, Any]:
             "_granian": {"handlers": ["console"], "level": LEVELS[level], "propagate": False},
             "granian.access": {"handlers": ["access"], "level": LEVELS[level], "propagate": False},
             "neuronetz": {"level": LEVELS[level]},
+            # httpx logs every request at INFO, URL included: too chatty, and a URL may hold a password.
+            "httpx": {"level": logging.WARNING},
+            "httpcore": {"level": logging.WARNING},
         },
     }
 

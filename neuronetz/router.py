@@ -12,13 +12,15 @@ from __future__ import annotations
 import enum
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from neuronetz.errors import BadRequest, MethodNotAllowed, NotFound
 from neuronetz.http import Request
 from neuronetz.types import Send
 
-Handler = Callable[[Request, Send], Awaitable[None]]
+# (request, send, exchange): the exchange (proxy.Exchange) records the request's outcome.
+Handler = Callable[[Request, Send, Any], Awaitable[None]]
 
 # Model-mutating Ollama endpoints: 403 for every method, not configurable (DESIGN.md, HTTP).
 BLOCKED_PATHS = frozenset({"/api/pull", "/api/push", "/api/create", "/api/copy", "/api/delete", "/api/blobs"})

@@ -11,14 +11,17 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
+import pytest_asyncio
 import redis
 
 from neuronetz import migrate
+from tests.emulator import Emulator
+from tests.support import METRICS_TOKEN, Admin, GatewayProcess
 
 ADMIN_DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -83,3 +86,48 @@ def redis_prefix(redis_url: str) -> Iterator[str]:
             client.delete(*keys)
     finally:
         client.close()
+
+
+@pytest.fixture(scope="module")
+def emulator() -> Iterator[Emulator]:
+    """A fake Ollama of this module's own (tests may configure it and inject faults)."""
+    with Emulator() as emu:
+        yield emu
+
+
+@pytest.fixture(autouse=True)
+def _fresh_emulator(request: pytest.FixtureRequest) -> None:
+    """Every test starts with the module's emulator as it was built: no leftover faults,
+    delays or records from the test before."""
+    if "emulator" in request.fixturenames:
+        request.getfixturevalue("emulator").reset()
+
+
+@pytest.fixture(scope="module")
+def gateway_env(database_url: str, redis_url: str, redis_prefix: str, emulator: Emulator) -> dict[str, str]:
+    return {
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "REDIS_KEY_PREFIX": redis_prefix,
+        "OLLAMA_BACKENDS": emulator.url,
+        "GATEWAY_SECRET": "test-secret-not-for-production",
+        "GATEWAY_METRICS_TOKEN": METRICS_TOKEN,
+        "GATEWAY_MIGRATE_ON_START": "false",
+        "GATEWAY_HEALTH_INTERVAL": "1",
+    }
+
+
+@pytest.fixture(scope="module")
+def gateway(gateway_env: dict[str, str]) -> Iterator[GatewayProcess]:
+    """One gateway process for the module, on the module's emulator."""
+    with GatewayProcess(gateway_env) as process:
+        yield process
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def admin(database_url: str) -> AsyncIterator[Admin]:
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
+    try:
+        yield Admin(pool)
+    finally:
+        await pool.close()

@@ -6,19 +6,29 @@ and tests talk to it over loopback HTTP, exactly as clients do.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import datetime as dt
 import os
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from neuronetz import tenants
+from neuronetz.limits import Limits
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,7 +79,10 @@ class GatewayProcess:
 
     def start(self, timeout: float = 30.0) -> GatewayProcess:
         with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(self.args, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+            # A session of its own, so kill() can take Granian's workers down with the main process.
+            self.process = subprocess.Popen(
+                self.args, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         try:
             wait_for(self.url + "/healthz", timeout=timeout, process=self.process)
         except Exception:
@@ -88,8 +101,14 @@ class GatewayProcess:
         try:
             return self.process.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.process.kill()
+            os.killpg(self.process.pid, signal.SIGKILL)
             return self.process.wait()
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group: a crashed replica, with no chance to clean up."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
 
     def __enter__(self) -> GatewayProcess:
         return self.start()
@@ -157,3 +176,128 @@ def env_file(text: str) -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+METRICS_TOKEN = "test-metrics-token"
+
+
+class Admin:
+    """Tenants and keys for tests, made through the same functions the CLI uses."""
+
+    def __init__(self, pool: asyncpg.Pool[Any]) -> None:
+        self.pool = pool
+
+    async def tenant(self, **limits: int | None) -> str:
+        name = f"t-{secrets.token_hex(4)}"
+        await tenants.create_tenant(self.pool, name, Limits(**limits))
+        return name
+
+    async def key(
+        self,
+        tenant: str | None = None,
+        *,
+        models: tuple[str, ...] | None = None,
+        expires_at: dt.datetime | None = None,
+        prompt_ttl_days: int | None = None,
+        **limits: int | None,
+    ) -> str:
+        """A new key (of a new tenant unless one is named); returns the full key."""
+        tenant = tenant or await self.tenant()
+        _, key = await tenants.create_key(
+            self.pool, tenant, f"k-{secrets.token_hex(4)}", expires_at=expires_at, models=models,
+            prompt_ttl_days=prompt_ttl_days, limits=Limits(**limits),
+        )  # fmt: skip
+        return key
+
+    async def tenant_of(self, key: str) -> str:
+        return (await tenants.get_key(self.pool, key[:11])).tenant
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one series in a Prometheus exposition (0 when absent)."""
+    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    target = f"{name}{{{wanted}}}" if labels else name
+    for line in text.splitlines():
+        if line.startswith(target + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def forwarded(emulator: Any, path: str | None = None) -> list[Any]:
+    """What clients' requests the emulator received: without the gateway's own health checks."""
+    return [r for r in emulator.requests(path) if "(health check)" not in (r.header("user-agent") or "")]
+
+
+class TcpProxy:
+    """A TCP forwarder the test controls, between the gateway and Postgres: `cut()` drops every
+    connection and refuses new ones (Postgres "down" for the gateway only), `restore()` ends
+    that. Runs its own event loop on a thread."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self.loop = asyncio.new_event_loop()
+        self.server: asyncio.Server | None = None
+        self.writers: set[asyncio.StreamWriter] = set()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.close()
+            return
+        self.writers |= {writer, upstream_writer}
+        await asyncio.gather(self._pipe(reader, upstream_writer), self._pipe(upstream_reader, writer))
+        self.writers -= {writer, upstream_writer}
+
+    async def _listen(self) -> None:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+
+    async def _cut(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+        for writer in list(self.writers):
+            writer.transport.abort()
+        self.writers.clear()
+
+    def _call(self, coroutine: Any) -> None:
+        asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(10)
+
+    def start(self) -> TcpProxy:
+        self.thread.start()
+        self._call(self._listen())
+        return self
+
+    def cut(self) -> None:
+        self._call(self._cut())
+
+    def restore(self) -> None:
+        self._call(self._listen())
+
+    def stop(self) -> None:
+        self._call(self._cut())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+    def __enter__(self) -> TcpProxy:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -6,7 +6,7 @@ import orjson
 import pytest
 
 from neuronetz.errors import BadRequest, BudgetExceeded, NotFound, PayloadTooLarge, RateLimited, Unauthorized
-from neuronetz.http import ClientDisconnected, Request
+from neuronetz.http import DRAIN_LIMIT, ClientDisconnected, Request
 from neuronetz.types import Message
 
 
@@ -31,19 +31,20 @@ async def test_body_is_assembled_from_chunks() -> None:
     assert await request.json(1024) == {"a": 1}
 
 
-async def test_declared_length_over_the_limit_is_refused_before_reading() -> None:
-    request, reads = make_request([], headers=[(b"content-length", b"2048")])
+async def test_a_declared_length_far_over_the_limit_is_refused_without_reading() -> None:
+    request, reads = make_request([], headers=[(b"content-length", str(1024 + DRAIN_LIMIT + 1).encode())])
     with pytest.raises(PayloadTooLarge):
         await request.body(1024)
     assert reads["count"] == 0
 
 
-async def test_undeclared_body_is_cut_off_as_soon_as_it_crosses_the_limit() -> None:
-    chunks = [{"type": "http.request", "body": b"x" * 600, "more_body": True} for _ in range(10)]
+async def test_a_body_over_the_limit_is_held_no_longer_than_the_limit_but_drained() -> None:
+    chunks = [{"type": "http.request", "body": b"x" * 600, "more_body": i < 9} for i in range(10)]
     request, reads = make_request(chunks)
     with pytest.raises(PayloadTooLarge):
         await request.body(1024)
-    assert reads["count"] == 2
+    # Refused at the second chunk; the rest is read and dropped so the client can read its 413.
+    assert reads["count"] == 10
 
 
 async def test_disconnect_while_reading_the_body() -> None:

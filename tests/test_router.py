@@ -8,7 +8,7 @@ from neuronetz.router import Route, Router, is_blocked, normalize_path
 from neuronetz.types import Send
 
 
-async def _nothing(request: Request, send: Send) -> None:
+async def _nothing(request: Request, send: Send, exchange: object) -> None:
     return None
 
 

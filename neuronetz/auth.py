@@ -1,0 +1,392 @@
+"""Authentication: from `Authorization: Bearer <key>` to the key's record, fast and revocable.
+
+The hot path does no Argon2 and no I/O: a verified key is cached in the worker's memory
+under a keyed hash of the presented key (HMAC-SHA256 with GATEWAY_SECRET), so a cache hit
+costs one HMAC and a dict lookup. On a miss the worker reads the key's row from Postgres and
+needs proof that the presented key matches its Argon2id hash: either a record in Redis that
+this exact key (by its HMAC) was verified against this exact hash, or a fresh Argon2id
+verification in a small thread pool. Concurrent misses for one key share one verification.
+
+Revocation, expiry and limit changes reach every replica within a second: a Postgres
+trigger NOTIFYs every change to a key or tenant row (whoever made it), each worker LISTENs
+and drops what it cached. While that listener is down, the worker caches for one second
+only, and it empties its cache whenever the listener (re)connects, so a lost notification
+can never keep a revoked key alive for longer than that. A lookup that started before an
+invalidation never caches what it read (generation counters). One exception, on purpose:
+while Postgres itself cannot be reached, keys verified in the last five minutes keep
+working (stale-if-error), because nobody can revoke a key without that database either;
+only a replica cut off from a Postgres that others still reach could serve a revoked key,
+for as long as that lasts.
+
+Nothing here lets anyone test a guessed key more cheaply than Argon2: Redis and the
+process only ever hold HMACs under a secret that lives in neither Redis nor Postgres.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import hashlib
+import hmac
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+import asyncpg
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from neuronetz import keys, models, tenants
+from neuronetz.errors import Forbidden, RateLimited, ServiceUnavailable, Unauthorized
+from neuronetz.limits import Limits, Subject
+
+log = logging.getLogger("neuronetz.auth")
+
+CHANNEL = "neuronetz_invalidate"
+UNAUTHORIZED = "Invalid or missing API key: send `Authorization: Bearer <key>` with an active key."
+FAILURE_TTL = 10.0  # seconds a refused key is remembered, so repeating it costs nothing
+DEGRADED_TTL = 1.0  # cache lifetime while invalidations cannot be received
+# While Postgres cannot be reached, a key verified in the last few minutes keeps working
+# (stale-if-error): an outage of the database should not become an outage of every model,
+# and revoking a key needs that very database.
+STALE_IF_ERROR = 300.0
+VERIFIED_TTL = 86400  # seconds Redis remembers that a key matched a hash
+MAX_PENDING_VERIFICATIONS = 32
+LAST_USED_INTERVAL = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    """What the request pipeline knows about an authenticated key."""
+
+    key_id: int
+    prefix: str
+    name: str
+    tenant_id: int
+    tenant: str
+    expires_at: float | None  # epoch seconds
+    revoked: bool
+    allowed_models: frozenset[str] | None  # normalised names; None: every model
+    log_prompts: bool
+    prompt_ttl_days: int | None
+    subject: Subject  # the key's and the tenant's own limits, for the limiter
+
+    def usable(self, now: float) -> bool:
+        return not self.revoked and (self.expires_at is None or now < self.expires_at)
+
+    def allows(self, model: str) -> bool:
+        return self.allowed_models is None or models.normalize(model) in self.allowed_models
+
+    def check_model(self, model: str) -> None:
+        if not self.allows(model):
+            raise Forbidden(f"This API key may not use the model {model!r}.", code="model_not_allowed")
+
+
+def record_from_row(row: Any) -> KeyRecord:
+    expires: dt.datetime | None = row["expires_at"]
+    allowed = row["allowed_models"]
+    return KeyRecord(
+        key_id=row["id"],
+        prefix=row["prefix"],
+        name=row["name"],
+        tenant_id=row["tenant_id"],
+        tenant=row["tenant_name"],
+        expires_at=expires.timestamp() if expires is not None else None,
+        revoked=row["revoked_at"] is not None,
+        allowed_models=frozenset(models.normalize(m) for m in allowed) if allowed is not None else None,
+        log_prompts=row["log_prompts"],
+        prompt_ttl_days=row["prompt_ttl_days"],
+        subject=Subject(row["id"], row["tenant_id"], Limits.from_row(row), Limits.from_row(row, prefix="t_")),
+    )
+
+
+def bearer_token(header: bytes | None) -> str | None:
+    """The key from `Authorization: Bearer <key>` (scheme case-insensitive, surrounding
+    whitespace tolerated); None for any other shape."""
+    if header is None:
+        return None
+    scheme, _, token = header.strip().partition(b" ")
+    if scheme.lower() != b"bearer":
+        return None
+    token = token.strip()
+    try:
+        return token.decode("ascii") if token else None
+    except UnicodeDecodeError:
+        return None
+
+
+@dataclass(slots=True)
+class _Entry:
+    record: KeyRecord | None  # None: the presented key was refused
+    prefix: str
+    fresh_until: float
+    stale_until: float  # usable past freshness only while Postgres is unreachable
+
+
+class FailureLimiter:
+    """Counts refused authentications per client address in a fixed one-minute window;
+    past the limit, that address's cache misses are refused before any work is done.
+    Per worker process on purpose: it protects this process's CPU from floods of keys."""
+
+    def __init__(self, per_minute: int) -> None:
+        self.per_minute = per_minute
+        self.windows: dict[str, tuple[float, int]] = {}
+
+    def check(self, address: str, now: float) -> None:
+        start, count = self.windows.get(address, (now, 0))
+        if now - start < 60.0 and count >= self.per_minute:
+            raise RateLimited("Too many failed authentications from this address.", retry_after=60.0 - (now - start))
+
+    def failed(self, address: str, now: float) -> None:
+        start, count = self.windows.get(address, (now, 0))
+        if now - start >= 60.0:
+            start, count = now, 0
+        self.windows[address] = (start, count + 1)
+        if len(self.windows) > 100_000:  # bound memory under a spoofed-address flood
+            self.windows = {a: w for a, w in self.windows.items() if now - w[0] < 60.0}
+
+
+class Authenticator:
+    def __init__(
+        self,
+        pool: asyncpg.Pool[Any],
+        redis_client: aioredis.Redis,
+        *,
+        database_url: str,
+        secret: str,
+        redis_prefix: str,
+        cache_ttl: float,
+        failures_per_minute: int,
+        threads: int,
+    ) -> None:
+        self.pool = pool
+        self.redis = redis_client
+        self.database_url = database_url
+        # Without a configured secret each process draws its own: correct, but then workers
+        # cannot share the Redis record of verified keys (each verifies once on its own).
+        self.secret = secret.encode() if secret else os.urandom(32)
+        self.redis_prefix = redis_prefix
+        self.cache_ttl = cache_ttl
+        self.failures = FailureLimiter(failures_per_minute)
+        self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="argon2")
+        self.cache: dict[bytes, _Entry] = {}
+        self.inflight: dict[bytes, asyncio.Future[KeyRecord | None]] = {}
+        self.generation = 0  # bumped by tenant changes and listener (re)connects
+        self.key_generations: dict[str, int] = {}
+        self.listening = False
+        self.pending_verifications = 0
+        self.argon2_calls = 0
+        self.refusals = 0
+        self.last_used: dict[str, float] = {}
+        self.tasks: list[asyncio.Task[None]] = []
+
+    # --- the request path ---------------------------------------------------------------
+
+    async def authenticate(self, authorization: bytes | None, client: str) -> KeyRecord:
+        """The record of the key in `authorization`; Unauthorized (401) otherwise."""
+        key = bearer_token(authorization)
+        if key is None:
+            self._refuse(client, time.monotonic())
+        digest = hmac.digest(self.secret, key.encode(), "sha256")
+        now = time.monotonic()
+        wall = time.time()
+        entry = self.cache.get(digest)
+        if entry is not None and entry.fresh_until > now and entry.record is not None and entry.record.usable(wall):
+            self.last_used[entry.record.prefix] = wall
+            return entry.record  # the hot path: one HMAC, one dict lookup, no I/O
+        # Anything else is work or a refusal: an address past its failure limit gets 429 first.
+        self.failures.check(client, now)
+        if entry is not None and entry.fresh_until > now:
+            record = entry.record
+        else:
+            try:
+                record = await self._resolve(key, digest)
+            except ServiceUnavailable:
+                if entry is None or entry.record is None or entry.stale_until <= now:
+                    raise
+                record = entry.record
+        if record is None or not record.usable(wall):
+            self._refuse(client, time.monotonic())
+        self.last_used[record.prefix] = wall
+        return record
+
+    def _refuse(self, client: str, now: float) -> NoReturn:
+        self.failures.check(client, now)
+        self.refusals += 1
+        self.failures.failed(client, now)
+        raise Unauthorized(UNAUTHORIZED)
+
+    async def _resolve(self, key: str, digest: bytes) -> KeyRecord | None:
+        pending = self.inflight.get(digest)
+        if pending is not None:  # another request is already verifying this very key
+            return await asyncio.shield(pending)
+        future: asyncio.Future[KeyRecord | None] = asyncio.get_running_loop().create_future()
+        self.inflight[digest] = future
+        try:
+            record = await self._lookup(key, digest)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # the waiters re-raise it; mark it retrieved
+            raise
+        else:
+            future.set_result(record)
+            return record
+        finally:
+            del self.inflight[digest]
+
+    async def _lookup(self, key: str, digest: bytes) -> KeyRecord | None:
+        prefix = keys.prefix_of(key)
+        if prefix is None:
+            self._remember(digest, None, "", self.generation, 0)
+            return None
+        generation, key_generation = self.generation, self.key_generations.get(prefix, 0)
+        try:
+            row = await tenants.fetch_key(self.pool, prefix)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            log.warning("key lookup failed", extra={"fields": {"prefix": prefix, "error": type(exc).__name__}})
+            raise ServiceUnavailable("The key store is unavailable; retry shortly.", retry_after=1) from None
+        # An unknown prefix is refused without Argon2: prefixes are public, and hashing a
+        # dummy would let anyone burn this CPU with random keys.
+        record = None
+        if row is not None and await self._verified(key, digest, prefix, row["secret_hash"]):
+            record = record_from_row(row)
+        self._remember(digest, record, prefix, generation, key_generation)
+        return record
+
+    async def _verified(self, key: str, digest: bytes, prefix: str, key_hash: str) -> bool:
+        fingerprint = hashlib.sha256(key_hash.encode()).hexdigest()[:32]
+        redis_key = f"{self.redis_prefix}auth:{prefix}"
+        field = digest.hex()
+        try:
+            known = await self.redis.hget(redis_key, field)
+            if isinstance(known, bytes) and hmac.compare_digest(known, fingerprint.encode()):
+                return True
+        except (redis.exceptions.RedisError, OSError):
+            pass  # Redis is an optimisation here; Argon2 still decides
+        if self.pending_verifications >= MAX_PENDING_VERIFICATIONS:
+            raise ServiceUnavailable("Too many keys are being verified right now; retry shortly.", retry_after=1)
+        self.pending_verifications += 1
+        self.argon2_calls += 1
+        try:
+            ok = await asyncio.get_running_loop().run_in_executor(self.executor, keys.verify, key_hash, key)
+        finally:
+            self.pending_verifications -= 1
+        if ok:
+            try:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.hset(redis_key, field, fingerprint)
+                    pipe.expire(redis_key, VERIFIED_TTL)
+                    await pipe.execute()
+            except (redis.exceptions.RedisError, OSError):
+                pass
+        return ok
+
+    def _remember(
+        self, digest: bytes, record: KeyRecord | None, prefix: str, generation: int, key_generation: int
+    ) -> None:
+        if generation != self.generation or key_generation != self.key_generations.get(prefix, 0):
+            return  # invalidated while we looked: what we read may already be stale
+        ttl = self.cache_ttl if self.listening else DEGRADED_TTL
+        if record is None:
+            ttl = min(ttl, FAILURE_TTL)
+        elif record.expires_at is not None:  # never serve a key past its expiry from cache
+            ttl = min(ttl, max(0.0, record.expires_at - time.time()))
+        now = time.monotonic()
+        self.cache[digest] = _Entry(record, prefix, now + ttl, now + STALE_IF_ERROR)
+
+    # --- invalidation ---------------------------------------------------------------------
+
+    def invalidate(self, subject: str) -> None:
+        """Drop what a NOTIFY payload (`key:<prefix>` or `tenant:<id>`) names."""
+        kind, _, value = subject.partition(":")
+        if kind == "key":
+            self.key_generations[value] = self.key_generations.get(value, 0) + 1
+            self.cache = {d: e for d, e in self.cache.items() if e.prefix != value}
+        elif kind == "tenant":
+            tenant_id = int(value)
+            self.generation += 1
+            self.cache = {d: e for d, e in self.cache.items() if e.record is None or e.record.tenant_id != tenant_id}
+        else:
+            self.clear()
+
+    def clear(self) -> None:
+        self.generation += 1
+        self.cache = {}
+
+    def _expire_soon(self) -> None:
+        """Invalidations can no longer arrive: nothing cached stays fresh past DEGRADED_TTL
+        (entries are kept as stale-if-error fallbacks)."""
+        limit = time.monotonic() + DEGRADED_TTL
+        self.generation += 1
+        for entry in self.cache.values():
+            entry.fresh_until = min(entry.fresh_until, limit)
+
+    async def listen(self) -> None:
+        """Hold a LISTEN connection, forever: reconnect after any failure. When it drops,
+        cached keys stay fresh for one more second at most; when it is (re)established, the
+        cache is emptied (notifications may have been missed in between)."""
+        while True:
+            connection: asyncpg.Connection[Any] | None = None
+            lost = asyncio.Event()
+            try:
+                connection = await asyncpg.connect(self.database_url, timeout=5)
+                connection.add_termination_listener(lambda _, lost=lost: lost.set())
+                await connection.add_listener(CHANNEL, lambda _c, _p, _ch, payload: self.invalidate(payload))
+                self.clear()
+                self.listening = True
+                # A silently dead network path delivers no termination event: probe it.
+                while not lost.is_set():
+                    await connection.execute("SELECT 1", timeout=2)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(lost.wait(), timeout=1.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # any failure: degrade, then reconnect
+                log.debug("invalidation listener down", extra={"fields": {"error": type(exc).__name__}})
+            finally:
+                if self.listening:
+                    self.listening = False
+                    self._expire_soon()
+                if connection is not None and not connection.is_closed():
+                    connection.terminate()
+            await asyncio.sleep(1.0)
+
+    # --- last_used_at, coalesced --------------------------------------------------------------
+
+    async def flush_last_used(self) -> None:
+        """Write last_used_at for keys used since the last flush: one UPDATE per flush, so a
+        busy key costs one write a minute, not one per request."""
+        if not self.last_used:
+            return
+        used, self.last_used = self.last_used, {}
+        prefixes = list(used)
+        stamps = [dt.datetime.fromtimestamp(used[p], dt.UTC) for p in prefixes]
+        try:
+            await self.pool.execute(
+                "UPDATE api_keys SET last_used_at = v.at FROM unnest($1::text[], $2::timestamptz[]) AS v(prefix, at) "
+                "WHERE api_keys.prefix = v.prefix AND (last_used_at IS NULL OR last_used_at < v.at)",
+                prefixes,
+                stamps,
+            )
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+            for prefix, stamp in used.items():  # keep them for the next attempt
+                self.last_used[prefix] = max(stamp, self.last_used.get(prefix, 0.0))
+
+    async def _flush_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(LAST_USED_INTERVAL)
+            await self.flush_last_used()
+
+    def start(self) -> None:
+        self.tasks = [asyncio.create_task(self.listen()), asyncio.create_task(self._flush_periodically())]
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.flush_last_used()
+        self.executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,264 @@
+"""The backend pool: which Ollama servers are healthy, which models each has, and selection.
+
+Selection sees only `available()` backends — healthy by the last active check and not
+benched by passive failures (Caddy's `Available`) — that may have the requested model, and
+takes the one with the fewest requests in flight; ties go round-robin so equal backends
+share the load. A model nobody is known to have triggers one refresh of every model list
+before the answer is 404; a model whose holders are all down is 503.
+
+Active checks run every GATEWAY_HEALTH_INTERVAL seconds (`GET /api/version`, cheap, with a
+short timeout) and refresh each backend's `/api/tags`. Passive checks: a connection failure
+or a 5xx answer benches a backend for GATEWAY_BACKEND_COOLDOWN seconds, or until an active
+check finds it answering again. Reconfiguring (a changed OLLAMA_BACKENDS) keeps the state of
+unchanged backends; requests in flight on a removed backend finish where they are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import orjson
+
+from neuronetz import config, envfile, models
+from neuronetz.errors import BadGateway, NotFound, ServiceUnavailable
+
+log = logging.getLogger("neuronetz.backends")
+CHECK_TIMEOUT = 2.0
+# The gateway's own requests to backends say so, e.g. in Ollama's logs and in the tests' emulator.
+CHECK_HEADERS = {"user-agent": "neuronetz-gateway (health check)"}
+LISTING_HEADERS = {"user-agent": "neuronetz-gateway (model listing)"}
+SERVER_ERRORS_TO_BENCH = 3
+# One slow answer to a health check (a busy backend, a GC pause) must not take a backend out
+# of rotation; two in a row do. Connection failures of real requests bench it at once.
+CHECK_FAILURES_TO_MARK_DOWN = 2
+
+
+@dataclass(eq=False)
+class Backend:
+    url: str
+    healthy: bool = True  # optimistic until the first check: a fresh gateway serves at once
+    benched_until: float = 0.0
+    models: frozenset[str] | None = None  # normalised names; None until first listed
+    listing: list[dict[str, Any]] = field(default_factory=list)  # /api/tags entries as sent
+    in_flight: int = 0
+    version: str | None = None
+    error: str | None = None
+    server_errors: int = 0  # 5xx answers in a row
+    check_failures: int = 0  # failed health checks in a row
+
+    @property
+    def host(self) -> str:
+        """The Host header Ollama expects: its own host:port (ollama-api.md §6)."""
+        return urlsplit(self.url).netloc
+
+    def available(self, now: float) -> bool:
+        return self.healthy and now >= self.benched_until
+
+    def may_have(self, model: str) -> bool:
+        return self.models is None or model in self.models
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "ok": self.available(time.monotonic()),
+            "healthy": self.healthy,
+            "version": self.version,
+            "models": sorted(self.models) if self.models is not None else None,
+            "in_flight": self.in_flight,
+            **({"error": self.error} if self.error else {}),
+        }
+
+
+class BackendPool:
+    def __init__(self, urls: Iterable[str], client: httpx.AsyncClient, interval: float, cooldown: float) -> None:
+        self.client = client
+        self.interval = interval
+        self.cooldown = cooldown
+        self.backends: list[Backend] = [Backend(url) for url in urls]
+        self._ties = itertools.count()
+        self._refreshing: asyncio.Task[None] | None = None
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        return tuple(backend.url for backend in self.backends)
+
+    def reconfigure(self, urls: Iterable[str]) -> None:
+        current = {backend.url: backend for backend in self.backends}
+        self.backends = [current.get(url) or Backend(url) for url in urls]
+        log.info("backends reconfigured", extra={"fields": {"backends": list(self.urls)}})
+
+    # --- selection ------------------------------------------------------------------------
+
+    def select(self, model: str | None, exclude: frozenset[Backend] = frozenset()) -> Backend | None:
+        """The available backend with the fewest requests in flight that may have `model`
+        (any available backend when `model` is None); None when there is none."""
+        now = time.monotonic()
+        wanted = models.normalize(model) if model else None
+        candidates = [
+            b for b in self.backends if b not in exclude and b.available(now) and (wanted is None or b.may_have(wanted))
+        ]
+        if not candidates:
+            return None
+        fewest = min(b.in_flight for b in candidates)
+        tied = [b for b in candidates if b.in_flight == fewest]
+        return tied[next(self._ties) % len(tied)]
+
+    async def choose(self, model: str | None, exclude: frozenset[Backend] = frozenset()) -> Backend:
+        """`select`, refreshing the model lists once when nobody is known to have `model`;
+        NotFound when the model exists on no backend, ServiceUnavailable when its holders are down."""
+        backend = self.select(model, exclude)
+        if backend is not None:
+            return backend
+        if not self.backends:
+            raise ServiceUnavailable("No Ollama backend is configured.", retry_after=5)
+        if model and not exclude:
+            wanted = models.normalize(model)
+            if not any(b.models is not None and wanted in b.models for b in self.backends):
+                await self.refresh()
+                backend = self.select(model, exclude)
+                if backend is not None:
+                    return backend
+                if all(b.models is not None and wanted not in b.models for b in self.backends):
+                    raise NotFound(f"model '{model}' not found", code="model_not_found")
+        raise ServiceUnavailable("No healthy Ollama backend can serve this request right now.", retry_after=5)
+
+    # --- passive health ------------------------------------------------------------------------
+
+    def failed(self, backend: Backend, reason: str) -> None:
+        backend.benched_until = time.monotonic() + self.cooldown
+        backend.error = reason
+        log.warning("backend benched", extra={"fields": {"backend": backend.url, "reason": reason}})
+
+    def answered(self, backend: Backend, status: int) -> None:
+        """Passive health from a finished exchange: repeated 5xx answers bench a backend."""
+        if status >= 500:
+            backend.server_errors += 1
+            if backend.server_errors >= SERVER_ERRORS_TO_BENCH:
+                backend.server_errors = 0
+                self.failed(backend, f"{SERVER_ERRORS_TO_BENCH} answers with status {status} in a row")
+        else:
+            backend.server_errors = 0
+
+    # --- listings -------------------------------------------------------------------------------
+
+    async def gather_listing(self, path: str, field_name: str) -> list[dict[str, Any]]:
+        """`path` (/api/tags, /api/ps or /v1/models) from every available backend, merged:
+        the first backend's entry wins for a name several have, order as the backends sent it."""
+        now = time.monotonic()
+        available = [b for b in self.backends if b.available(now)]
+        if not available:
+            raise ServiceUnavailable("No healthy Ollama backend can answer right now.", retry_after=5)
+        answers = await asyncio.gather(*(self._list(b, path, field_name) for b in available))
+        if all(answer is None for answer in answers):
+            raise BadGateway("No backend answered the model list.")
+        merged: dict[str, dict[str, Any]] = {}
+        for answer in answers:
+            for entry in answer or []:
+                name = models.normalize(str(entry.get("id") or entry.get("name") or entry.get("model") or ""))
+                merged.setdefault(name, entry)
+        return list(merged.values())
+
+    async def _list(self, backend: Backend, path: str, field_name: str) -> list[dict[str, Any]] | None:
+        try:
+            async with asyncio.timeout(CHECK_TIMEOUT * 5):
+                response = await self.client.get(backend.url + path, headers=LISTING_HEADERS)
+                response.raise_for_status()
+            entries = orjson.loads(response.content).get(field_name) or []
+        except (httpx.HTTPError, TimeoutError, orjson.JSONDecodeError, AttributeError) as exc:
+            self.failed(backend, _reason(exc))
+            return None
+        return [entry for entry in entries if isinstance(entry, dict)]
+
+    # --- active health and model lists ---------------------------------------------------------
+
+    async def check(self, backend: Backend) -> None:
+        try:
+            async with asyncio.timeout(CHECK_TIMEOUT):
+                version = await self.client.get(backend.url + "/api/version", headers=CHECK_HEADERS)
+                version.raise_for_status()
+                tags = await self.client.get(backend.url + "/api/tags", headers=CHECK_HEADERS)
+                tags.raise_for_status()
+            listing = orjson.loads(tags.content).get("models") or []
+        except (httpx.HTTPError, TimeoutError, orjson.JSONDecodeError, AttributeError) as exc:
+            backend.check_failures += 1
+            backend.error = _reason(exc)
+            if backend.healthy and backend.check_failures >= CHECK_FAILURES_TO_MARK_DOWN:
+                log.warning("backend unhealthy", extra={"fields": {"backend": backend.url, "error": backend.error}})
+                backend.healthy = False
+            return
+        backend.check_failures = 0
+        if not backend.healthy:
+            log.info("backend healthy again", extra={"fields": {"backend": backend.url}})
+        backend.healthy = True
+        backend.benched_until = 0.0
+        backend.error = None
+        backend.version = orjson.loads(version.content).get("version")
+        backend.listing = [m for m in listing if isinstance(m, dict)]
+        backend.models = frozenset(models.normalize(str(m.get("name", ""))) for m in backend.listing)
+
+    async def refresh(self) -> None:
+        """Check every backend now; concurrent callers share one refresh."""
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.create_task(self._check_all())
+        await asyncio.shield(self._refreshing)
+
+    async def _check_all(self) -> None:
+        await asyncio.gather(*(self.check(b) for b in self.backends))
+
+    async def run(self) -> None:
+        while True:
+            await self.refresh()
+            await asyncio.sleep(self.interval)
+
+    def readiness(self) -> dict[str, Any]:
+        if not self.backends:
+            return {"ok": False, "error": "no backend is configured (OLLAMA_BACKENDS is empty)"}
+        each = {backend.url: backend.state() for backend in self.backends}
+        return {"ok": any(state["ok"] for state in each.values()), "each": each}
+
+
+def _reason(exc: BaseException) -> str:
+    """A short reason that never repeats a URL (it may carry a password)."""
+    if isinstance(exc, httpx.HTTPStatusError):
+        return f"answered HTTP {exc.response.status_code}"
+    if isinstance(exc, httpx.TimeoutException | TimeoutError):
+        return "no answer in time"
+    if isinstance(exc, httpx.ConnectError):
+        return "connection failed"
+    return type(exc).__name__
+
+
+# --- the configured list, as add-backend / remove-backend edit it -----------------------------------
+
+
+@dataclass(frozen=True)
+class BackendsChange:
+    changed: bool
+    urls: tuple[str, ...]
+    line: str  # the OLLAMA_BACKENDS=… line the file has (or should have)
+    was_set: bool  # the file set OLLAMA_BACKENDS before
+
+
+def plan_backends_change(path: Path, url: str, add: bool) -> tuple[BackendsChange, str]:
+    """The new OLLAMA_BACKENDS for the .env file at `path` after adding or removing `url`, and
+    the file's new text. A missing file or variable counts as an empty list."""
+    canonical = config.parse_backend_url(url, "URL")
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    values = envfile.parse(text, source=str(path))
+    was_set = "OLLAMA_BACKENDS" in values
+    current = config.parse_backends(values.get("OLLAMA_BACKENDS", ""))
+    if add:
+        urls = current if canonical in current else (*current, canonical)
+    else:
+        urls = tuple(u for u in current if u != canonical)
+    value = ",".join(urls)
+    line = envfile.render_assignment("OLLAMA_BACKENDS", value)
+    return BackendsChange(urls != current, urls, line, was_set), envfile.with_variable(text, "OLLAMA_BACKENDS", value)

@@ -1,0 +1,176 @@
+"""Token budgets: periods, the Postgres usage ledger, and rebuilding Redis from it.
+
+Budgets are enforced in Redis (limits.lua, in the admission round trip) against counters of
+tokens used per scope and period: the UTC day, the UTC calendar month, and all time. Every
+settled request is also added to the ledger (`usage_daily`) by a per-worker accumulator that
+writes one batch at least every second, retries until Postgres takes it, and is never
+dropped: the Redis counters are a cache of the ledger.
+
+When Redis loses its data (restart, flush, failover) the per-tenant epoch marker is gone;
+the first budgeted request of that tenant starts a rebuild and every budgeted request of the
+tenant is refused with 503 (fail closed) until it is done. The rebuild waits two ledger
+intervals, so what replicas settled just before the loss reaches Postgres, then adds the
+ledger's sums to the counters and sets a new epoch, atomically. Usage settled between the
+loss and the rebuild may be counted twice; never zero times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import calendar
+import datetime as dt
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+log = logging.getLogger("neuronetz.budgets")
+
+LEDGER_INTERVAL = 1.0
+REBUILD_WAIT = 2 * LEDGER_INTERVAL + 0.5
+PERIOD_MARGIN = 2 * 86400  # counters outlive their period by two days (clock skew, late settles)
+PERIODS = {"daily_tokens": "daily", "monthly_tokens": "monthly", "total_tokens": "total"}
+
+
+@dataclass(frozen=True)
+class Period:
+    """One budget period at a given moment: its id (part of the Redis key), the TTL its
+    counter needs, and when it resets (None: never)."""
+
+    id: str
+    ttl: int
+    resets_at: dt.datetime | None
+
+
+def period(budget: str, now: float) -> Period:
+    """The period `budget` (daily_tokens, monthly_tokens or total_tokens) is in at `now`.
+
+    >>> period("daily_tokens", 1796083200.0).id   # 2026-12-01T00:00:00Z
+    'd20261201'
+    """
+    moment = dt.datetime.fromtimestamp(now, dt.UTC)
+    if budget == "daily_tokens":
+        start = moment.replace(hour=0, minute=0, second=0, microsecond=0)
+        end = start + dt.timedelta(days=1)
+        return Period(start.strftime("d%Y%m%d"), int(end.timestamp() - now) + PERIOD_MARGIN, end)
+    if budget == "monthly_tokens":
+        start = moment.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        end = start + dt.timedelta(days=calendar.monthrange(start.year, start.month)[1])
+        return Period(start.strftime("m%Y%m"), int(end.timestamp() - now) + PERIOD_MARGIN, end)
+    return Period("all", 0, None)
+
+
+class Ledger:
+    """Accumulates settled usage per (key, UTC day) and writes it to `usage_daily` in batches."""
+
+    def __init__(self, pool: asyncpg.Pool[Any], clock: Callable[[], float] = time.time) -> None:
+        self.pool = pool
+        self.clock = clock
+        self.pending: dict[tuple[int, dt.date], list[int]] = {}  # -> [tenant, requests, prompt, completion]
+        self.lock = asyncio.Lock()
+        self.task: asyncio.Task[None] | None = None
+
+    def record(self, key_id: int, tenant_id: int, prompt_tokens: int, completion_tokens: int) -> None:
+        day = dt.datetime.fromtimestamp(self.clock(), dt.UTC).date()
+        row = self.pending.setdefault((key_id, day), [tenant_id, 0, 0, 0])
+        row[1] += 1
+        row[2] += prompt_tokens
+        row[3] += completion_tokens
+
+    async def flush(self) -> None:
+        """Write what is pending; on failure keep it (merged with newer usage) for the next try."""
+        async with self.lock:
+            if not self.pending:
+                return
+            batch, self.pending = self.pending, {}
+            try:
+                await self.pool.execute(
+                    "INSERT INTO usage_daily (key_id, day, tenant_id, requests, prompt_tokens, completion_tokens) "
+                    "SELECT * FROM unnest($1::bigint[], $2::date[], $3::bigint[], $4::bigint[], $5::bigint[], "
+                    "$6::bigint[]) ON CONFLICT (key_id, day) DO UPDATE SET "
+                    "requests = usage_daily.requests + EXCLUDED.requests, "
+                    "prompt_tokens = usage_daily.prompt_tokens + EXCLUDED.prompt_tokens, "
+                    "completion_tokens = usage_daily.completion_tokens + EXCLUDED.completion_tokens",
+                    [k for k, _ in batch],
+                    [d for _, d in batch],
+                    *([row[i] for row in batch.values()] for i in range(4)),
+                )
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                log.warning("ledger write failed; will retry", extra={"fields": {"error": type(exc).__name__}})
+                for slot, row in batch.items():
+                    merged = self.pending.setdefault(slot, [row[0], 0, 0, 0])
+                    for i in range(1, 4):
+                        merged[i] += row[i]
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(LEDGER_INTERVAL)
+            await self.flush()
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self.run())
+
+    async def stop(self, attempts: int = 5) -> None:
+        """Stop the timer and write what is left, retrying briefly: spend is never dropped
+        while there is any chance to record it."""
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+        for attempt in range(attempts):
+            await self.flush()
+            if not self.pending:
+                return
+            await asyncio.sleep(0.2 * (attempt + 1))
+        log.error("ledger not written at shutdown", extra={"fields": {"rows": len(self.pending)}})
+
+    async def sums(self, tenant_id: int, now: float) -> dict[int, tuple[int, int, int]]:
+        """Tokens per key of a tenant: (today, this month, all time), from the ledger."""
+        moment = dt.datetime.fromtimestamp(now, dt.UTC).date()
+        rows = await self.pool.fetch(
+            "SELECT key_id, "
+            "coalesce(sum(prompt_tokens + completion_tokens) FILTER (WHERE day = $2), 0)::bigint AS today, "
+            "coalesce(sum(prompt_tokens + completion_tokens) FILTER (WHERE day >= $3), 0)::bigint AS month, "
+            "sum(prompt_tokens + completion_tokens)::bigint AS total "
+            "FROM usage_daily WHERE tenant_id = $1 GROUP BY key_id",
+            tenant_id,
+            moment,
+            moment.replace(day=1),
+        )
+        return {row["key_id"]: (row["today"], row["month"], row["total"]) for row in rows}
+
+
+async def usage_report(connection: Any, *, tenant: str | None, prefix: str | None, now: float) -> list[dict[str, Any]]:
+    """Requests and tokens today, this month and in total, per key (with its tenant), from
+    the ledger; keys without usage are listed with zeros."""
+    today = dt.datetime.fromtimestamp(now, dt.UTC).date()
+    rows = await connection.fetch(
+        """
+        SELECT t.id AS tenant_id, t.name AS tenant, k.id AS key_id, k.prefix, k.name,
+               coalesce(sum(u.requests) FILTER (WHERE u.day = $3), 0)::bigint AS requests_today,
+               coalesce(sum(u.prompt_tokens + u.completion_tokens) FILTER (WHERE u.day = $3), 0)::bigint
+                   AS tokens_today,
+               coalesce(sum(u.requests) FILTER (WHERE u.day >= $4), 0)::bigint AS requests_month,
+               coalesce(sum(u.prompt_tokens + u.completion_tokens) FILTER (WHERE u.day >= $4), 0)::bigint
+                   AS tokens_month,
+               coalesce(sum(u.requests), 0)::bigint AS requests_total,
+               coalesce(sum(u.prompt_tokens + u.completion_tokens), 0)::bigint AS tokens_total
+        FROM api_keys k JOIN tenants t ON t.id = k.tenant_id
+        LEFT JOIN usage_daily u ON u.key_id = k.id
+        WHERE ($1::text IS NULL OR t.name = $1) AND ($2::text IS NULL OR k.prefix = $2)
+        GROUP BY t.id, t.name, k.id, k.prefix, k.name
+        ORDER BY t.name, k.created_at
+        """,
+        tenant,
+        prefix,
+        today,
+        today.replace(day=1),
+    )
+    return [dict(row) for row in rows]
+
+
+def new_epoch() -> str:
+    return secrets.token_hex(8)

@@ -1,0 +1,248 @@
+"""What one worker process holds for its lifetime, and its background work.
+
+`Gateway.open` builds the pools and clients and starts the background tasks (invalidation
+listener, ledger and audit writers, lease renewal, backend health checks, the .env watcher,
+metrics publishing); `close` stops them and writes what is still queued. The request
+pipeline itself lives in app.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Awaitable
+from typing import Any
+
+import asyncpg
+import httpx
+import redis.asyncio as aioredis
+
+from neuronetz import __version__, config, db, envfile, metrics, proxy
+from neuronetz.audit import AuditWriter
+from neuronetz.auth import Authenticator
+from neuronetz.backends import BackendPool
+from neuronetz.budgets import Ledger
+from neuronetz.limits import Limiter
+from neuronetz.upstream import UpstreamTransport
+
+log = logging.getLogger("neuronetz.gateway")
+USER_AGENT = f"neuronetz-gateway/{__version__}"
+ENV_POLL_INTERVAL = 2.0
+METRICS_INTERVAL = 1.0
+
+
+class Gateway:
+    def __init__(
+        self, settings: config.Settings, pool: asyncpg.Pool[Any], redis: aioredis.Redis, http: httpx.AsyncClient
+    ) -> None:
+        self.settings = settings
+        self.db = pool
+        self.redis = redis
+        self.http = http
+        self.auth = Authenticator(
+            pool,
+            redis,
+            database_url=settings.database_url,
+            secret=settings.secret,
+            redis_prefix=settings.redis_prefix,
+            cache_ttl=settings.key_cache_ttl,
+            failures_per_minute=settings.auth_failures_per_minute,
+            threads=settings.auth_threads,
+        )
+        self.backends = BackendPool(settings.ollama_backends, http, settings.health_interval, settings.backend_cooldown)
+        self.ledger = Ledger(pool)
+        self.limiter = Limiter(
+            redis,
+            self.ledger,
+            prefix=settings.redis_prefix,
+            lease_ttl=settings.lease_ttl,
+            default_cap=settings.default_max_tokens,
+            min_output=settings.min_output_tokens,
+        )
+        self.audit = AuditWriter(
+            pool,
+            capacity=settings.audit_queue,
+            prompt_capacity=max(100, settings.audit_queue // 10),
+            retention_days=settings.audit_retention_days,
+        )
+        self.timeouts = proxy.Timeouts(
+            settings.connect_timeout, settings.first_byte_timeout, settings.idle_timeout, settings.total_timeout
+        )
+        self.metrics = metrics.Registry()
+        self.shared_metrics = metrics.Shared()
+        self.in_flight: set[asyncio.Task[Any]] = set()
+        self.draining = False
+        self.tasks: list[asyncio.Task[None]] = []
+
+    @classmethod
+    async def open(cls, settings: config.Settings) -> Gateway:
+        pool = await db.create_pool(settings.database_url, settings.db_pool_size)
+        redis = aioredis.Redis.from_url(
+            settings.redis_url, socket_connect_timeout=2, socket_timeout=5, health_check_interval=10
+        )
+        # Our own HTTP/1.1 transport (upstream.py): httpx's default one costs several times the
+        # CPU per request (measurements.md). trust_env=False: proxy variables and .netrc must
+        # not redirect traffic meant for the internal Ollama network.
+        transport = UpstreamTransport(
+            max_connections=settings.upstream_connections, max_keepalive=settings.upstream_connections
+        )
+        http = httpx.AsyncClient(transport=transport, trust_env=False, timeout=httpx.Timeout(5.0))
+        # httpx adds Accept, Accept-Encoding and its User-Agent to every request unless told
+        # otherwise. Accept-Encoding must not reach Ollama: the relays read the answers they
+        # pass on, so they must arrive uncompressed.
+        http.headers.clear()
+        http.headers["user-agent"] = USER_AGENT
+        gateway = cls(settings, pool, redis, http)
+        gateway.start()
+        return gateway
+
+    def start(self) -> None:
+        self.auth.start()
+        self.ledger.start()
+        self.limiter.start()
+        self.audit.start()
+        self.tasks = [
+            asyncio.create_task(self.backends.run()),
+            asyncio.create_task(self._watch_env_file()),
+            asyncio.create_task(self._publish_metrics()),
+        ]
+        self._hook_signals()
+
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.limiter.stop()
+        await self.ledger.stop()
+        await self.audit.stop()
+        await self.auth.stop()
+        await self.http.aclose()
+        await self.redis.aclose()
+        await self.db.close()
+        self.shared_metrics.remove()
+
+    # --- shutdown -------------------------------------------------------------------------------
+
+    def _hook_signals(self) -> None:
+        """Learn when Granian starts a graceful stop. Granian's own handler (installed before
+        the lifespan runs) stops accepting and waits for in-flight requests; ours is chained
+        in front of it to cut answers still streaming when the stop deadline nears, so their
+        usage is settled and their audit records written before the worker exits."""
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous = signal.getsignal(signum)
+
+            def handler(number: int, frame: Any, previous: Any = previous) -> None:
+                loop.call_soon_threadsafe(self.begin_shutdown)
+                if callable(previous):
+                    previous(number, frame)
+
+            signal.signal(signum, handler)
+
+    def begin_shutdown(self) -> None:
+        if self.draining:
+            return
+        timeout = self.settings.shutdown_timeout
+        grace = max(0.0, timeout - min(5.0, timeout / 4))
+        log.info("draining", extra={"fields": {"in_flight": len(self.in_flight), "cut_after_s": grace}})
+        asyncio.get_running_loop().call_later(grace, self._cut_in_flight)
+
+    def _cut_in_flight(self) -> None:
+        self.draining = True
+        for task in list(self.in_flight):
+            task.cancel()
+
+    # --- readiness ------------------------------------------------------------------------------
+
+    async def readiness(self) -> dict[str, Any]:
+        """Postgres, Redis and the backends, checked concurrently, each within ready_timeout."""
+        timeout = self.settings.ready_timeout
+
+        async def check(probe: Awaitable[Any]) -> dict[str, Any]:
+            try:
+                async with asyncio.timeout(timeout):
+                    await probe
+            except TimeoutError:
+                return {"ok": False, "error": f"no answer within {timeout:g} s"}
+            except Exception as exc:  # any failure of a dependency is a failed check, not a crash
+                return {"ok": False, "error": _describe(exc)}
+            return {"ok": True}
+
+        checks = await asyncio.gather(check(db.ping(self.db)), check(self.redis.ping()), check(self.backends.refresh()))
+        return {"postgres": checks[0], "redis": checks[1], "backends": self.backends.readiness()}
+
+    # --- live configuration ---------------------------------------------------------------------
+
+    async def _watch_env_file(self) -> None:
+        """Apply a changed OLLAMA_BACKENDS from the .env file within a few seconds, without a
+        restart (add-backend / remove-backend edit it). A value in the process environment
+        wins over the file, as everywhere, so then file edits are ignored."""
+        path = self.settings.env_file
+        if path is None:
+            return
+        if "OLLAMA_BACKENDS" in os.environ:
+            log.info("OLLAMA_BACKENDS is set in the environment; edits of the .env file are not applied live")
+            return
+        seen = _stamp(path)
+        while True:
+            await asyncio.sleep(ENV_POLL_INTERVAL)
+            stamp = _stamp(path)
+            if stamp == seen:
+                continue
+            seen = stamp
+            try:
+                raw = envfile.read(path).get("OLLAMA_BACKENDS", "")
+                urls = config.parse_backends(raw)
+            except (envfile.EnvFileError, config.ConfigError) as exc:
+                log.error("ignoring the changed env file", extra={"fields": {"error": str(exc)}})
+                continue
+            if urls != self.backends.urls:
+                self.backends.reconfigure(urls)
+                await self.backends.refresh()
+
+    # --- metrics --------------------------------------------------------------------------------
+
+    def refresh_gauges(self) -> None:
+        registry = self.metrics
+        registry.set("neuronetz_in_flight_requests", float(len(self.in_flight)))
+        registry.set("neuronetz_audit_queue_depth", float(len(self.audit.records)))
+        registry.set("neuronetz_ledger_pending", float(len(self.ledger.pending)))
+        registry.counters["neuronetz_audit_records_written_total"][()] = float(self.audit.written)
+        for kind, count in self.audit.dropped.items():
+            registry.counters["neuronetz_audit_records_dropped_total"][metrics.labels(kind=kind)] = float(count)
+        registry.counters["neuronetz_argon2_verifications_total"][()] = float(self.auth.argon2_calls)
+        registry.counters["neuronetz_auth_failures_total"][()] = float(self.auth.refusals)
+        for backend in self.backends.backends:
+            key = metrics.labels(backend=backend.url)
+            registry.set("neuronetz_backend_up", 1.0 if backend.state()["ok"] else 0.0, key)
+            registry.set("neuronetz_backend_in_flight", float(backend.in_flight), key)
+
+    async def _publish_metrics(self) -> None:
+        while True:
+            await asyncio.sleep(METRICS_INTERVAL)
+            self.refresh_gauges()
+            try:
+                self.shared_metrics.publish(self.metrics)
+            except OSError as exc:
+                log.debug("metrics snapshot not written", extra={"fields": {"error": str(exc)}})
+
+    def metrics_text(self) -> bytes:
+        self.refresh_gauges()
+        return metrics.render(self.shared_metrics.collect(self.metrics))
+
+
+def _stamp(path: Any) -> tuple[int, int, int] | None:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size, stat.st_ino
+
+
+def _describe(exc: BaseException) -> str:
+    """A short reason for a failed check that never repeats a URL (it may hold a password)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return type(exc).__name__

@@ -1,0 +1,218 @@
+-- Admission and settlement of one request against every limit of its key and tenant, in one
+-- round trip each. All keys carry the tenant's hash tag, so the script also runs on Redis
+-- Cluster. The clock is Redis TIME, shared by every replica.
+--
+-- ARGV[1] = "admit" | "settle"
+-- ARGV[2] = lease id (unique per request)
+-- ARGV[3] = lease ttl (ms): an in-flight request's lease expires unless renewed
+-- admit:  ARGV[4] = prompt estimate (tokens), ARGV[5] = requested output cap (-1: none),
+--         ARGV[6] = default output cap, ARGV[7] = minimum output worth admitting
+-- settle: ARGV[4] = tokens reserved at admission, ARGV[5] = tokens actually used
+-- renew:  KEYS = lease zsets holding this lease; extends it by the lease ttl
+-- rebuild: KEYS[1] = epoch marker, KEYS[2...] = used-tokens counters; ARGV[2] = new epoch,
+--         ARGV[3...] = (tokens, ttl_s) per counter. Adds the ledger's sums and sets the epoch,
+--         all or nothing, unless another replica finished the rebuild first.
+-- ARGV[8...] = checks; each names its kind and consumes its KEYS in order:
+--   "E"                       KEYS: epoch marker (budget counters are valid only while it exists)
+--   "R", label, rpm           KEYS: GCRA theoretical arrival time (ms) for requests
+--   "T", label, tpm           KEYS: GCRA theoretical arrival time (ms) for tokens
+--   "L", label, max_conc      KEYS: lease zset (member lease id, score expiry ms), amount hash
+--                             (lease id -> tokens reserved); max_conc 0 = no concurrency limit
+--   "B", label, limit, ttl_s  KEYS: used-tokens counter of one budget period; its reservations
+--                             are those of the "L" check before it (same scope)
+--
+-- admit returns {1, cap, reservation, req_limit, req_remaining, req_reset_ms,
+--                tok_limit, tok_remaining, tok_reset_ms}   (-1 where no such limit applies)
+--            or {0, reason, retry_after_ms, label}
+--   reason: "rebuild" | "rpm" | "tpm" | "tpm_too_large" | "concurrency" | "budget_spent" | "budget_reserved"
+-- settle and renew return {1}; rebuild returns {1} when it wrote, {0} when it was already done
+
+local PERIOD = 60000 -- rate limits are per minute; a whole minute's worth may burst
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local mode, lease, lease_ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
+
+if mode == 'renew' then
+    for _, key in ipairs(KEYS) do
+        redis.call('ZADD', key, 'XX', now + lease_ttl, lease)
+        redis.call('PEXPIRE', key, lease_ttl * 2)
+    end
+    return {1}
+end
+
+if mode == 'rebuild' then
+    if redis.call('EXISTS', KEYS[1]) == 1 then return {0} end
+    for i = 2, #KEYS do
+        local tokens, ttl = tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i])
+        if tokens > 0 then redis.call('INCRBY', KEYS[i], tokens) end
+        if ttl > 0 then redis.call('EXPIRE', KEYS[i], ttl) end
+    end
+    redis.call('SET', KEYS[1], ARGV[2])
+    return {1}
+end
+
+-- Read all checks into a list first: phase 1 of admit evaluates, phase 2 writes.
+local checks, k, a = {}, 1, 8
+while ARGV[a] do
+    local kind = ARGV[a]
+    local c = {kind = kind}
+    if kind == 'E' then
+        c.key = KEYS[k]; k = k + 1; a = a + 1
+    elseif kind == 'R' or kind == 'T' then
+        c.label, c.limit, c.key = ARGV[a + 1], tonumber(ARGV[a + 2]), KEYS[k]; k = k + 1; a = a + 3
+    elseif kind == 'L' then
+        c.label, c.limit, c.key, c.amounts = ARGV[a + 1], tonumber(ARGV[a + 2]), KEYS[k], KEYS[k + 1]
+        k = k + 2; a = a + 3
+    else -- 'B'
+        c.label, c.limit, c.ttl, c.key = ARGV[a + 1], tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), KEYS[k]
+        k = k + 1; a = a + 4
+    end
+    checks[#checks + 1] = c
+end
+
+-- Leases of crashed holders expire: their reservation is charged in full to the budget
+-- counters of the same scope (never undercharge), then forgotten.
+local function reap(lease_check, budget_keys)
+    local expired = redis.call('ZRANGEBYSCORE', lease_check.key, '-inf', now)
+    for _, member in ipairs(expired) do
+        local amount = tonumber(redis.call('HGET', lease_check.amounts, member) or '0')
+        if amount > 0 then
+            for _, b in ipairs(budget_keys) do redis.call('INCRBY', b, amount) end
+        end
+        redis.call('HDEL', lease_check.amounts, member)
+    end
+    if #expired > 0 then redis.call('ZREMRANGEBYSCORE', lease_check.key, '-inf', now) end
+end
+
+local function reserved(lease_check)
+    local total = 0
+    for _, v in ipairs(redis.call('HVALS', lease_check.amounts)) do total = total + tonumber(v) end
+    return total
+end
+
+-- The budget counters that follow each lease check (same scope).
+local scope_budgets = {}
+local current = nil
+for _, c in ipairs(checks) do
+    if c.kind == 'L' then current = c; scope_budgets[c] = {} end
+    if c.kind == 'B' and current then table.insert(scope_budgets[current], c.key) end
+end
+
+if mode == 'settle' then
+    local reserved_tokens, used = tonumber(ARGV[4]), tonumber(ARGV[5])
+    local refund = reserved_tokens - used
+    for _, c in ipairs(checks) do
+        if c.kind == 'T' and refund ~= 0 then
+            -- Give back what was reserved but not used (or charge an overrun): move the
+            -- theoretical arrival time, never into the past.
+            local tat = tonumber(redis.call('GET', c.key) or now)
+            local moved = math.max(now, tat - refund * PERIOD / c.limit)
+            redis.call('SET', c.key, moved, 'PX', math.max(1, math.ceil(moved - now) + PERIOD))
+        elseif c.kind == 'L' then
+            redis.call('ZREM', c.key, lease)
+            redis.call('HDEL', c.amounts, lease)
+        elseif c.kind == 'B' and used > 0 then
+            redis.call('INCRBY', c.key, used)
+            if c.ttl > 0 then redis.call('EXPIRE', c.key, c.ttl) end
+        end
+    end
+    return {1}
+end
+
+-- admit, phase 1: evaluate every check, write nothing.
+local prompt, requested, default_cap, min_output =
+    tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+-- room: the fewest tokens any token limit (TPM or budget) allows right now, and which one
+local room, room_label, room_reason, room_limit = nil, nil, nil, 0
+local scope_reserved = {}
+current = nil
+for _, c in ipairs(checks) do
+    if c.kind == 'E' then
+        if redis.call('EXISTS', c.key) == 0 then return {0, 'rebuild', 1000, ''} end
+    elseif c.kind == 'L' then
+        reap(c, scope_budgets[c])
+        scope_reserved[c] = reserved(c)
+        current = c
+        if c.limit > 0 and redis.call('ZCARD', c.key) >= c.limit then
+            local first = redis.call('ZRANGE', c.key, 0, 0, 'WITHSCORES')
+            return {0, 'concurrency', math.min(1000, math.max(1, tonumber(first[2]) - now)), c.label}
+        end
+    elseif c.kind == 'B' then
+        local used = tonumber(redis.call('GET', c.key) or '0')
+        local spent_room = c.limit - used
+        local free = spent_room - (current and scope_reserved[current] or 0)
+        if room == nil or free < room then
+            room, room_label = free, c.label
+            -- Spent means only time (the next period) helps; reserved means requests in flight
+            -- hold it and will give most of it back when they settle.
+            room_reason = (spent_room < prompt + min_output) and 'budget_spent' or 'budget_reserved'
+        end
+    elseif c.kind == 'T' then
+        local tat = math.max(tonumber(redis.call('GET', c.key) or now), now)
+        local free = math.floor((now + PERIOD - tat) * c.limit / PERIOD)
+        if room == nil or free < room then room, room_label, room_reason, room_limit = free, c.label, 'tpm', c.limit end
+    end
+end
+
+local cap, reservation = requested, 0
+if room ~= nil then
+    local allowance = room - prompt
+    -- A client's own cap is kept when it fits and shortened to what fits otherwise; without
+    -- one, the default cap applies, again no more than what fits.
+    local needed = min_output
+    if requested >= 0 then
+        cap = math.min(requested, allowance)
+        needed = math.min(requested, min_output) -- 0 for embeddings, which produce no tokens
+    else
+        cap = math.min(default_cap, allowance)
+    end
+    if cap < needed then
+        local retry = 1000
+        if room_reason == 'tpm' then
+            if prompt + needed > room_limit then return {0, 'tpm_too_large', 0, room_label} end
+            retry = math.ceil((prompt + needed - room) * PERIOD / room_limit)
+        end
+        return {0, room_reason, retry, room_label}
+    end
+    reservation = prompt + cap
+end
+
+local req_limit, req_remaining, req_reset = -1, -1, -1
+local tok_limit, tok_remaining, tok_reset = -1, -1, -1
+local writes = {}
+for _, c in ipairs(checks) do
+    if c.kind == 'R' or c.kind == 'T' then
+        local cost = (c.kind == 'R') and 1 or reservation
+        local interval = PERIOD / c.limit
+        local tat = math.max(tonumber(redis.call('GET', c.key) or now), now)
+        local new_tat = tat + cost * interval
+        if new_tat - now > PERIOD then
+            return {0, (c.kind == 'R') and 'rpm' or 'tpm', math.ceil(new_tat - now - PERIOD), c.label}
+        end
+        writes[#writes + 1] = {c.key, new_tat}
+        local remaining = math.floor((now + PERIOD - new_tat) / interval)
+        local reset = math.ceil(new_tat - now)
+        if c.kind == 'R' and (req_remaining < 0 or remaining < req_remaining) then
+            req_limit, req_remaining, req_reset = c.limit, remaining, reset
+        elseif c.kind == 'T' and (tok_remaining < 0 or remaining < tok_remaining) then
+            tok_limit, tok_remaining, tok_reset = c.limit, remaining, reset
+        end
+    end
+end
+
+-- phase 2: everything passed; commit it all.
+for _, w in ipairs(writes) do
+    redis.call('SET', w[1], w[2], 'PX', math.ceil(w[2] - now) + PERIOD)
+end
+for _, c in ipairs(checks) do
+    if c.kind == 'L' then
+        redis.call('ZADD', c.key, now + lease_ttl, lease)
+        redis.call('PEXPIRE', c.key, lease_ttl * 2)
+        if reservation > 0 then
+            redis.call('HSET', c.amounts, lease, reservation)
+            redis.call('PEXPIRE', c.amounts, lease_ttl * 2)
+        end
+    end
+end
+return {1, cap, reservation, req_limit, req_remaining, req_reset, tok_limit, tok_remaining, tok_reset}

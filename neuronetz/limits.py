@@ -1,0 +1,347 @@
+"""Rate limits, concurrency and token budgets: admission and settlement in one round trip each.
+
+Per key and per tenant: `rpm`, `tpm`, `max_concurrent`, and token budgets `daily_tokens`,
+`monthly_tokens`, `total_tokens`. A key's unset value inherits the tenant's and both apply,
+so the stricter wins and all keys of a tenant share the tenant's limits. (An inherited key
+limit equals the tenant's, which already bounds the key's share, so it needs no counter of
+its own: only values set on the key itself are checked at key level.)
+
+`Limiter.admit` runs limits.lua once: every limit of the key and its tenant is checked and
+either all of them are charged or none (GCRA for RPM and TPM, leases for concurrency and
+for reserved tokens, counters for budgets). Tokens are reserved before forwarding: the
+prompt estimate plus the output cap, which the gateway injects when the client set none.
+`Limiter.settle` runs it once more with the real usage, exactly once per admission, and
+refunds what was reserved but not used.
+
+If Redis cannot be reached, a request with a budget anywhere in its chain is refused (503,
+fail closed). Requests without budgets are admitted without their rate and concurrency
+limits (fail open), because those protect capacity rather than commitments, and an outage
+of Redis should not become an outage of every model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from importlib import resources
+from typing import Any, NoReturn
+
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from neuronetz.budgets import PERIODS, REBUILD_WAIT, Ledger, new_epoch, period
+from neuronetz.errors import BudgetExceeded, RateLimited, ServiceUnavailable
+
+log = logging.getLogger("neuronetz.limits")
+
+# The order is the database's and the CLI's: `--rpm`, `--tpm`, `--max-concurrent`, ...
+LIMIT_NAMES = ("rpm", "tpm", "max_concurrent", "daily_tokens", "monthly_tokens", "total_tokens")
+BUDGET_NAMES = ("daily_tokens", "monthly_tokens", "total_tokens")
+REDIS_ERRORS = (redis.exceptions.RedisError, OSError, TimeoutError)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """None means: on a tenant, unlimited; on a key, inherit the tenant's value."""
+
+    rpm: int | None = None
+    tpm: int | None = None
+    max_concurrent: int | None = None
+    daily_tokens: int | None = None
+    monthly_tokens: int | None = None
+    total_tokens: int | None = None
+
+    @classmethod
+    def from_row(cls, row: Any, prefix: str = "") -> Limits:
+        return cls(*(row[prefix + name] for name in LIMIT_NAMES))
+
+    def inherit(self, tenant: Limits) -> Limits:
+        """This key's effective limits: its own values, the tenant's where it has none."""
+        return Limits(
+            *(getattr(self, name) if getattr(self, name) is not None else getattr(tenant, name) for name in LIMIT_NAMES)
+        )
+
+    def as_dict(self) -> dict[str, int | None]:
+        return {field.name: getattr(self, field.name) for field in fields(self)}
+
+    @property
+    def has_budget(self) -> bool:
+        return any(getattr(self, name) is not None for name in BUDGET_NAMES)
+
+    @property
+    def any(self) -> bool:
+        return any(getattr(self, name) is not None for name in LIMIT_NAMES)
+
+
+@dataclass(frozen=True, slots=True)
+class Subject:
+    """Whom a request is charged to: the key and its tenant, with their own limits."""
+
+    key_id: int
+    tenant_id: int
+    key: Limits  # as set on the key; None = inherited (covered by the tenant's check)
+    tenant: Limits
+
+    @property
+    def budgeted(self) -> bool:
+        return self.key.has_budget or self.tenant.has_budget
+
+
+@dataclass(slots=True)
+class Admission:
+    """An admitted request's claim on its limits; settle it exactly once."""
+
+    subject: Subject
+    lease: str
+    cap: int | None  # the output cap to enforce (None: no token limit applies)
+    reserved: int  # tokens reserved (prompt estimate + cap)
+    headers: list[tuple[bytes, bytes]]
+    settled: bool = False
+
+
+def _duration(ms: int) -> str:
+    """OpenAI's reset format: `1s`, `6m0s`, `250ms`."""
+    if ms < 1000:
+        return f"{max(ms, 0)}ms"
+    seconds = math.ceil(ms / 1000)
+    return f"{seconds // 60}m{seconds % 60}s" if seconds >= 60 else f"{seconds}s"
+
+
+class Limiter:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        ledger: Ledger,
+        *,
+        prefix: str,
+        lease_ttl: float,
+        default_cap: int,
+        min_output: int,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.redis = client
+        self.ledger = ledger
+        self.prefix = prefix
+        self.lease_ttl_ms = int(lease_ttl * 1000)
+        self.default_cap = default_cap
+        self.min_output = min_output
+        self.clock = clock
+        self.script = client.register_script(resources.files("neuronetz").joinpath("limits.lua").read_text())
+        self.leases: dict[str, list[str]] = {}  # lease id -> lease zsets, for renewal
+        self.rebuilding: dict[int, asyncio.Task[None]] = {}
+        self.tasks: list[asyncio.Task[None]] = []
+
+    # --- the keys and checks of one request -------------------------------------------------------
+
+    def _tag(self, tenant_id: int) -> str:
+        return tag(self.prefix, tenant_id)
+
+    def checks(self, subject: Subject, now: float) -> tuple[list[str], list[str | int], list[str]]:
+        """KEYS and ARGV checks for limits.lua, and the lease zsets among the KEYS."""
+        tag = self._tag(subject.tenant_id)
+        keys: list[str] = []
+        args: list[str | int] = []
+        leases: list[str] = []
+        if subject.budgeted:
+            keys.append(tag + "epoch")
+            args.append("E")
+        for scope, limits, sid in (("key", subject.key, f"k{subject.key_id}"), ("tenant", subject.tenant, "t")):
+            if limits.rpm is not None:
+                keys.append(f"{tag}rpm:{sid}")
+                args += ["R", f"{scope}:rpm", limits.rpm]
+            if limits.tpm is not None:
+                keys.append(f"{tag}tpm:{sid}")
+                args += ["T", f"{scope}:tpm", limits.tpm]
+            if limits.max_concurrent is not None or limits.has_budget:
+                keys += [f"{tag}lease:{sid}", f"{tag}reserved:{sid}"]
+                leases.append(f"{tag}lease:{sid}")
+                args += ["L", f"{scope}:max_concurrent", limits.max_concurrent or 0]
+            for name in BUDGET_NAMES:
+                limit = getattr(limits, name)
+                if limit is not None:
+                    current = period(name, now)
+                    keys.append(f"{tag}used:{sid}:{current.id}")
+                    args += ["B", f"{scope}:{name}", limit, current.ttl]
+        return keys, args, leases
+
+    # --- admission and settlement ---------------------------------------------------------------
+
+    async def admit(self, subject: Subject, prompt_estimate: int, requested_cap: int | None) -> Admission | None:
+        """Charge the request against every limit of its key and tenant, or raise the refusal
+        (RateLimited / BudgetExceeded 429, ServiceUnavailable 503). None: nothing to enforce."""
+        if not (subject.key.any or subject.tenant.any):
+            return None
+        now = self.clock()
+        keys, checks, leases = self.checks(subject, now)
+        lease = os.urandom(9).hex()
+        argv: list[str | int] = [
+            "admit", lease, self.lease_ttl_ms, prompt_estimate,
+            -1 if requested_cap is None else requested_cap, self.default_cap, self.min_output, *checks,
+        ]  # fmt: skip
+        try:
+            reply = await self.script(keys=keys, args=argv)
+        except REDIS_ERRORS as exc:
+            if subject.budgeted:
+                raise ServiceUnavailable(
+                    "The budget store is unreachable: requests with a token budget are refused until it is back.",
+                    retry_after=2,
+                ) from None
+            log.warning("limits not enforced: Redis unreachable", extra={"fields": {"error": type(exc).__name__}})
+            return None
+        if int(reply[0]) == 0:
+            self._refuse(subject, _text(reply[1]), int(reply[2]), _text(reply[3]), now)
+        cap, reserved = int(reply[1]), int(reply[2])
+        if leases:
+            self.leases[lease] = leases
+        return Admission(subject, lease, cap if cap >= 0 else None, reserved, _headers(reply))
+
+    def _refuse(self, subject: Subject, reason: str, retry_ms: int, label: str, now: float) -> NoReturn:
+        scope, _, name = label.partition(":")
+        limits = subject.key if scope == "key" else subject.tenant
+        limit = getattr(limits, name, None)
+        retry = retry_ms / 1000
+        if reason == "rebuild":
+            self._start_rebuild(subject.tenant_id)
+            raise ServiceUnavailable(
+                "Budget counters are being rebuilt after Redis lost its data; retry shortly.", retry_after=3
+            )
+        if reason == "rpm":
+            raise RateLimited(
+                f"Rate limit reached: this {scope} may send {limit} requests per minute.", retry_after=retry
+            )
+        if reason == "tpm":
+            raise RateLimited(f"Token rate limit reached: this {scope} may use {limit} tokens per minute.",
+                              retry_after=retry)  # fmt: skip
+        if reason == "tpm_too_large":
+            raise RateLimited(f"This request needs more tokens than this {scope}'s limit of {limit} per minute allows.")
+        if reason == "concurrency":
+            raise RateLimited(f"Too many requests in flight: this {scope} may have {limit} at once.", retry_after=retry)
+        what = PERIODS.get(name, name)
+        if reason == "budget_reserved":
+            raise BudgetExceeded(
+                f"The {scope}'s {what} token budget of {limit} is committed to requests in flight; retry shortly.",
+                retry_after=1,
+            )
+        resets = period(name, now).resets_at
+        if resets is None:
+            raise BudgetExceeded(f"The {scope}'s total token budget of {limit} is used up.")
+        raise BudgetExceeded(
+            f"The {scope}'s {what} token budget of {limit} is used up; it resets at {resets:%Y-%m-%d %H:%M} UTC.",
+            retry_after=resets.timestamp() - now,
+        )
+
+    async def settle(self, admission: Admission | None, subject: Subject, prompt: int, completion: int) -> None:
+        """Record the real usage: in the ledger always, and against the limits exactly once
+        per admission (a second call is a no-op). A Redis failure here leaves the lease to
+        expire, which charges the full reservation: never less than was used."""
+        self.ledger.record(subject.key_id, subject.tenant_id, prompt, completion)
+        if admission is None or admission.settled:
+            return
+        admission.settled = True
+        self.leases.pop(admission.lease, None)
+        keys, checks, _ = self.checks(subject, self.clock())
+        argv: list[str | int] = ["settle", admission.lease, self.lease_ttl_ms, admission.reserved, prompt + completion,
+                                 0, 0, *checks]  # fmt: skip
+        try:
+            await self.script(keys=keys, args=argv)
+        except REDIS_ERRORS as exc:
+            log.warning("settlement failed; the lease will expire", extra={"fields": {"error": type(exc).__name__}})
+
+    # --- background work ----------------------------------------------------------------------------
+
+    async def renew(self) -> None:
+        """Extend the leases of requests still in flight (long streams outlive one lease)."""
+        if not self.leases:
+            return
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for lease, zsets in list(self.leases.items()):
+                    await self.script(keys=zsets, args=["renew", lease, self.lease_ttl_ms], client=pipe)
+                await pipe.execute()
+        except REDIS_ERRORS as exc:
+            log.warning("lease renewal failed", extra={"fields": {"error": type(exc).__name__}})
+
+    async def _renew_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease_ttl_ms / 3000)
+            await self.renew()
+
+    def _start_rebuild(self, tenant_id: int) -> None:
+        task = self.rebuilding.get(tenant_id)
+        if task is None or task.done():
+            self.rebuilding[tenant_id] = asyncio.create_task(self.rebuild(tenant_id))
+
+    async def rebuild(self, tenant_id: int) -> None:
+        """Re-create a tenant's budget counters from the ledger after Redis lost them."""
+        tag = self._tag(tenant_id)
+        lock = tag + "rebuild"
+        try:
+            if not await self.redis.set(lock, "1", nx=True, px=15000):
+                return  # another replica is on it
+            try:
+                await asyncio.sleep(REBUILD_WAIT)
+                await self.ledger.flush()
+                now = self.clock()
+                sums = await self.ledger.sums(tenant_id, now)
+                totals = [sum(s[i] for s in sums.values()) for i in range(3)]
+                keys: list[str] = [tag + "epoch"]
+                args: list[str | int] = ["rebuild", new_epoch()]
+                for sid, values in [("t", totals), *((f"k{k}", list(v)) for k, v in sums.items())]:
+                    for index, name in enumerate(BUDGET_NAMES):
+                        current = period(name, now)
+                        keys.append(f"{tag}used:{sid}:{current.id}")
+                        args += [values[index], current.ttl]
+                await self.script(keys=keys, args=args)
+                log.info("budget counters rebuilt", extra={"fields": {"tenant_id": tenant_id}})
+            finally:
+                await self.redis.delete(lock)
+        except Exception as exc:  # the next budgeted request tries again
+            log.warning("budget rebuild failed", extra={"fields": {"tenant_id": tenant_id, "error": repr(exc)}})
+
+    async def in_flight(self, tenant_id: int, sid: str) -> int:
+        """Requests holding a lease for a scope (`t` or `k<id>`) right now, for `usage`."""
+        count: int = await self.redis.zcount(
+            f"{self._tag(tenant_id)}lease:{sid}", f"({int(self.clock() * 1000)}", "+inf"
+        )
+        return count
+
+    def start(self) -> None:
+        self.tasks = [asyncio.create_task(self._renew_periodically())]
+
+    async def stop(self) -> None:
+        for task in [*self.tasks, *self.rebuilding.values()]:
+            task.cancel()
+        await asyncio.gather(*self.tasks, *self.rebuilding.values(), return_exceptions=True)
+
+
+def tag(prefix: str, tenant_id: int) -> str:
+    """One hash tag per tenant: every key a request touches lives in one Redis Cluster slot."""
+    return f"{prefix}{{t{tenant_id}}}:"
+
+
+async def in_flight(client: aioredis.Redis, prefix: str, tenant_id: int, sid: str) -> int:
+    """Requests holding an unexpired lease for a scope (`t` or `k<key id>`) right now."""
+    count: int = await client.zcount(f"{tag(prefix, tenant_id)}lease:{sid}", f"({int(time.time() * 1000)}", "+inf")
+    return count
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _headers(reply: list[Any]) -> list[tuple[bytes, bytes]]:
+    headers: list[tuple[bytes, bytes]] = []
+    for offset, kind in ((3, b"requests"), (6, b"tokens")):
+        limit, remaining, reset = (int(v) for v in reply[offset : offset + 3])
+        if limit >= 0:
+            headers += [
+                (b"x-ratelimit-limit-" + kind, str(limit).encode()),
+                (b"x-ratelimit-remaining-" + kind, str(max(remaining, 0)).encode()),
+                (b"x-ratelimit-reset-" + kind, _duration(reset).encode()),
+            ]
+    return headers

@@ -1,0 +1,22 @@
+"""Model names, compared the way Ollama compares them.
+
+Ollama stores every model with a tag and looks names up case-insensitively, so `llama3.2`,
+`Llama3.2:latest` and `llama3.2:LATEST` are one model (ollama-api.md §5). Every comparison
+in the gateway (allow-lists, backend routing) goes through `normalize`.
+"""
+
+from __future__ import annotations
+
+
+def normalize(name: str) -> str:
+    """`name` lower-cased with `:latest` added when it has no tag.
+
+    >>> normalize("Llama3.2")
+    'llama3.2:latest'
+    >>> normalize("myhost:5000/ns/lips:code")
+    'myhost:5000/ns/lips:code'
+    """
+    lowered = name.strip().lower()
+    # A ':' inside the host part (registry:port/ns/model) is not a tag separator.
+    last = lowered.rsplit("/", 1)[-1]
+    return lowered if ":" in last else lowered + ":latest"

@@ -1,0 +1,246 @@
+"""Forward one request to one backend and stream the answer back.
+
+What goes upstream is built here, not copied: the canonical path of the matched route, an
+allow-list of request headers (so `Authorization`, cookies, `Origin` and hop-by-hop headers
+never reach Ollama), and `Host` set for the backend, which Ollama checks on loopback
+(ollama-api.md §6). The answer goes back chunk by chunk through a relay (relay.py) that
+reads the usage on the way.
+
+Failures map to statuses in one place, `upstream_error`: before any byte from the backend a
+connect failure is `BackendUnreachable` (the caller may try another backend, because nothing
+reached this one), a timeout 504 and anything else 502. After the answer started, the
+stream is ended with an error record in the caller's dialect — Ollama itself sends none on
+`/v1`, which leaves clients with a silently truncated answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import orjson
+
+from neuronetz.errors import BadGateway, GatewayError, GatewayTimeout, ServiceUnavailable
+from neuronetz.http import Request
+from neuronetz.relay import BodyRelay, NdjsonRelay, Outcome, SseRelay
+from neuronetz.types import Send
+
+# Request headers a backend may see. Everything else — Authorization, Cookie, Origin (which
+# makes Ollama answer 403), Forwarded/X-Forwarded-*, hop-by-hop headers — stays here.
+FORWARDED_REQUEST_HEADERS = (b"content-type", b"accept", b"user-agent", b"x-request-id")
+NDJSON = b"application/x-ndjson"
+# Ollama's final record and OpenAI's finish/usage events count as chunks too: allow for them
+# before deciding that a backend ignored the output cap.
+CAP_SLACK = 3
+EVENT_STREAM = b"text/event-stream"
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    connect: float
+    first_byte: float
+    idle: float
+    total: float
+
+
+class BackendUnreachable(Exception):
+    """Nothing reached the backend (or it said "busy" before answering): safe to retry elsewhere."""
+
+    def __init__(self, backend: str, reason: str) -> None:
+        super().__init__(f"{backend}: {reason}")
+        self.backend = backend
+        self.reason = reason
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One request's passage through the gateway, filled in as it goes and read at the end
+    by the limiter (usage), the metrics, the request log line and the audit row."""
+
+    # Times are time.perf_counter(): uvloop's loop.time() has millisecond resolution.
+    started_at: float  # when the request arrived
+    model: str | None = None
+    backend: str | None = None  # set while a backend has (or may have) the request
+    status: int = 0
+    error_code: str | None = None
+    stream: bool = False
+    started: bool = False  # the response head went to the client
+    forwarded_at: float | None = None  # time the request went to the backend
+    upstream_head_at: float | None = None  # time the backend's response head arrived
+    first_byte_at: float | None = None  # time the first body byte went to the client
+    bytes_in: int = 0
+    bytes_out: int = 0
+    disconnected: bool = False
+    prompt: dict[str, Any] | None = None  # kept only for keys that log prompts
+    outcome: Outcome = field(default_factory=Outcome)
+
+
+def upstream_error(exc: BaseException, backend: str) -> GatewayError | BackendUnreachable:
+    """The one mapping of upstream failures (Caddy's statusError): unreachable before any byte
+    → retry elsewhere; timeouts → 504; everything else → 502."""
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+        return BackendUnreachable(backend, "connection failed")
+    if isinstance(exc, httpx.PoolTimeout):
+        return ServiceUnavailable("Too many requests are waiting for this backend; retry shortly.", retry_after=1)
+    if isinstance(exc, httpx.TimeoutException | TimeoutError):
+        return GatewayTimeout("The backend did not answer in time.")
+    return BadGateway("The backend failed while answering.")
+
+
+def upstream_headers(request: Request, backend_host: str) -> list[tuple[bytes, bytes]]:
+    headers = [(b"host", backend_host.encode())]
+    for name in FORWARDED_REQUEST_HEADERS:
+        value = request.headers.get(name)
+        if value is not None:
+            headers.append((name, value))
+    if b"x-request-id" not in request.headers:
+        headers.append((b"x-request-id", request.request_id.encode()))
+    return headers
+
+
+def error_record(openai: bool, message: str, code: str) -> bytes:
+    """The record that ends a stream that failed after it started, in the caller's dialect."""
+    if openai:
+        error = {"message": message, "type": "api_error", "code": code, "param": None}
+        return b"data: " + orjson.dumps({"error": error}) + b"\n\n"
+    return orjson.dumps({"error": message}) + b"\n"
+
+
+async def forward(
+    client: httpx.AsyncClient,
+    backend: str,
+    backend_host: str,
+    path: str,
+    request: Request,
+    body: bytes | None,
+    send: Send,
+    exchange: Exchange,
+    timeouts: Timeouts,
+    *,
+    strip_usage: bool = False,
+    cap: int | None = None,
+) -> None:
+    """Send `body` to `backend` + `path` and relay the answer to the client through `send`.
+
+    Raises BackendUnreachable while nothing has been sent to the client and the backend
+    cannot have processed the request; GatewayError for other failures before the answer
+    started. After it started, failures end the stream with an error record instead.
+    A stream that runs past `cap` completion tokens (a backend ignoring the cap it was
+    given) is cut there, so a budget is never overspent by more than the prompt estimate.
+    """
+    exchange.backend = backend
+    outgoing = client.build_request(
+        request.method,
+        backend + path,
+        headers=upstream_headers(request, backend_host),
+        content=body,
+        extensions={
+            "timeout": {"connect": timeouts.connect, "read": timeouts.idle, "write": timeouts.idle, "pool": 5.0},
+            "first_byte_timeout": timeouts.first_byte,
+        },
+    )
+    try:
+        async with asyncio.timeout(timeouts.total):
+            await _exchange(client, outgoing, backend, request, send, exchange, strip_usage, cap)
+    except TimeoutError:
+        if not exchange.started:
+            raise GatewayTimeout("The backend did not finish in time.") from None
+        await end_with_error(send, request, exchange, "The backend did not finish in time.", "backend_timeout")
+
+
+async def _exchange(
+    client: httpx.AsyncClient,
+    outgoing: httpx.Request,
+    backend: str,
+    request: Request,
+    send: Send,
+    exchange: Exchange,
+    strip_usage: bool,
+    cap: int | None,
+) -> None:
+    exchange.forwarded_at = time.perf_counter()
+    try:
+        response = await client.send(outgoing, stream=True)
+    except httpx.HTTPError as exc:
+        raise upstream_error(exc, backend) from None
+    exchange.upstream_head_at = time.perf_counter()
+    try:
+        status = response.status_code
+        if status == 503:
+            # Ollama's "server busy" (queue full) comes before any work: another backend may
+            # take it (ollama-api.md §9.10). The caller decides; nothing was sent yet.
+            raise BackendUnreachable(backend, "busy (503)")
+        content_type = response.headers.get("content-type", "application/json").encode("latin-1")
+        exchange.status = status
+        outcome = exchange.outcome
+        relay: NdjsonRelay | SseRelay | BodyRelay
+        if content_type.startswith(NDJSON):
+            relay, exchange.stream = NdjsonRelay(outcome), True
+        elif content_type.startswith(EVENT_STREAM):
+            relay, exchange.stream = SseRelay(outcome, strip_usage), True
+        else:
+            relay = BodyRelay(outcome, request.openai)
+        extra: list[tuple[bytes, bytes]] = []
+        length = response.headers.get("content-length")
+        if not exchange.stream and length is not None:
+            extra.append((b"content-length", length.encode()))
+        await _start(send, request, exchange, status, content_type, extra)
+        try:
+            async for chunk in response.aiter_raw():
+                forwarded = relay.feed(chunk)
+                if forwarded:
+                    await _body(send, exchange, forwarded)
+                if cap is not None and exchange.stream and outcome.usage.completion_tokens > cap + CAP_SLACK:
+                    message = "The answer reached the output token limit and was cut off."
+                    await end_with_error(send, request, exchange, message, "max_tokens_reached")
+                    return
+        except httpx.HTTPError as exc:
+            failure = upstream_error(exc, backend)
+            message = failure.message if isinstance(failure, GatewayError) else "The backend connection failed."
+            code = failure.code if isinstance(failure, GatewayError) else "backend_error"
+            await end_with_error(send, request, exchange, message, code)
+            return
+        if isinstance(relay, BodyRelay):
+            relay.close()
+        elif not outcome.finished and outcome.error is None and status == 200:
+            # The backend closed a stream cleanly but without its final record.
+            await end_with_error(send, request, exchange, "The backend ended the answer early.", "backend_error")
+            return
+        if outcome.error is not None and request.openai and exchange.stream and status == 200:
+            exchange.error_code = "backend_error"
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    finally:
+        await response.aclose()
+
+
+async def _start(
+    send: Send, request: Request, exchange: Exchange, status: int, content_type: bytes, extra: list[tuple[bytes, bytes]]
+) -> None:
+    headers = [(b"content-type", content_type), *request.response_headers, *extra]
+    if exchange.stream:
+        # Tell buffering proxies in front (nginx; Caddy flushes streams by itself) not to hold events.
+        headers.append((b"x-accel-buffering", b"no"))
+        headers.append((b"cache-control", b"no-cache"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    exchange.started = True
+
+
+async def _body(send: Send, exchange: Exchange, chunk: bytes) -> None:
+    if exchange.first_byte_at is None:
+        exchange.first_byte_at = time.perf_counter()
+    exchange.bytes_out += len(chunk)
+    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+
+
+async def end_with_error(send: Send, request: Request, exchange: Exchange, message: str, code: str) -> None:
+    """End a started answer with an error record (or, when the head has not gone out yet
+    because the answer is whole, nothing more can be said than the status)."""
+    exchange.error_code = code
+    if not exchange.started:
+        return
+    if exchange.stream:
+        await _body(send, exchange, error_record(request.openai, message, code))
+    await send({"type": "http.response.body", "body": b"", "more_body": False})

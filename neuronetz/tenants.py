@@ -1,0 +1,277 @@
+"""Tenants and their API keys as stored in Postgres: the administration queries.
+
+The CLI (and nothing on the request path except `fetch_key`) calls these. Failures a user
+can fix — an unknown tenant, a duplicate name, an unknown prefix — raise `AdminError` with
+the sentence to show. Secrets never leave `create_key`: the full key is returned once to be
+printed, and no function here returns a hash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+import asyncpg
+
+from neuronetz import keys
+from neuronetz.limits import LIMIT_NAMES, Limits
+
+# Runtime asyncpg classes are not generic (only their stubs are), hence the string alias.
+Connection: TypeAlias = "asyncpg.Connection[Any] | asyncpg.Pool[Any]"
+
+
+class AdminError(Exception):
+    """A user-facing failure of an administration command."""
+
+
+@dataclass(frozen=True)
+class Tenant:
+    id: int
+    name: str
+    limits: Limits
+    created_at: dt.datetime
+    keys: int = 0
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """What may be shown about a key: never its secret, never its hash."""
+
+    prefix: str
+    name: str
+    tenant: str
+    created_at: dt.datetime
+    expires_at: dt.datetime | None
+    revoked_at: dt.datetime | None
+    last_used_at: dt.datetime | None
+    allowed_models: tuple[str, ...] | None
+    log_prompts: bool
+    prompt_ttl_days: int | None
+    limits: Limits
+
+    def status(self, now: dt.datetime | None = None) -> str:
+        now = now or dt.datetime.now(dt.UTC)
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expires_at is not None and self.expires_at <= now:
+            return "expired"
+        return "active"
+
+
+def _tenant(row: Any) -> Tenant:
+    return Tenant(row["id"], row["name"], Limits.from_row(row), row["created_at"], row.get("keys", 0))
+
+
+async def create_tenant(db: Connection, name: str, limits: Limits) -> Tenant:
+    try:
+        row = await db.fetchrow(
+            "INSERT INTO tenants (name, rpm, tpm, max_concurrent, daily_tokens, monthly_tokens, total_tokens) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING *",
+            name,
+            *limits.as_dict().values(),
+        )
+    except asyncpg.UniqueViolationError:
+        raise AdminError(f"A tenant named {name!r} already exists.") from None
+    except asyncpg.CheckViolationError:
+        raise AdminError(
+            f"{name!r} is not a valid tenant name: use 1-64 letters, digits, '.', '_' or '-', starting with a letter "
+            "or digit."
+        ) from None
+    return _tenant(row)
+
+
+async def list_tenants(db: Connection) -> list[Tenant]:
+    rows = await db.fetch(
+        "SELECT t.*, (SELECT count(*) FROM api_keys k WHERE k.tenant_id = t.id) AS keys FROM tenants t ORDER BY t.name"
+    )
+    return [_tenant(row) for row in rows]
+
+
+async def tenant_id(db: Connection, name: str) -> int:
+    found: int | None = await db.fetchval("SELECT id FROM tenants WHERE name = $1", name)
+    if found is None:
+        raise AdminError(f"There is no tenant named {name!r} (list them with `list-tenants`).")
+    return found
+
+
+_KEY_INFO = """
+SELECT k.prefix, k.name, t.name AS tenant, k.created_at, k.expires_at, k.revoked_at, k.last_used_at,
+       k.allowed_models, k.log_prompts, k.prompt_ttl_days, k.rpm, k.tpm, k.max_concurrent,
+       k.daily_tokens, k.monthly_tokens, k.total_tokens
+FROM api_keys k JOIN tenants t ON t.id = k.tenant_id
+"""
+
+
+def _key_info(row: Any) -> KeyInfo:
+    models = row["allowed_models"]
+    return KeyInfo(
+        row["prefix"],
+        row["name"],
+        row["tenant"],
+        row["created_at"],
+        row["expires_at"],
+        row["revoked_at"],
+        row["last_used_at"],
+        tuple(models) if models is not None else None,
+        row["log_prompts"],
+        row["prompt_ttl_days"],
+        Limits.from_row(row),
+    )
+
+
+_INSERT_KEY = """
+INSERT INTO api_keys (tenant_id, name, prefix, secret_hash, expires_at, allowed_models, log_prompts, prompt_ttl_days,
+                      rpm, tpm, max_concurrent, daily_tokens, monthly_tokens, total_tokens)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+"""
+
+
+async def create_key(
+    db: Connection,
+    tenant: str,
+    name: str,
+    *,
+    expires_at: dt.datetime | None = None,
+    models: tuple[str, ...] | None = None,
+    prompt_ttl_days: int | None = None,
+    limits: Limits | None = None,
+) -> tuple[KeyInfo, str]:
+    """Create a key; returns its info and the full key, which is never available again.
+    `prompt_ttl_days` set means the key opted in to prompt logging for that many days."""
+    limits = limits or Limits()
+    owner = await tenant_id(db, tenant)
+    new = keys.generate()
+    key_hash = await asyncio.to_thread(new.hash)
+    try:
+        await db.execute(
+            _INSERT_KEY,
+            owner,
+            name,
+            new.prefix,
+            key_hash,
+            expires_at,
+            list(models) if models is not None else None,
+            prompt_ttl_days is not None,
+            prompt_ttl_days,
+            *limits.as_dict().values(),
+        )
+    except asyncpg.UniqueViolationError as exc:
+        if exc.constraint_name == "api_keys_prefix_key":  # 36^8 prefixes: a collision is rare but possible
+            return await create_key(
+                db, tenant, name, expires_at=expires_at, models=models, prompt_ttl_days=prompt_ttl_days, limits=limits
+            )
+        raise AdminError(f"Tenant {tenant!r} already has a key named {name!r}.") from None
+    except asyncpg.CheckViolationError:
+        raise AdminError(f"{name!r} is not a valid key name: use 1-128 characters.") from None
+    return await get_key(db, new.prefix), new.key
+
+
+async def get_key(db: Connection, prefix: str) -> KeyInfo:
+    row = await db.fetchrow(_KEY_INFO + "WHERE k.prefix = $1", prefix)
+    if row is None:
+        raise AdminError(f"There is no key with the prefix {prefix!r} (list them with `list-keys`).")
+    return _key_info(row)
+
+
+async def list_keys(db: Connection, tenant: str | None = None) -> list[KeyInfo]:
+    if tenant is None:
+        rows = await db.fetch(_KEY_INFO + "ORDER BY t.name, k.created_at")
+    else:
+        await tenant_id(db, tenant)
+        rows = await db.fetch(_KEY_INFO + "WHERE t.name = $1 ORDER BY k.created_at", tenant)
+    return [_key_info(row) for row in rows]
+
+
+async def revoke_key(db: Connection, prefix: str) -> tuple[KeyInfo, bool]:
+    """Revoke the key; returns its info and whether it was active before (False when it was
+    already revoked, which is not an error: revoking twice is harmless)."""
+    changed = await db.fetchval(
+        "UPDATE api_keys SET revoked_at = now() WHERE prefix = $1 AND revoked_at IS NULL RETURNING prefix", prefix
+    )
+    return await get_key(db, prefix), changed is not None
+
+
+async def update_tenant(db: Connection, name: str, changes: dict[str, Any]) -> Tenant:
+    """Apply `changes` (limit name → value, None clears the limit back to unlimited)."""
+    owner = await tenant_id(db, name)
+    if changes:
+        await _update(db, "tenants", owner, changes)
+    row = await db.fetchrow("SELECT * FROM tenants WHERE id = $1", owner)
+    return _tenant(row)
+
+
+async def update_key(db: Connection, prefix: str, changes: dict[str, Any]) -> KeyInfo:
+    """Apply `changes` to a key: limits (None = inherit the tenant's), `allowed_models`
+    (None = all), `log_prompts`/`prompt_ttl_days`, `expires_at`."""
+    await get_key(db, prefix)
+    if changes:
+        await _update(db, "api_keys", prefix, changes)
+    return await get_key(db, prefix)
+
+
+# Updates are static statements: each column takes `$n+1` when flag `$n` says so and keeps
+# its value otherwise, so one statement serves every combination of flags and no SQL is
+# ever assembled from strings.
+_UPDATE_TENANT = """
+UPDATE tenants SET
+    rpm = CASE WHEN $2 THEN $3::integer ELSE rpm END,
+    tpm = CASE WHEN $4 THEN $5::integer ELSE tpm END,
+    max_concurrent = CASE WHEN $6 THEN $7::integer ELSE max_concurrent END,
+    daily_tokens = CASE WHEN $8 THEN $9::bigint ELSE daily_tokens END,
+    monthly_tokens = CASE WHEN $10 THEN $11::bigint ELSE monthly_tokens END,
+    total_tokens = CASE WHEN $12 THEN $13::bigint ELSE total_tokens END
+WHERE id = $1
+"""
+_UPDATE_KEY = """
+UPDATE api_keys SET
+    rpm = CASE WHEN $2 THEN $3::integer ELSE rpm END,
+    tpm = CASE WHEN $4 THEN $5::integer ELSE tpm END,
+    max_concurrent = CASE WHEN $6 THEN $7::integer ELSE max_concurrent END,
+    daily_tokens = CASE WHEN $8 THEN $9::bigint ELSE daily_tokens END,
+    monthly_tokens = CASE WHEN $10 THEN $11::bigint ELSE monthly_tokens END,
+    total_tokens = CASE WHEN $12 THEN $13::bigint ELSE total_tokens END,
+    allowed_models = CASE WHEN $14 THEN $15::text[] ELSE allowed_models END,
+    log_prompts = CASE WHEN $16 THEN $17::boolean ELSE log_prompts END,
+    prompt_ttl_days = CASE WHEN $18 THEN $19::integer ELSE prompt_ttl_days END,
+    expires_at = CASE WHEN $20 THEN $21::timestamptz ELSE expires_at END
+WHERE prefix = $1
+"""
+_COLUMNS = {
+    "tenants": (_UPDATE_TENANT, LIMIT_NAMES),
+    "api_keys": (_UPDATE_KEY, (*LIMIT_NAMES, "allowed_models", "log_prompts", "prompt_ttl_days", "expires_at")),
+}
+
+
+async def _update(db: Connection, table: str, key: object, changes: dict[str, Any]) -> None:
+    statement, columns = _COLUMNS[table]
+    unknown = set(changes) - set(columns)
+    if unknown:
+        raise ValueError(f"cannot update {sorted(unknown)} on {table}")
+    arguments: list[Any] = []
+    for column in columns:
+        arguments += [column in changes, changes.get(column)]
+    try:
+        await db.execute(statement, key, *arguments)
+    except asyncpg.CheckViolationError as exc:
+        if exc.constraint_name == "api_keys_check":  # NOT log_prompts OR prompt_ttl_days IS NOT NULL
+            raise AdminError("Prompt logging needs --prompt-ttl-days (how long prompts are kept).") from None
+        raise AdminError(f"A value is out of range ({exc.constraint_name}).") from None
+
+
+# --- the request path -------------------------------------------------------------------
+
+FETCH_KEY = """
+SELECT k.id, k.prefix, k.name, k.secret_hash, k.expires_at, k.revoked_at, k.allowed_models, k.log_prompts,
+       k.prompt_ttl_days, k.rpm, k.tpm, k.max_concurrent, k.daily_tokens, k.monthly_tokens, k.total_tokens,
+       t.id AS tenant_id, t.name AS tenant_name, t.rpm AS t_rpm, t.tpm AS t_tpm, t.max_concurrent AS t_max_concurrent,
+       t.daily_tokens AS t_daily_tokens, t.monthly_tokens AS t_monthly_tokens, t.total_tokens AS t_total_tokens
+FROM api_keys k JOIN tenants t ON t.id = k.tenant_id
+WHERE k.prefix = $1
+"""
+
+
+async def fetch_key(db: Connection, prefix: str) -> Any:
+    """The key with its tenant, for authentication on a cache miss; None if unknown."""
+    return await db.fetchrow(FETCH_KEY, prefix)

@@ -1,0 +1,83 @@
+"""Token arithmetic on a request body: the prompt estimate, the client's output cap, and the
+cap the gateway writes in when limits need one.
+
+The gateway cannot run each model's tokenizer, so the prompt is estimated: one token per
+four bytes of text (about what Llama- and Qwen-family tokenizers produce for English and
+code; the `/v1` usage of real answers is used to settle, so the estimate only sizes the
+reservation), plus 4 tokens per chat message for its template and 768 per image. The
+estimate's error bounds how far a budget can be overspent (README, "Worst case").
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+BYTES_PER_TOKEN = 4
+PER_MESSAGE = 4
+PER_IMAGE = 768
+
+
+def _text_size(value: Any) -> tuple[int, int]:
+    """(bytes of text, number of images) in a prompt-like value: strings, lists of strings
+    or of OpenAI content parts."""
+    if isinstance(value, str):
+        return len(value.encode()), 0
+    size = images = 0
+    if isinstance(value, list):
+        for part in value:
+            if isinstance(part, str):
+                size += len(part.encode())
+            elif isinstance(part, dict):
+                if part.get("type") == "image_url":
+                    images += 1
+                text = part.get("text")
+                if isinstance(text, str):
+                    size += len(text.encode())
+    return size, images
+
+
+def estimate_prompt(body: dict[str, Any]) -> int:
+    size = images = extra = 0
+    for field in ("prompt", "system", "suffix", "input"):
+        s, i = _text_size(body.get(field))
+        size, images = size + s, images + i
+    if isinstance(body.get("images"), list):
+        images += len(body["images"])
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        for message in messages:
+            if not isinstance(message, dict):
+                continue
+            s, i = _text_size(message.get("content"))
+            size, images, extra = size + s, images + i, extra + PER_MESSAGE
+            if isinstance(message.get("images"), list):
+                images += len(message["images"])
+    if body.get("tools"):
+        size += len(str(body["tools"]))
+    return math.ceil(size / BYTES_PER_TOKEN) + extra + images * PER_IMAGE
+
+
+def requested_cap(body: dict[str, Any], openai: bool, produces_text: bool) -> int | None:
+    """The output cap the client set: `max_tokens` on /v1, `options.num_predict` natively
+    (negative values mean "no limit" there); 0 for embeddings, which generate nothing."""
+    if not produces_text:
+        return 0
+    if openai:
+        value = body.get("max_tokens")
+    else:
+        options = body.get("options")
+        value = options.get("num_predict") if isinstance(options, dict) else None
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
+
+
+def set_cap(body: dict[str, Any], openai: bool, cap: int) -> None:
+    """Write the output cap into the body where the backend reads it (ollama-api.md §3:
+    `max_tokens` becomes `options.num_predict`)."""
+    if openai:
+        body["max_tokens"] = cap
+    else:
+        options = body.get("options")
+        body["options"] = {**(options if isinstance(options, dict) else {}), "num_predict": cap}

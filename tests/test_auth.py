@@ -1,0 +1,284 @@
+"""Authentication over real HTTP against two gateway replicas sharing Postgres and Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from neuronetz import keys, tenants
+from tests.support import METRICS_TOKEN, ROOT, Admin, GatewayProcess, auth, metric
+
+UNAUTHORIZED = {"error": "Invalid or missing API key: send `Authorization: Bearer <key>` with an active key."}
+
+
+@pytest.fixture(scope="module")
+def replica(gateway_env: dict[str, str]) -> Iterator[GatewayProcess]:
+    """A second gateway on the same Postgres, Redis and backend."""
+    with GatewayProcess(gateway_env) as process:
+        yield process
+
+
+async def argon2_calls(gateway: GatewayProcess) -> float:
+    async with httpx.AsyncClient() as client:
+        response = await client.get(gateway.url + "/metrics", headers=auth(METRICS_TOKEN))
+    return metric(response.text, "neuronetz_argon2_verifications_total")
+
+
+def test_keys_have_the_documented_shape_and_never_repeat() -> None:
+    made = [keys.generate() for _ in range(500)]
+    for new in made:
+        assert re.fullmatch(r"nz_[a-z0-9]{8}[A-Za-z0-9_-]{43}", new.key)
+        assert new.key.startswith(new.prefix)
+        assert keys.prefix_of(new.key) == new.prefix
+    assert len({new.key for new in made}) == len({new.prefix for new in made}) == 500
+
+
+@pytest.mark.parametrize(
+    "malformed",
+    ["", "nz_abc", "nz_ABCDEFGH" + "x" * 40, "nz_abcdefgh" + "x" * 31, "sk-" + "x" * 48, "nz_abcdefgh x" * 4],
+)
+def test_malformed_keys_have_no_prefix(malformed: str) -> None:
+    assert keys.prefix_of(malformed) is None
+
+
+async def test_a_valid_key_is_accepted(gateway: GatewayProcess, admin: Admin) -> None:
+    key = await admin.key()
+    async with httpx.AsyncClient() as client:
+        response = await client.get(gateway.url + "/api/version", headers=auth(key))
+    assert response.status_code == 200
+    assert response.json() == {"version": "0.33.0"}
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        None,
+        "Basic dXNlcjpwYXNz",
+        "Bearer",
+        "Bearer nz_short",
+        "Bearer nz_zzzzzzzz" + "A" * 43,  # well-formed, unknown prefix
+        "Token nz_zzzzzzzz" + "A" * 43,
+    ],
+)
+async def test_missing_and_unknown_keys_get_the_same_401(gateway: GatewayProcess, header: str | None) -> None:
+    headers = {"Authorization": header} if header is not None else {}
+    async with httpx.AsyncClient() as client:
+        native = await client.get(gateway.url + "/api/tags", headers=headers)
+        openai = await client.get(gateway.url + "/v1/models", headers=headers)
+    assert native.status_code == openai.status_code == 401
+    assert native.headers["www-authenticate"] == openai.headers["www-authenticate"] == "Bearer"
+    assert native.json() == UNAUTHORIZED
+    assert openai.json()["error"]["message"] == UNAUTHORIZED["error"]
+    assert openai.json()["error"]["type"] == "authentication_error"
+
+
+async def test_scheme_is_case_insensitive_and_whitespace_tolerated(gateway: GatewayProcess, admin: Admin) -> None:
+    key = await admin.key()
+    async with httpx.AsyncClient() as client:
+        response = await client.get(gateway.url + "/api/version", headers={"Authorization": f"bEaReR \t  {key}"})
+    assert response.status_code == 200
+
+
+async def test_wrong_secret_revoked_and_expired_keys_get_the_same_401(gateway: GatewayProcess, admin: Admin) -> None:
+    tenant = await admin.tenant()
+    good = await admin.key(tenant)
+    wrong = good[:11] + ("B" if good[11] != "B" else "C") + good[12:]
+    revoked = await admin.key(tenant)
+    await tenants.revoke_key(admin.pool, revoked[:11])
+    expired = await admin.key(tenant, expires_at=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1))
+    await asyncio.sleep(1.1)
+    async with httpx.AsyncClient() as client:
+        for key in (wrong, revoked, expired):
+            response = await client.get(gateway.url + "/api/version", headers=auth(key))
+            assert response.status_code == 401
+            assert response.json() == UNAUTHORIZED
+            assert key[11:] not in response.text
+
+
+async def test_a_key_expires_while_it_is_cached(gateway: GatewayProcess, admin: Admin) -> None:
+    key = await admin.key(expires_at=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=2))
+    async with httpx.AsyncClient() as client:
+        assert (await client.get(gateway.url + "/api/version", headers=auth(key))).status_code == 200
+        await asyncio.sleep(2.2)
+        assert (await client.get(gateway.url + "/api/version", headers=auth(key))).status_code == 401
+
+
+async def test_a_model_outside_the_allow_list_is_403(gateway: GatewayProcess, admin: Admin) -> None:
+    key = await admin.key(models=("llama3.2:latest",))
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stream": False}
+    async with httpx.AsyncClient() as client:
+        native = await client.post(gateway.url + "/api/chat", json=body, headers=auth(key))
+        openai = await client.post(gateway.url + "/v1/chat/completions", json=body, headers=auth(key))
+        allowed = await client.post(gateway.url + "/api/chat", json={**body, "model": "Llama3.2"}, headers=auth(key))
+        tags = await client.get(gateway.url + "/api/tags", headers=auth(key))
+    assert native.status_code == openai.status_code == 403
+    assert native.json() == {"error": "This API key may not use the model 'tiny'."}
+    assert openai.json()["error"]["code"] == "model_not_allowed"
+    assert allowed.status_code == 200
+    assert [m["name"] for m in tags.json()["models"]] == ["llama3.2:latest"]
+
+
+async def test_revoking_on_one_replica_is_refused_by_the_other_within_one_second(
+    gateway: GatewayProcess, replica: GatewayProcess, admin: Admin
+) -> None:
+    key = await admin.key()
+    async with httpx.AsyncClient() as client:
+        for process in (gateway, replica):  # both cache the key
+            assert (await client.get(process.url + "/api/version", headers=auth(key))).status_code == 200
+        revoked_at = time.monotonic()
+        await tenants.revoke_key(admin.pool, key[:11])  # what `revoke-key` does
+        refused: dict[str, float] = {}
+        while len(refused) < 2 and time.monotonic() - revoked_at < 3:
+            for process in (gateway, replica):
+                if process.url not in refused:
+                    response = await client.get(process.url + "/api/version", headers=auth(key))
+                    if response.status_code == 401:
+                        refused[process.url] = time.monotonic() - revoked_at
+            await asyncio.sleep(0.02)
+    assert len(refused) == 2, refused
+    assert max(refused.values()) < 1.0, refused
+
+
+async def test_a_limit_change_made_with_psql_reaches_every_replica(
+    gateway: GatewayProcess, replica: GatewayProcess, admin: Admin
+) -> None:
+    key = await admin.key()
+    async with httpx.AsyncClient() as client:
+        for process in (gateway, replica):
+            assert (await client.get(process.url + "/api/version", headers=auth(key))).status_code == 200
+        # An operator's hand-written UPDATE, not our CLI: the trigger still tells every replica.
+        await admin.pool.execute("UPDATE api_keys SET allowed_models = '{qwen3:latest}' WHERE prefix = $1", key[:11])
+        await asyncio.sleep(1.0)
+        body = {"model": "tiny", "prompt": "x", "stream": False}
+        for process in (gateway, replica):
+            response = await client.post(process.url + "/api/generate", json=body, headers=auth(key))
+            assert response.status_code == 403, process.url
+
+
+async def test_a_cache_hit_runs_no_argon2(gateway: GatewayProcess, admin: Admin) -> None:
+    key = await admin.key()
+    before = await argon2_calls(gateway)
+    async with httpx.AsyncClient() as client:
+        for _ in range(20):
+            assert (await client.get(gateway.url + "/api/version", headers=auth(key))).status_code == 200
+    assert await argon2_calls(gateway) - before == 1
+
+
+async def test_concurrent_first_requests_verify_once_and_replicas_share_the_proof(
+    gateway: GatewayProcess, replica: GatewayProcess, admin: Admin
+) -> None:
+    key = await admin.key()
+    first_before, second_before = await argon2_calls(gateway), await argon2_calls(replica)
+    async with httpx.AsyncClient() as client:
+        answers = await asyncio.gather(
+            *(client.get(gateway.url + "/api/version", headers=auth(key)) for _ in range(20))
+        )
+        assert {a.status_code for a in answers} == {200}
+        answers = await asyncio.gather(
+            *(client.get(replica.url + "/api/version", headers=auth(key)) for _ in range(20))
+        )
+        assert {a.status_code for a in answers} == {200}
+    assert await argon2_calls(gateway) - first_before == 1
+    # The replica trusts Redis's record that this key (by its HMAC) matched this hash.
+    assert await argon2_calls(replica) - second_before == 0
+
+
+async def test_a_flood_of_bad_keys_leaves_good_keys_fast(gateway_env: dict[str, str], admin: Admin) -> None:
+    key = await admin.key()
+    victim = await admin.key()
+    env = {**gateway_env, "GATEWAY_AUTH_FAILURES_PER_MINUTE": "30"}
+    with GatewayProcess(env) as process:
+        async with httpx.AsyncClient(limits=httpx.Limits(max_connections=64)) as client:
+
+            async def good_latency(count: int) -> list[float]:
+                times = []
+                for _ in range(count):
+                    start = time.perf_counter()
+                    response = await client.get(process.url + "/api/version", headers=auth(key))
+                    assert response.status_code == 200
+                    times.append(time.perf_counter() - start)
+                return times
+
+            baseline = await good_latency(30)
+            flooding = True
+            statuses: list[int] = []
+
+            async def flood() -> None:
+                n = 0
+                while flooding:
+                    n += 1
+                    bad = victim[:11] + os.urandom(16).hex() + "x" * 11 if n % 2 else f"nz_{n:08d}" + "A" * 43
+                    statuses.append((await client.get(process.url + "/api/tags", headers=auth(bad))).status_code)
+
+            flooders = [asyncio.create_task(flood()) for _ in range(8)]
+            await asyncio.sleep(0.5)
+            during = await good_latency(60)
+            flooding = False
+            await asyncio.gather(*flooders)
+            argon2 = await argon2_calls(process)
+    # The address was cut off after 30 failures, so the flood cost at most 30 Argon2 runs
+    # (half of the attempts are unknown prefixes, refused without Argon2 at all) ...
+    assert statuses.count(429) > 10 * statuses.count(401) > 0
+    assert 1 <= argon2 <= 30
+    # ... and the good key, answered from the cache, kept its pace. The flood shares this
+    # 2-core machine with the good client and the gateway, so only the middle is held tight.
+    assert statistics.median(during) < max(5 * statistics.median(baseline), 0.02)
+    assert sorted(during)[int(len(during) * 0.95)] < 0.25
+
+
+async def test_too_many_failures_from_one_address_get_429(gateway_env: dict[str, str], admin: Admin) -> None:
+    env = {**gateway_env, "GATEWAY_AUTH_FAILURES_PER_MINUTE": "5"}
+    warm, cold = await admin.key(), await admin.key()
+    address = {"X-Forwarded-For": "203.0.113.7"}  # the peer is loopback: a trusted proxy, like Caddy
+    with GatewayProcess(env) as process:
+        async with httpx.AsyncClient() as client:
+
+            async def status(key: str, headers: dict[str, str] = address) -> httpx.Response:
+                return await client.get(process.url + "/api/tags", headers={**auth(key), **headers})
+
+            assert (await status(warm)).status_code == 200
+            bad = "nz_00000000" + "A" * 43
+            codes = [(await status(bad)).status_code for _ in range(7)]
+            limited = await status(bad)
+            other_client = await status(bad, {"X-Forwarded-For": "203.0.113.8"})
+            cached_key = await status(warm)
+            uncached_key = await status(cold)
+    assert codes == [401] * 5 + [429] * 2
+    assert 1 <= int(limited.headers["retry-after"]) <= 60
+    assert other_client.status_code == 401  # counted per client address, not per proxy
+    assert cached_key.status_code == 200  # a key already verified costs nothing: still served
+    assert uncached_key.status_code == 429  # verifying a new one is work: not for this address, for now
+
+
+async def test_the_secret_is_stored_only_as_argon2id_and_shown_nowhere(
+    gateway: GatewayProcess, admin: Admin, database_url: str
+) -> None:
+    key = await admin.key(prompt_ttl_days=1)
+    secret = key[11:]
+    stored = await admin.pool.fetchval("SELECT secret_hash FROM api_keys WHERE prefix = $1", key[:11])
+    assert stored.startswith("$argon2id$v=19$m=19456,t=2,p=1$")
+    async with httpx.AsyncClient() as client:
+        await client.post(gateway.url + "/api/generate", json={"model": "tiny", "prompt": "hi"}, headers=auth(key))
+        await client.post(gateway.url + "/api/generate", json={"model": "nope"}, headers=auth(key + "x"))
+    await asyncio.sleep(1.5)  # the audit writer flushes every second
+    dump = await asyncio.to_thread(_output, ["pg_dump", "--data-only", database_url])
+    listing = await asyncio.to_thread(_output, [sys.executable, "-m", "neuronetz", "list-keys", "--json"], database_url)
+    assert key[:11] in listing
+    assert key[:11] in dump
+    for text in (dump, listing, gateway.log()):
+        assert secret not in text
+
+
+def _output(command: list[str], database_url: str | None = None) -> str:
+    env = {**os.environ, **({"DATABASE_URL": database_url} if database_url else {})}
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, check=True).stdout

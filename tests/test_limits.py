@@ -1,0 +1,395 @@
+"""Limits and budgets: exact across replicas, fail closed, restart-safe, never overspent."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import secrets
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+import redis.asyncio as aioredis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from neuronetz import tenants
+from neuronetz.budgets import Ledger
+from neuronetz.errors import BudgetExceeded, RateLimited
+from neuronetz.limits import Limiter, Limits, Subject
+from tests.emulator import Emulator
+from tests.support import Admin, GatewayProcess, PrivateRedis, auth
+
+GENERATE = {"model": "tiny", "prompt": "hi", "stream": False}
+
+
+@pytest.fixture(scope="module")
+def replica(gateway_env: dict[str, str]) -> Iterator[GatewayProcess]:
+    with GatewayProcess(gateway_env) as process:
+        yield process
+
+
+async def wait_until_budgets_ready(client: httpx.AsyncClient, url: str, key: str) -> httpx.Response:
+    """The first budgeted request of a tenant may meet a counter rebuild (fresh Redis): 503
+    for a moment. Any other answer ends the wait."""
+    deadline = time.monotonic() + 10
+    while True:
+        response = await client.post(url + "/api/generate", json={**GENERATE, "options": {"num_predict": 1}},
+                                     headers=auth(key))  # fmt: skip
+        if response.status_code != 503 or time.monotonic() > deadline:
+            return response
+        await asyncio.sleep(0.2)
+
+
+# --- rate limits ---------------------------------------------------------------------------------
+
+
+async def test_rpm_is_exact_across_two_replicas(gateway: GatewayProcess, replica: GatewayProcess, admin: Admin) -> None:
+    key = await admin.key(rpm=6)
+    async with httpx.AsyncClient() as client:
+        answers = [
+            await client.post((gateway, replica)[i % 2].url + "/api/generate", json=GENERATE, headers=auth(key))
+            for i in range(10)
+        ]
+        statuses = [a.status_code for a in answers]
+        assert statuses == [200] * 6 + [429] * 4
+        assert [a.headers["x-ratelimit-remaining-requests"] for a in answers[:6]] == ["5", "4", "3", "2", "1", "0"]
+        assert {a.headers["x-ratelimit-limit-requests"] for a in answers[:6]} == {"6"}
+        seventh = answers[6]
+        assert seventh.json()["error"] == "Rate limit reached: this key may send 6 requests per minute."
+        wait = int(seventh.headers["retry-after"])
+        assert 9 <= wait <= 10  # one request per 10 s comes free again
+        await asyncio.sleep(wait)
+        again = await client.post(replica.url + "/api/generate", json=GENERATE, headers=auth(key))
+        assert again.status_code == 200
+        assert (await client.post(gateway.url + "/api/generate", json=GENERATE, headers=auth(key))).status_code == 429
+
+
+async def test_a_tenants_limit_is_shared_by_its_keys(gateway: GatewayProcess, admin: Admin) -> None:
+    tenant = await admin.tenant(rpm=4)
+    first, second = await admin.key(tenant), await admin.key(tenant, rpm=100)  # a looser key limit: the tenant's wins
+    async with httpx.AsyncClient() as client:
+        statuses = [
+            (await client.post(gateway.url + "/api/generate", json=GENERATE, headers=auth(k))).status_code
+            for k in (first, second, first, second, first, second)
+        ]
+    assert statuses == [200, 200, 200, 200, 429, 429]
+
+
+async def test_responses_without_rate_limits_carry_no_rate_limit_headers(gateway: GatewayProcess, admin: Admin) -> None:
+    key = await admin.key()
+    async with httpx.AsyncClient() as client:
+        response = await client.post(gateway.url + "/api/generate", json=GENERATE, headers=auth(key))
+    assert response.status_code == 200
+    assert not any(name.startswith("x-ratelimit") for name in response.headers)
+
+
+async def test_tpm_counts_real_tokens_and_refunds_what_was_not_used(gateway: GatewayProcess, admin: Admin) -> None:
+    # Each request reserves its prompt estimate + 20 (its cap) but uses 1 + 10 tokens. Counting
+    # reservations alone, 100 tokens a minute admit 4; refunding the unused part admits 8.
+    key = await admin.key(tpm=100)
+    body = {**GENERATE, "options": {"num_predict": 20}}
+    async with httpx.AsyncClient() as client:
+        statuses = []
+        for _ in range(12):
+            response = await client.post(gateway.url + "/api/generate", json=body, headers=auth(key))
+            statuses.append(response.status_code)
+            if response.status_code == 429:
+                assert response.json()["error"] == "Token rate limit reached: this key may use 100 tokens per minute."
+                assert int(response.headers["retry-after"]) >= 1
+                break
+    assert 7 <= statuses.count(200) <= 9, statuses
+
+
+# --- concurrency -----------------------------------------------------------------------------------
+
+
+async def test_max_concurrent_holds_and_slots_come_back(
+    gateway: GatewayProcess, emulator: Emulator, admin: Admin
+) -> None:
+    emulator.configure(token_delay_ms=100, tokens=10)
+    key = await admin.key(max_concurrent=2)
+    body = {"model": "tiny", "prompt": "hi"}
+    async with httpx.AsyncClient(timeout=30) as client:
+        answers = await asyncio.gather(
+            *(client.post(gateway.url + "/api/generate", json=body, headers=auth(key)) for _ in range(6))
+        )
+        statuses = sorted(a.status_code for a in answers)
+        assert statuses == [200, 200, 429, 429, 429, 429]
+        refused = next(a for a in answers if a.status_code == 429)
+        assert refused.json()["error"] == "Too many requests in flight: this key may have 2 at once."
+        # After completion: both slots are free again.
+        again = await asyncio.gather(
+            *(client.post(gateway.url + "/api/generate", json=body, headers=auth(key)) for _ in range(2))
+        )
+        assert [a.status_code for a in again] == [200, 200]
+        # After a client disconnect: the slot comes back at once.
+        async with client.stream("POST", gateway.url + "/api/generate", json=body, headers=auth(key)) as stream:
+            async for _ in stream.aiter_lines():
+                break
+        await asyncio.sleep(0.2)
+        after = await asyncio.gather(
+            *(client.post(gateway.url + "/api/generate", json=body, headers=auth(key)) for _ in range(2))
+        )
+        assert [a.status_code for a in after] == [200, 200]
+
+
+async def test_a_killed_replicas_slots_expire_with_their_lease(
+    gateway_env: dict[str, str], emulator: Emulator, admin: Admin
+) -> None:
+    emulator.configure(token_delay_ms=200, tokens=100)
+    key = await admin.key(max_concurrent=1)
+    body = {"model": "tiny", "prompt": "hi"}
+    env = {**gateway_env, "GATEWAY_LEASE_TTL": "5"}
+    doomed = GatewayProcess(env).start()
+    with GatewayProcess(env) as survivor:
+        async with httpx.AsyncClient(timeout=30) as client:
+            async with client.stream("POST", doomed.url + "/api/generate", json=body, headers=auth(key)) as stream:
+                async for _ in stream.aiter_lines():
+                    break
+                doomed.kill()  # holding the only slot, never to settle it
+            killed = time.monotonic()
+            short = {**GENERATE, "options": {"num_predict": 1}}
+            blocked = await client.post(survivor.url + "/api/generate", json=short, headers=auth(key))
+            assert blocked.status_code == 429
+            while time.monotonic() - killed < 8:
+                asked = time.monotonic()
+                response = await client.post(survivor.url + "/api/generate", json=short, headers=auth(key))
+                if response.status_code == 200:
+                    break
+                await asyncio.sleep(0.25)
+            assert response.status_code == 200
+            assert asked - killed < 6  # the lease (5 s) ran out, nothing more
+
+
+# --- budgets ----------------------------------------------------------------------------------------
+
+
+async def _burst(urls: list[str], key: str, count: int) -> tuple[int, list[int]]:
+    """`count` concurrent requests spread over `urls`; returns (tokens served, statuses)."""
+    body = {"model": "tiny", "prompt": "hi", "stream": False, "options": {"num_predict": 8}}
+    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=100)) as client:
+        answers = await asyncio.gather(
+            *(client.post(urls[i % len(urls)] + "/api/generate", json=body, headers=auth(key)) for i in range(count))
+        )
+    served = sum(a.json()["prompt_eval_count"] + a.json()["eval_count"] for a in answers if a.status_code == 200)
+    return served, [a.status_code for a in answers]
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+async def test_a_burst_never_overspends_a_budget(
+    gateway: GatewayProcess, replica: GatewayProcess, emulator: Emulator, admin: Admin, replicas: int
+) -> None:
+    emulator.configure(token_delay_ms=20, tokens=8)
+    key = await admin.key(daily_tokens=200)
+    urls = [gateway.url, replica.url][:replicas]
+    async with httpx.AsyncClient() as client:
+        await wait_until_budgets_ready(client, urls[0], key)  # spends 1 + 1 tokens
+    served, statuses = await _burst(urls, key, 40)
+    assert 100 <= served <= 198, (served, statuses)
+    assert set(statuses) == {200, 429}
+    await asyncio.sleep(1.2)  # the ledger writes every second
+    usage = await admin.pool.fetchval(
+        "SELECT sum(prompt_tokens + completion_tokens) FROM usage_daily u JOIN api_keys k ON k.id = u.key_id "
+        "WHERE k.prefix = $1",
+        key[:11],
+    )
+    assert usage == served + 2
+
+
+async def test_an_exhausted_budget_says_which_and_when_it_resets(gateway: GatewayProcess, admin: Admin) -> None:
+    tenant = await admin.tenant(daily_tokens=6)
+    key = await admin.key(tenant)
+    async with httpx.AsyncClient() as client:
+        first = await wait_until_budgets_ready(client, gateway.url, key)
+        assert first.status_code == 200  # 1 + 1 tokens
+        body = {**GENERATE, "options": {"num_predict": 3}}
+        spent = await client.post(gateway.url + "/api/generate", json=body, headers=auth(key))
+        assert spent.status_code == 200
+        refused = await client.post(gateway.url + "/v1/completions", json={"model": "tiny", "prompt": "x"},
+                                    headers=auth(key))  # fmt: skip
+    assert refused.status_code == 429
+    error = refused.json()["error"]
+    assert error["code"] == "budget_exceeded"
+    tomorrow = (dt.datetime.now(dt.UTC) + dt.timedelta(days=1)).strftime("%Y-%m-%d 00:00")
+    assert error["message"] == f"The tenant's daily token budget of 6 is used up; it resets at {tomorrow} UTC."
+    midnight = dt.datetime.combine(dt.datetime.now(dt.UTC).date() + dt.timedelta(days=1), dt.time(), dt.UTC)
+    assert abs(int(refused.headers["retry-after"]) - (midnight - dt.datetime.now(dt.UTC)).total_seconds()) < 5
+
+
+async def test_the_gateway_caps_output_to_what_the_budget_allows(
+    gateway: GatewayProcess, emulator: Emulator, admin: Admin
+) -> None:
+    emulator.configure(tokens=50)
+    key = await admin.key(total_tokens=30)
+    async with httpx.AsyncClient() as client:
+        await wait_until_budgets_ready(client, gateway.url, key)  # 2 tokens
+        emulator.clear_requests()
+        response = await client.post(gateway.url + "/v1/chat/completions", json={
+            "model": "tiny", "messages": [{"role": "user", "content": "hi"}]}, headers=auth(key))  # fmt: skip
+    sent = emulator.requests("/v1/chat/completions")[0].json()
+    # 28 left; the prompt is estimated at 1 + 4 (one message): the cap is what remains.
+    assert sent["max_tokens"] == 23
+    assert response.json()["usage"]["completion_tokens"] == 23
+    assert response.json()["choices"][0]["finish_reason"] == "length"
+
+
+# --- fail closed and restart-safe ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def private_redis() -> Iterator[PrivateRedis]:
+    with PrivateRedis() as private:
+        yield private
+
+
+async def test_budgets_fail_closed_while_redis_is_down_and_recover_without_restart(
+    gateway_env: dict[str, str], admin: Admin, private_redis: PrivateRedis
+) -> None:
+    budgeted, free = await admin.key(daily_tokens=10_000), await admin.key(rpm=1000)
+    with GatewayProcess({**gateway_env, "REDIS_URL": private_redis.url}) as process:
+        async with httpx.AsyncClient() as client:
+            assert (await wait_until_budgets_ready(client, process.url, budgeted)).status_code == 200
+            private_redis.stop()
+            down = await client.post(process.url + "/api/generate", json=GENERATE, headers=auth(budgeted))
+            assert down.status_code == 503
+            assert "budget store is unreachable" in down.json()["error"]
+            # Without a budget, limits fail open: an outage of Redis is not an outage of the models.
+            assert (
+                await client.post(process.url + "/api/generate", json=GENERATE, headers=auth(free))
+            ).status_code == 200
+            private_redis.start()
+            back = await wait_until_budgets_ready(client, process.url, budgeted)
+            assert back.status_code == 200
+
+
+async def test_spend_survives_a_redis_restart(
+    gateway_env: dict[str, str], admin: Admin, private_redis: PrivateRedis
+) -> None:
+    key = await admin.key(total_tokens=12)
+    with GatewayProcess({**gateway_env, "REDIS_URL": private_redis.url}) as process:
+        async with httpx.AsyncClient() as client:
+            await wait_until_budgets_ready(client, process.url, key)  # 2 tokens
+            body = {**GENERATE, "options": {"num_predict": 9}}
+            assert (await client.post(process.url + "/api/generate", json=body, headers=auth(key))).status_code == 200
+            refused = await client.post(process.url + "/api/generate", json=GENERATE, headers=auth(key))
+            assert refused.status_code == 429
+            await asyncio.sleep(1.2)  # let the ledger write
+            private_redis.stop()
+            private_redis.start()  # empty: every counter is gone
+            again = await wait_until_budgets_ready(client, process.url, key)
+            assert again.status_code == 429
+            assert again.json()["error"] == "The key's total token budget of 12 is used up."
+
+
+# --- the limiter itself, with an injected clock ----------------------------------------------------------
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+async def limiter_with_clock(redis_url: str, redis_prefix: str, database_url: str) -> AsyncIterator[Any]:
+    client = aioredis.Redis.from_url(redis_url)
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+    clock = Clock(dt.datetime(2026, 11, 26, 23, 59, 50, tzinfo=dt.UTC).timestamp())
+    limiter = Limiter(client, Ledger(pool, clock), prefix=redis_prefix + "unit:", lease_ttl=30, default_cap=100,
+                      min_output=1, clock=clock)  # fmt: skip
+    yield limiter, clock
+    await client.aclose()
+    await pool.close()
+
+
+async def _ready(limiter: Limiter, tenant_id: int) -> None:
+    """The tenant's epoch marker, as a finished rebuild from an empty ledger leaves it."""
+    await limiter.redis.set(f"{limiter.prefix}{{t{tenant_id}}}:epoch", "test")
+
+
+async def test_a_daily_budget_resets_at_utc_midnight_and_a_total_one_never(
+    limiter_with_clock: Any, admin: Admin
+) -> None:
+    limiter, clock = limiter_with_clock
+    tenant_id = secrets.randbelow(10**9) + 10**9
+    daily = Subject(1, tenant_id, Limits(daily_tokens=20), Limits())
+    total = Subject(2, tenant_id, Limits(total_tokens=20), Limits())
+    await _ready(limiter, tenant_id)
+    for subject in (daily, total):
+        admission = await limiter.admit(subject, 5, 15)
+        await limiter.settle(admission, subject, 5, 15)
+        with pytest.raises(BudgetExceeded, match="used up"):
+            await limiter.admit(subject, 5, 15)
+    clock.now += 15  # 00:00:05 the next day
+    assert (await limiter.admit(daily, 5, 15)) is not None
+    with pytest.raises(BudgetExceeded, match="total token budget of 20 is used up"):
+        await limiter.admit(total, 5, 15)
+
+
+FATES = st.sampled_from(["done", "cancelled", "late"])
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    requests=st.lists(
+        st.tuples(st.integers(1, 30), st.one_of(st.none(), st.integers(0, 60)), FATES), min_size=1, max_size=25
+    )
+)
+async def test_budgets_hold_under_any_mix_of_sizes_caps_and_cancellations(
+    limiter_with_clock: Any, requests: list[tuple[int, int | None, str]]
+) -> None:
+    limiter, clock = limiter_with_clock
+    scope = secrets.randbelow(10**9) + 2 * 10**9  # a fresh key and tenant per example
+    subject = Subject(scope, scope, Limits(daily_tokens=150), Limits(monthly_tokens=400))
+    await _ready(limiter, scope)
+    tag = f"{limiter.prefix}{{t{scope}}}:"
+    day = dt.datetime.fromtimestamp(clock.now, dt.UTC).strftime("%Y%m%d")
+
+    async def committed() -> int:
+        spent = int(await limiter.redis.get(f"{tag}used:k{scope}:d{day}") or 0)
+        return spent + sum(int(v) for v in await limiter.redis.hvals(f"{tag}reserved:k{scope}"))
+
+    late = []
+    for prompt, cap, fate in requests:
+        try:
+            admission = await limiter.admit(subject, prompt, cap)
+        except (BudgetExceeded, RateLimited):
+            continue
+        assert admission is not None
+        assert admission.cap is not None
+        assert await committed() <= 150
+        if fate == "late":
+            late.append(admission)  # still in flight while the others come and go
+            continue
+        produced = admission.cap if fate == "done" else admission.cap // 2
+        await limiter.settle(admission, subject, prompt, produced)
+        assert await committed() <= 150
+    for admission in late:
+        await limiter.settle(admission, subject, 1, admission.cap or 0)
+    assert await committed() <= 150
+    assert await limiter.redis.hlen(f"{tag}reserved:k{scope}") == 0  # nothing outstanding
+    assert await limiter.redis.zcard(f"{tag}lease:k{scope}") == 0
+
+
+async def test_a_limit_change_reaches_every_replica_within_a_second(
+    gateway: GatewayProcess, replica: GatewayProcess, admin: Admin
+) -> None:
+    key = await admin.key(rpm=1000)
+    async with httpx.AsyncClient() as client:
+        for process in (gateway, replica):
+            assert (
+                await client.post(process.url + "/api/generate", json=GENERATE, headers=auth(key))
+            ).status_code == 200
+        await tenants.update_key(admin.pool, key[:11], {"rpm": 2})  # what `set-limits --prefix … --rpm 2` does
+        await asyncio.sleep(1.0)
+        statuses = [
+            (await client.post(p.url + "/api/generate", json=GENERATE, headers=auth(key))).status_code
+            for p in (gateway, replica, gateway)
+        ]
+    assert statuses == [200, 200, 429]  # the new limit, in force everywhere, counted across both
