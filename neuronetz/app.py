@@ -309,6 +309,11 @@ class App:
         finally:
             gateway.in_flight.discard(task)
             watcher.cancel()
+            if disconnected and task.cancelling():
+                # The client left just as the answer ended: the watcher's cancellation is still
+                # pending and would hit the settlement that comes next. Nobody is waiting for it.
+                task.uncancel()
+                exchange.disconnected = True
 
     # --- public routes ------------------------------------------------------------------------
 

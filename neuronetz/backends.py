@@ -78,10 +78,18 @@ class Backend:
 
 
 class BackendPool:
-    def __init__(self, urls: Iterable[str], client: httpx.AsyncClient, interval: float, cooldown: float) -> None:
+    def __init__(
+        self,
+        urls: Iterable[str],
+        client: httpx.AsyncClient,
+        interval: float,
+        cooldown: float,
+        failures_to_mark_down: int = CHECK_FAILURES_TO_MARK_DOWN,
+    ) -> None:
         self.client = client
         self.interval = interval
         self.cooldown = cooldown
+        self.failures_to_mark_down = failures_to_mark_down
         self.backends: list[Backend] = [Backend(url) for url in urls]
         self._ties = itertools.count()
         self._refreshing: asyncio.Task[None] | None = None
@@ -190,7 +198,7 @@ class BackendPool:
         except (httpx.HTTPError, TimeoutError, orjson.JSONDecodeError, AttributeError) as exc:
             backend.check_failures += 1
             backend.error = _reason(exc)
-            if backend.healthy and backend.check_failures >= CHECK_FAILURES_TO_MARK_DOWN:
+            if backend.healthy and backend.check_failures >= self.failures_to_mark_down:
                 log.warning("backend unhealthy", extra={"fields": {"backend": backend.url, "error": backend.error}})
                 backend.healthy = False
             return

@@ -484,7 +484,8 @@ def _gateway_view(settings: config.Settings) -> dict[str, Any] | None:
 
 async def _probe_backends(urls: tuple[str, ...]) -> dict[str, Any]:
     async with httpx.AsyncClient(trust_env=False, timeout=3.0) as client:
-        pool = backends.BackendPool(urls, client, interval=60, cooldown=0)
+        # One probe decides: a one-off check has no earlier rounds to confirm a failure.
+        pool = backends.BackendPool(urls, client, interval=60, cooldown=0, failures_to_mark_down=1)
         await pool.refresh()
         return {backend.url: backend.state() for backend in pool.backends}
 

@@ -279,7 +279,12 @@ def resolve_env_file(explicit: str | None) -> Path | None:
     inherited = os.environ.get(ENV_FILE_VARIABLE)
     if inherited:
         return Path(inherited)
-    return DEFAULT_ENV_FILE if DEFAULT_ENV_FILE.is_file() else None
+    try:
+        return DEFAULT_ENV_FILE if DEFAULT_ENV_FILE.is_file() else None
+    except PermissionError:
+        raise ConfigError(
+            f"The working directory {Path.cwd()} cannot be searched for {DEFAULT_ENV_FILE}: permission denied."
+        ) from None
 
 
 def load(env_file: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:

@@ -9,6 +9,7 @@ comment and the ordering survive an `add-backend`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from pathlib import Path
@@ -113,7 +114,8 @@ def write_atomically(path: Path, text: str) -> None:
     the original file is untouched in that case and no temporary file is left behind.
     """
     tmp = path.with_name(path.name + ".tmp")
-    mode = path.stat().st_mode & 0o7777 if path.exists() else 0o600
+    original = path.stat() if path.exists() else None
+    mode = original.st_mode & 0o7777 if original is not None else 0o600
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
@@ -121,6 +123,11 @@ def write_atomically(path: Path, text: str) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, mode)  # O_CREAT's mode is filtered by the umask; the copy must match.
+        if original is not None and (original.st_uid, original.st_gid) != (os.getuid(), os.getgid()):
+            # Run as root in the container (`docker exec -u root`), the new file would belong
+            # to root and a gateway reading it as uid 10001 through its group could not.
+            with contextlib.suppress(PermissionError):
+                os.chown(tmp, original.st_uid, original.st_gid)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

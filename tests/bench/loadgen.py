@@ -268,7 +268,12 @@ class CpuShare:
         parts = [f"loadgen {self.loadgen:.0%}"]
         parts += [f"{name} {share:.0%}" for name, share in self.others.items()]
         cores = " ".join(f"{share:.0%}" for share in self.cores)
-        return ", ".join(parts) + f"; cores busy {cores}"
+        return ", ".join(parts) + f"; other load {self.unaccounted:.0%}; cores busy {cores}"
+
+    @property
+    def unaccounted(self) -> float:
+        """Busy CPU not spent by anything sampled: other people's processes on a shared box."""
+        return max(0.0, sum(self.cores) - self.loadgen - sum(self.others.values()))
 
 
 class CpuSampler:
