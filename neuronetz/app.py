@@ -26,7 +26,7 @@ from urllib.parse import quote
 
 import orjson
 
-from neuronetz import config, metrics, models, proxy, tokens
+from neuronetz import config, logs, metrics, models, proxy, tokens
 from neuronetz.auth import KeyRecord, bearer_token
 from neuronetz.backends import Backend
 from neuronetz.errors import BadGateway, BadRequest, Forbidden, GatewayError, NotFound, ServiceUnavailable
@@ -37,11 +37,11 @@ from neuronetz.router import Route, Router, is_blocked, normalize_path
 from neuronetz.types import Receive, Scope, Send
 
 log = logging.getLogger("neuronetz.app")
-requests_log = logging.getLogger("neuronetz.request")
 GET = frozenset({"GET", "HEAD"})
 GET_ONLY = frozenset({"GET"})
 POST = frozenset({"POST"})
 PROMETHEUS = b"text/plain; version=0.0.4; charset=utf-8"
+WATCH_AFTER = 0.05  # seconds into a forwarded request before its disconnect watcher starts
 
 
 @dataclass(frozen=True)
@@ -202,8 +202,8 @@ class App:
             else:  # cut short (disconnect, failure): the estimate and the tokens seen so far
                 prompt, completion = estimate, usage.completion_tokens
                 usage.prompt_tokens = estimate
-            # Shielded: a cancelled request still settles, exactly once.
-            await asyncio.shield(gateway.limiter.settle(admission, key.subject, prompt, completion))
+            # Synchronous (queued for the next Redis pipeline): a cancelled request settles too.
+            gateway.limiter.settle(admission, key.subject, prompt, completion)
 
     async def show(self, endpoint: Endpoint, request: Request, send: Send, exchange: Exchange) -> None:
         gateway = self._gateway()
@@ -249,13 +249,16 @@ class App:
         cap: int | None = None,
     ) -> None:
         """Proxy to a backend chosen for `model`, trying the next one while nothing reached the
-        previous. The client going away cancels the upstream request at once: Granian reports
-        a disconnect only through receive() (measurements.md), so a watcher task listens."""
+        previous. The client going away cancels the upstream request: Granian reports a
+        disconnect only through receive() (measurements.md), so a watcher task listens. It
+        starts WATCH_AFTER into the request: most answers are done by then, and a client that
+        left earlier is still noticed at once when it starts, well within 100 ms."""
         gateway = self._gateway()
         task = asyncio.current_task()
         if task is None:  # Granian runs every request in a task; this is a bug if reached
             raise RuntimeError("_forward must run inside a task")
         disconnected = False
+        watcher: asyncio.Task[None] | None = None
 
         async def watch() -> None:
             nonlocal disconnected
@@ -263,7 +266,11 @@ class App:
             disconnected = True
             task.cancel()
 
-        watcher = asyncio.create_task(watch())
+        def start_watching() -> None:
+            nonlocal watcher
+            watcher = asyncio.create_task(watch())
+
+        timer = asyncio.get_running_loop().call_later(WATCH_AFTER, start_watching)
         gateway.in_flight.add(task)
         try:
             tried: set[Backend] = set()
@@ -280,7 +287,7 @@ class App:
                 backend.in_flight += 1
                 try:
                     await proxy.forward(
-                        gateway.http, backend.url, backend.host, path, request, body, send, exchange,
+                        gateway.transport, backend.url, backend.host, path, request, body, send, exchange,
                         gateway.timeouts, strip_usage=strip_usage, cap=cap,
                     )  # fmt: skip
                 except BackendUnreachable as exc:
@@ -308,7 +315,9 @@ class App:
                 raise ServiceUnavailable("The gateway is restarting; retry.", retry_after=1) from None
         finally:
             gateway.in_flight.discard(task)
-            watcher.cancel()
+            timer.cancel()
+            if watcher is not None:
+                watcher.cancel()
             if disconnected and task.cancelling():
                 # The client left just as the answer ended: the watcher's cancellation is still
                 # pending and would hit the settlement that comes next. Nobody is waiting for it.
@@ -380,27 +389,24 @@ class App:
         key = request.key
         ttfb = (exchange.first_byte_at - exchange.started_at) * 1000 if exchange.first_byte_at is not None else None
         created = dt.datetime.fromtimestamp(time.time() - duration, dt.UTC)
-        requests_log.info(
-            "request",
-            extra={
-                "fields": {
-                    "request_id": request.request_id,
-                    "tenant": key.tenant if key else None,
-                    "key": key.prefix if key else None,
-                    "method": request.method,
-                    "route": route.path,
-                    "model": exchange.model,
-                    "backend": exchange.backend,
-                    "status": status,
-                    "error": exchange.error_code,
-                    "stream": exchange.stream,
-                    "prompt_tokens": usage.prompt_tokens,
-                    "completion_tokens": usage.completion_tokens,
-                    "ttfb_ms": round(ttfb, 2) if ttfb is not None else None,
-                    "duration_ms": round(duration * 1000, 2),
-                    "disconnected": exchange.disconnected,
-                }
-            },
+        logs.request_line(
+            {
+                "request_id": request.request_id,
+                "tenant": key.tenant if key else None,
+                "key": key.prefix if key else None,
+                "method": request.method,
+                "route": route.path,
+                "model": exchange.model,
+                "backend": exchange.backend,
+                "status": status,
+                "error": exchange.error_code,
+                "stream": exchange.stream,
+                "prompt_tokens": usage.prompt_tokens,
+                "completion_tokens": usage.completion_tokens,
+                "ttfb_ms": round(ttfb, 2) if ttfb is not None else None,
+                "duration_ms": round(duration * 1000, 2),
+                "disconnected": exchange.disconnected,
+            }
         )
         record = (
             created, request.request_id, key.tenant_id if key else None, key.prefix if key else None,

@@ -17,7 +17,8 @@
 --   "R", label, rpm           KEYS: GCRA theoretical arrival time (ms) for requests
 --   "T", label, tpm           KEYS: GCRA theoretical arrival time (ms) for tokens
 --   "L", label, max_conc      KEYS: lease zset (member lease id, score expiry ms), amount hash
---                             (lease id -> tokens reserved); max_conc 0 = no concurrency limit
+--                             (lease id -> tokens reserved, and their sum under "="); max_conc 0
+--                             means no concurrency limit
 --   "B", label, limit, ttl_s  KEYS: used-tokens counter of one budget period; its reservations
 --                             are those of the "L" check before it (same scope)
 --
@@ -73,22 +74,30 @@ end
 
 -- Leases of crashed holders expire: their reservation is charged in full to the budget
 -- counters of the same scope (never undercharge), then forgotten.
+-- A lease's reservation leaves the scope's running sum ("=", kept so that admission reads one
+-- field instead of adding up every request in flight).
+local function release(lease_check, member)
+    local amount = tonumber(redis.call('HGET', lease_check.amounts, member) or '0')
+    if amount > 0 then
+        redis.call('HINCRBY', lease_check.amounts, '=', -amount)
+        redis.call('HDEL', lease_check.amounts, member)
+    end
+    return amount
+end
+
 local function reap(lease_check, budget_keys)
     local expired = redis.call('ZRANGEBYSCORE', lease_check.key, '-inf', now)
     for _, member in ipairs(expired) do
-        local amount = tonumber(redis.call('HGET', lease_check.amounts, member) or '0')
+        local amount = release(lease_check, member)
         if amount > 0 then
             for _, b in ipairs(budget_keys) do redis.call('INCRBY', b, amount) end
         end
-        redis.call('HDEL', lease_check.amounts, member)
     end
     if #expired > 0 then redis.call('ZREMRANGEBYSCORE', lease_check.key, '-inf', now) end
 end
 
 local function reserved(lease_check)
-    local total = 0
-    for _, v in ipairs(redis.call('HVALS', lease_check.amounts)) do total = total + tonumber(v) end
-    return total
+    return tonumber(redis.call('HGET', lease_check.amounts, '=') or '0')
 end
 
 -- The budget counters that follow each lease check (same scope).
@@ -111,7 +120,7 @@ if mode == 'settle' then
             redis.call('SET', c.key, moved, 'PX', math.max(1, math.ceil(moved - now) + PERIOD))
         elseif c.kind == 'L' then
             redis.call('ZREM', c.key, lease)
-            redis.call('HDEL', c.amounts, lease)
+            release(c, lease)
         elseif c.kind == 'B' and used > 0 then
             redis.call('INCRBY', c.key, used)
             if c.ttl > 0 then redis.call('EXPIRE', c.key, c.ttl) end
@@ -211,6 +220,7 @@ for _, c in ipairs(checks) do
         redis.call('PEXPIRE', c.key, lease_ttl * 2)
         if reservation > 0 then
             redis.call('HSET', c.amounts, lease, reservation)
+            redis.call('HINCRBY', c.amounts, '=', reservation)
             redis.call('PEXPIRE', c.amounts, lease_ttl * 2)
         end
     end

@@ -133,6 +133,11 @@ class Limiter:
         self.clock = clock
         self.script = client.register_script(resources.files("neuronetz").joinpath("limits.lua").read_text())
         self.leases: dict[str, list[str]] = {}  # lease id -> lease zsets, for renewal
+        self.settlements: list[tuple[float, list[str], list[str | int]]] = []  # (queued at, KEYS, ARGV)
+        self._scheduled = False
+        self._admissions: list[tuple[list[str], list[str | int], asyncio.Future[list[Any]]]] = []
+        self._sending: set[asyncio.Task[bool]] = set()
+        self._checks: dict[tuple[Subject, int], tuple[list[str], list[str | int], list[str]]] = {}
         self.rebuilding: dict[int, asyncio.Task[None]] = {}
         self.tasks: list[asyncio.Task[None]] = []
 
@@ -142,7 +147,18 @@ class Limiter:
         return tag(self.prefix, tenant_id)
 
     def checks(self, subject: Subject, now: float) -> tuple[list[str], list[str | int], list[str]]:
-        """KEYS and ARGV checks for limits.lua, and the lease zsets among the KEYS."""
+        """KEYS and ARGV checks for limits.lua, and the lease zsets among the KEYS; memoised
+        per subject and UTC day (the periods' ids cannot change within a day; their TTLs
+        only need to outlive the period)."""
+        memo = (subject, int(now // 86400))
+        found = self._checks.get(memo)
+        if found is None:
+            if len(self._checks) > 10_000:
+                self._checks.clear()
+            found = self._checks[memo] = self._build_checks(subject, now)
+        return found
+
+    def _build_checks(self, subject: Subject, now: float) -> tuple[list[str], list[str | int], list[str]]:
         tag = self._tag(subject.tenant_id)
         keys: list[str] = []
         args: list[str | int] = []
@@ -184,7 +200,7 @@ class Limiter:
             -1 if requested_cap is None else requested_cap, self.default_cap, self.min_output, *checks,
         ]  # fmt: skip
         try:
-            reply = await self.script(keys=keys, args=argv)
+            reply = await self._admit_together(keys, argv)
         except REDIS_ERRORS as exc:
             if subject.budgeted:
                 raise ServiceUnavailable(
@@ -235,10 +251,11 @@ class Limiter:
             retry_after=resets.timestamp() - now,
         )
 
-    async def settle(self, admission: Admission | None, subject: Subject, prompt: int, completion: int) -> None:
+    def settle(self, admission: Admission | None, subject: Subject, prompt: int, completion: int) -> None:
         """Record the real usage: in the ledger always, and against the limits exactly once
-        per admission (a second call is a no-op). A Redis failure here leaves the lease to
-        expire, which charges the full reservation: never less than was used."""
+        per admission (a second call is a no-op). The settlement leaves the request path: it
+        rides along with the next pipeline (see `_flush`), which only ever holds a slot or a
+        reservation a moment longer, never less."""
         self.ledger.record(subject.key_id, subject.tenant_id, prompt, completion)
         if admission is None or admission.settled:
             return
@@ -247,10 +264,96 @@ class Limiter:
         keys, checks, _ = self.checks(subject, self.clock())
         argv: list[str | int] = ["settle", admission.lease, self.lease_ttl_ms, admission.reserved, prompt + completion,
                                  0, 0, *checks]  # fmt: skip
+        self.settlements.append((time.monotonic(), keys, argv))
+        self._schedule()
+
+    # --- one pipeline per loop turn -----------------------------------------------------------------
+    #
+    # Every admission and settlement that comes up in one turn of the event loop goes to Redis in
+    # one pipeline. Each request still costs exactly one round trip to admit and one to settle,
+    # but a pipeline of many costs redis-py a quarter of the CPU per command that separate calls
+    # do, and settlements ride along with admissions (tests/bench/bench_limits.py).
+
+    async def _admit_together(self, keys: list[str], argv: list[str | int]) -> list[Any]:
+        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        self._admissions.append((keys, argv, future))
+        self._schedule()
+        return await future
+
+    def _schedule(self) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        admissions, self._admissions = self._admissions, []
+        settlements, self.settlements = self.settlements, []
+        task = asyncio.create_task(self._send(admissions, settlements))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _send(
+        self,
+        admissions: list[tuple[list[str], list[str | int], asyncio.Future[list[Any]]]],
+        settlements: list[tuple[float, list[str], list[str | int]]],
+    ) -> bool:
+        calls = [(keys, argv) for keys, argv, _ in admissions] + [(keys, argv) for _, keys, argv in settlements]
+        if not calls:
+            return True
         try:
-            await self.script(keys=keys, args=argv)
+            replies = await self._pipelined(calls)
         except REDIS_ERRORS as exc:
-            log.warning("settlement failed; the lease will expire", extra={"fields": {"error": type(exc).__name__}})
+            for _, _, future in admissions:
+                if not future.done():
+                    future.set_exception(exc)
+            self._keep(settlements, exc)
+            return False
+        for (_, _, future), reply in zip(admissions, replies, strict=False):
+            if not future.done():  # the request may have been cancelled meanwhile
+                if isinstance(reply, Exception):
+                    future.set_exception(reply)
+                else:
+                    future.set_result(reply)
+        for reply in replies[len(admissions) :]:
+            if isinstance(reply, Exception):
+                log.error("settlement refused by Redis", extra={"fields": {"error": str(reply)}})
+        return True
+
+    def _keep(self, settlements: list[tuple[float, list[str], list[str | int]]], exc: BaseException) -> None:
+        """Hold settlements through a Redis outage until their leases would have expired anyway
+        (then the lease charges the full reservation, never less than was used), and retry."""
+        horizon = time.monotonic() - self.lease_ttl_ms / 1000
+        kept = [item for item in settlements if item[0] > horizon]
+        if settlements:
+            log.warning("settlement failed; will retry", extra={"fields": {"error": type(exc).__name__,
+                        "pending": len(kept), "given_up": len(settlements) - len(kept)}})  # fmt: skip
+        self.settlements = kept + self.settlements
+        if kept:
+            asyncio.get_running_loop().call_later(0.5, self._schedule)
+
+    async def flush_settlements(self) -> bool:
+        """Send queued settlements now (for shutdown and tests); False if Redis refused."""
+        settlements, self.settlements = self.settlements, []
+        return await self._send([], settlements)
+
+    async def _pipelined(self, calls: list[tuple[list[str], list[str | int]]]) -> list[Any]:
+        """EVALSHA each call in one pipeline; the replies in order, errors in place. Sent
+        directly rather than through redis-py's Script, whose pipelines ask SCRIPT EXISTS
+        first (a second round trip every time); a Redis that forgot the script (restart,
+        failover) gets it loaded once, then the pipeline again."""
+        replies = await self._send_pipeline(calls)
+        if any(isinstance(reply, redis.exceptions.NoScriptError) for reply in replies):
+            await self.redis.script_load(self.script.script)
+            replies = await self._send_pipeline(calls)
+        return replies
+
+    async def _send_pipeline(self, calls: list[tuple[list[str], list[str | int]]]) -> list[Any]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for keys, argv in calls:
+                pipe.evalsha(self.script.sha, len(keys), *keys, *argv)
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+        return replies
 
     # --- background work ----------------------------------------------------------------------------
 
@@ -314,6 +417,12 @@ class Limiter:
         self.tasks = [asyncio.create_task(self._renew_periodically())]
 
     async def stop(self) -> None:
+        """Stop the background work after sending what is still queued (a few tries: the
+        leases of anything left over expire by themselves)."""
+        for _ in range(5):
+            if await self.flush_settlements():
+                break
+            await asyncio.sleep(0.5)
         for task in [*self.tasks, *self.rebuilding.values()]:
             task.cancel()
         await asyncio.gather(*self.tasks, *self.rebuilding.values(), return_exceptions=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import logging.config
+import sys
 import time
 from typing import Any
 
@@ -52,6 +53,28 @@ def dictconfig(level: str) -> dict[str, Any]:
             "httpcore": {"level": logging.WARNING},
         },
     }
+
+
+REQUESTS = logging.getLogger("neuronetz.request")
+_second: tuple[int, str] = (0, "")
+
+
+def request_line(fields: dict[str, Any]) -> None:
+    """The per-request line, written straight to stdout: the same JSON the formatter makes,
+    without a LogRecord and handler round per request (about a tenth of a proxied request's
+    CPU at info level). Honours the level of the `neuronetz.request` logger."""
+    global _second
+    if not REQUESTS.isEnabledFor(logging.INFO):
+        return
+    now = time.time()
+    whole = int(now)
+    if whole != _second[0]:
+        _second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
+    entry = {"ts": f"{_second[1]}.{int((now - whole) * 1000):03d}Z", "level": "info", "logger": REQUESTS.name,
+             "msg": "request", **fields}  # fmt: skip
+    stream = sys.stdout.buffer
+    stream.write(orjson.dumps(entry, default=str) + b"\n")
+    stream.flush()
 
 
 def configure(level: str) -> None:

@@ -11,6 +11,8 @@ number of workers that consider the backend up.
 
 from __future__ import annotations
 
+import bisect
+import functools
 import math
 import os
 import tempfile
@@ -46,7 +48,9 @@ HELP = {
 }
 
 
+@functools.lru_cache(maxsize=4096)
 def labels(**values: str) -> Labels:
+    """A series' labels in canonical order; memoised, as the same few repeat per request."""
     return tuple(sorted(values.items()))
 
 
@@ -67,12 +71,7 @@ class Registry:
         series = self.histograms[name].get(key)
         if series is None:
             series = self.histograms[name][key] = [0.0] * (len(BUCKETS) + 2)
-        for index, bound in enumerate(BUCKETS):
-            if value <= bound:
-                series[index] += 1
-                break
-        else:
-            series[len(BUCKETS)] += 1
+        series[bisect.bisect_left(BUCKETS, value)] += 1  # the first bucket with value <= bound; or +Inf
         series[-1] += value
 
     def snapshot(self) -> dict[str, Any]:

@@ -11,11 +11,15 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 
+import asyncpg
 import httpx
 import pytest
+import redis.asyncio as aioredis
 
 from neuronetz import keys, tenants
+from neuronetz.auth import Authenticator
 from tests.support import METRICS_TOKEN, ROOT, Admin, GatewayProcess, auth, metric
 
 UNAUTHORIZED = {"error": "Invalid or missing API key: send `Authorization: Bearer <key>` with an active key."}
@@ -282,3 +286,57 @@ async def test_the_secret_is_stored_only_as_argon2id_and_shown_nowhere(
 def _output(command: list[str], database_url: str | None = None) -> str:
     env = {**os.environ, **({"DATABASE_URL": database_url} if database_url else {})}
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, check=True).stdout
+
+
+async def test_last_used_is_written_once_per_flush_not_per_request(gateway_env: dict[str, str], admin: Admin) -> None:
+    key = await admin.key()
+    with GatewayProcess(gateway_env) as process:
+        async with httpx.AsyncClient() as client:
+            for _ in range(5):
+                assert (await client.get(process.url + "/api/version", headers=auth(key))).status_code == 200
+        # Coalesced: nothing is written per request; the worker flushes once a minute and at shutdown.
+        assert await admin.pool.fetchval("SELECT last_used_at FROM api_keys WHERE prefix = $1", key[:11]) is None
+        assert process.stop() == 0
+    used = await admin.pool.fetchval("SELECT last_used_at FROM api_keys WHERE prefix = $1", key[:11])
+    assert used is not None
+    assert abs((dt.datetime.now(dt.UTC) - used).total_seconds()) < 30
+
+
+class _SlowPool:
+    """A pool whose key lookup waits until the test lets it go."""
+
+    def __init__(self, pool: asyncpg.Pool[Any]) -> None:
+        self.pool = pool
+        self.fetching = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def fetchrow(self, query: str, *args: Any) -> Any:
+        self.fetching.set()
+        await self.release.wait()
+        return await self.pool.fetchrow(query, *args)
+
+
+async def test_a_lookup_that_raced_an_invalidation_is_not_cached(
+    admin: Admin, redis_url: str, redis_prefix: str, database_url: str
+) -> None:
+    key = await admin.key()
+    slow = _SlowPool(admin.pool)
+    client = aioredis.Redis.from_url(redis_url)
+    authenticator = Authenticator(
+        slow,  # type: ignore[arg-type]
+        client, database_url=database_url, secret="s", redis_prefix=redis_prefix, cache_ttl=30,
+        failures_per_minute=100, threads=1,
+    )  # fmt: skip
+    authenticator.listening = True
+    try:
+        lookup = asyncio.create_task(authenticator.authenticate(f"Bearer {key}".encode(), "127.0.0.1"))
+        await slow.fetching.wait()
+        authenticator.invalidate(f"key:{key[:11]}")  # e.g. revoked while this lookup was reading
+        slow.release.set()
+        assert (await lookup).prefix == key[:11]  # this request started before: it is served
+        assert authenticator.cache == {}  # but what it read is not trusted for the next one
+        await authenticator.authenticate(f"Bearer {key}".encode(), "127.0.0.1")
+        assert len(authenticator.cache) == 1  # a lookup without a race is cached as usual
+    finally:
+        authenticator.executor.shutdown()
+        await client.aclose()

@@ -323,7 +323,8 @@ async def test_a_daily_budget_resets_at_utc_midnight_and_a_total_one_never(
     await _ready(limiter, tenant_id)
     for subject in (daily, total):
         admission = await limiter.admit(subject, 5, 15)
-        await limiter.settle(admission, subject, 5, 15)
+        limiter.settle(admission, subject, 5, 15)
+        assert await limiter.flush_settlements()
         with pytest.raises(BudgetExceeded, match="used up"):
             await limiter.admit(subject, 5, 15)
     clock.now += 15  # 00:00:05 the next day
@@ -353,7 +354,9 @@ async def test_budgets_hold_under_any_mix_of_sizes_caps_and_cancellations(
 
     async def committed() -> int:
         spent = int(await limiter.redis.get(f"{tag}used:k{scope}:d{day}") or 0)
-        return spent + sum(int(v) for v in await limiter.redis.hvals(f"{tag}reserved:k{scope}"))
+        amounts = {k.decode(): int(v) for k, v in (await limiter.redis.hgetall(f"{tag}reserved:k{scope}")).items()}
+        assert amounts.pop("=", 0) == sum(amounts.values())  # the running sum is the sum
+        return spent + sum(amounts.values())
 
     late = []
     for prompt, cap, fate in requests:
@@ -368,12 +371,15 @@ async def test_budgets_hold_under_any_mix_of_sizes_caps_and_cancellations(
             late.append(admission)  # still in flight while the others come and go
             continue
         produced = admission.cap if fate == "done" else admission.cap // 2
-        await limiter.settle(admission, subject, prompt, produced)
+        limiter.settle(admission, subject, prompt, produced)
+        assert await limiter.flush_settlements()
         assert await committed() <= 150
     for admission in late:
-        await limiter.settle(admission, subject, 1, admission.cap or 0)
+        limiter.settle(admission, subject, 1, admission.cap or 0)
+    assert await limiter.flush_settlements()
     assert await committed() <= 150
-    assert await limiter.redis.hlen(f"{tag}reserved:k{scope}") == 0  # nothing outstanding
+    outstanding = await limiter.redis.hgetall(f"{tag}reserved:k{scope}")
+    assert outstanding in ({}, {b"=": b"0"})  # nothing outstanding
     assert await limiter.redis.zcard(f"{tag}lease:k{scope}") == 0
 
 
@@ -393,3 +399,34 @@ async def test_a_limit_change_reaches_every_replica_within_a_second(
             for p in (gateway, replica, gateway)
         ]
     assert statuses == [200, 200, 429]  # the new limit, in force everywhere, counted across both
+
+
+async def test_the_script_is_loaded_again_after_redis_forgets_it(
+    gateway: GatewayProcess, admin: Admin, redis_url: str
+) -> None:
+    key = await admin.key(rpm=100)
+    async with httpx.AsyncClient() as client:
+        assert (await client.post(gateway.url + "/api/generate", json=GENERATE, headers=auth(key))).status_code == 200
+        direct = aioredis.Redis.from_url(redis_url)
+        await direct.script_flush()  # what a Redis restart or failover does to loaded scripts
+        await direct.aclose()
+        again = await client.post(gateway.url + "/api/generate", json=GENERATE, headers=auth(key))
+    assert again.status_code == 200
+    assert again.headers["x-ratelimit-remaining-requests"] == "98"
+
+
+async def test_a_long_stream_keeps_its_slot_past_the_lease_time(
+    gateway_env: dict[str, str], emulator: Emulator, admin: Admin
+) -> None:
+    emulator.configure(token_delay_ms=100, tokens=80)  # 8 s: longer than the 5 s lease
+    key = await admin.key(max_concurrent=1)
+    with GatewayProcess({**gateway_env, "GATEWAY_LEASE_TTL": "5"}) as process:
+        async with httpx.AsyncClient(timeout=30) as client:
+            long = asyncio.create_task(
+                client.post(process.url + "/api/generate", json={"model": "tiny", "prompt": "hi"}, headers=auth(key))
+            )
+            await asyncio.sleep(6.5)  # past the first lease: renewal must have kept it
+            short = {**GENERATE, "options": {"num_predict": 1}}
+            assert (await client.post(process.url + "/api/generate", json=short, headers=auth(key))).status_code == 429
+            assert (await long).status_code == 200
+            assert (await client.post(process.url + "/api/generate", json=short, headers=auth(key))).status_code == 200

@@ -9,24 +9,20 @@ app reads in its lifespan as `neuronetz serve` does.
   the whole pipeline of an authenticated request (path normalisation, routing, the key
   check, recording: metrics, log line, audit row) without the proxying. `/healthz` on the
   same server is the unauthenticated comparison.
-* `NZBENCH_PROXY`: comma-separated what-if variants, for measuring a change end to end
-  without editing neuronetz/ (nothing here is ever used by the gateway itself). The text
-  variants load patched copies of neuronetz/proxy.py or neuronetz/app.py (see PATCHES):
-    `transport`     `_exchange` calls `UpstreamTransport.handle_async_request` directly
-                    instead of `httpx.AsyncClient.send`;
-    `request`       `forward` builds `httpx.Request(...)` instead of `client.build_request(...)`;
-    `lazywatch`     `_forward` starts its disconnect watcher only after 50 ms;
-    `directsettle`  `inference` awaits a settlement without admission directly (no shield task);
-    `onebody`       an ASGI wrapper that hands Granian a response with a Content-Length as one
-                    `http.response.body` message instead of a chunk plus an empty last message.
+* `NZBENCH_PROXY`: comma-separated diagnostics, for pricing a part of the pipeline end to
+  end without editing neuronetz/ (nothing here is ever used by the gateway itself): they
+  load a patched copy of neuronetz/app.py (see PATCHES):
+    `norecord`  skip `App._record` (metrics, log line, audit row);
+    `noaudit`   skip only its audit row.
 * `NZBENCH_PROFILE=/path/file.prof`: cProfile the worker from lifespan startup to shutdown.
 * `NZBENCH_TRACE=/path/file.json`: time the phases of every request (ASGI receive/send and
-  the upstream transport call) and write their medians there at shutdown.
+  the upstream transport call; wall time and the event-loop thread's CPU time) and write
+  their medians to `<path>.<pid>` at shutdown. It keeps every request's marks in memory:
+  for probes of a few seconds, not for long runs.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import cProfile
 import itertools
@@ -36,7 +32,6 @@ import statistics
 import sys
 import time
 import types
-from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -47,43 +42,10 @@ VARIANTS = frozenset(v.strip() for v in os.environ.get("NZBENCH_PROXY", "").spli
 # Each text variant: (file, the exact text it replaces, the replacement). If the text moved,
 # the harness refuses to start rather than silently measure the unpatched code.
 PATCHES: dict[str, tuple[str, str, str]] = {
-    "transport": (
-        "neuronetz/proxy.py",
-        "await client.send(outgoing, stream=True)",
-        "await client._transport.handle_async_request(outgoing)",
-    ),
-    # httpx.Request takes build_request's arguments; it skips merging the client's defaults
-    # (here: only the gateway's User-Agent, sent when the client sent none).
-    "request": ("neuronetz/proxy.py", "outgoing = client.build_request(", "outgoing = httpx.Request("),
-    # The disconnect watcher starts only if the exchange is still running after 50 ms.
-    "lazywatch": ("neuronetz/app.py", "watcher = asyncio.create_task(watch())", "watcher = _bench_lazy_task(watch)"),
-    # No task per request for a settlement without an admission (nothing to shield: it never suspends).
-    "directsettle": (
-        "neuronetz/app.py",
-        "await asyncio.shield(gateway.limiter.settle(admission, key.subject, prompt, completion))",
-        "await (gateway.limiter.settle(admission, key.subject, prompt, completion) if admission is None "
-        "else asyncio.shield(gateway.limiter.settle(admission, key.subject, prompt, completion)))",
-    ),
+    # Diagnostics only (they drop required behaviour): price the recording of a request.
+    "norecord": ("neuronetz/app.py", "self._record(request, route, exchange)", "pass"),
+    "noaudit": ("neuronetz/app.py", "gateway.audit.submit(record, prompt)", "pass"),
 }
-KNOWN_VARIANTS = frozenset({*PATCHES, "onebody"})
-LAZY_WATCH_DELAY = 0.05
-
-
-class _LazyTask:
-    """Creates the task only after LAZY_WATCH_DELAY; cancel() before that costs one timer."""
-
-    def __init__(self, factory: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        self.task: asyncio.Task[None] | None = None
-        self.factory = factory
-        self.handle = asyncio.get_running_loop().call_later(LAZY_WATCH_DELAY, self._start)
-
-    def _start(self) -> None:
-        self.task = asyncio.create_task(self.factory())
-
-    def cancel(self) -> None:
-        self.handle.cancel()
-        if self.task is not None:
-            self.task.cancel()
 
 
 def _load_patched(module_name: str, relative: str, changes: list[tuple[str, str]]) -> None:
@@ -99,14 +61,13 @@ def _load_patched(module_name: str, relative: str, changes: list[tuple[str, str]
         source = source.replace(old, new)
     module = types.ModuleType(module_name)
     module.__file__ = str(path)
-    module.__dict__["_bench_lazy_task"] = _LazyTask
     sys.modules[module_name] = module
     exec(compile(source, str(path), "exec"), module.__dict__)
 
 
-if VARIANTS - KNOWN_VARIANTS:
-    raise RuntimeError(f"unknown NZBENCH_PROXY variants {sorted(VARIANTS - KNOWN_VARIANTS)}; known: {KNOWN_VARIANTS}")
-for _relative in ("neuronetz/proxy.py", "neuronetz/app.py"):  # proxy first: app imports it
+if VARIANTS - set(PATCHES):
+    raise RuntimeError(f"unknown NZBENCH_PROXY variants {sorted(VARIANTS - set(PATCHES))}; known: {sorted(PATCHES)}")
+for _relative in ("neuronetz/app.py",):
     _changes = [(old, new) for name, (where, old, new) in PATCHES.items() if name in VARIANTS and where == _relative]
     if _changes:
         _load_patched(_relative[:-3].replace("/", "."), _relative, _changes)
@@ -117,14 +78,15 @@ from neuronetz.router import Route, Router  # noqa: E402
 from neuronetz.upstream import UpstreamTransport  # noqa: E402
 
 TRACE_PATH = os.environ.get("NZBENCH_TRACE")
-_trace: contextvars.ContextVar[list[tuple[str, float]] | None] = contextvars.ContextVar("nzbench_trace", default=None)
-_traces: list[list[tuple[str, float]]] = []
+Marks = list[tuple[str, float, float]]  # event, wall (perf_counter), this thread's CPU (thread_time)
+_trace: contextvars.ContextVar[Marks | None] = contextvars.ContextVar("nzbench_trace", default=None)
+_traces: list[Marks] = []
 
 
 def _mark(event: str) -> None:
     marks = _trace.get()
     if marks is not None:
-        marks.append((event, time.perf_counter()))
+        marks.append((event, time.perf_counter(), time.thread_time()))
 
 
 def _traced_transport() -> None:
@@ -159,18 +121,27 @@ def _traced_io(receive: Receive, send: Send) -> tuple[Receive, Send]:
 
 
 def _write_traces(path: str) -> None:
-    """Per phase (from one mark to the next, first occurrences), the median in microseconds."""
-    phases: dict[str, list[float]] = {}
+    """Per phase (from one mark to the next, first occurrences), the median wall time and the
+    median CPU time of the event-loop thread, in microseconds."""
+    phases: dict[str, list[tuple[float, float]]] = {}
     for marks in _traces:
-        seen: dict[str, float] = {}
-        for event, at in marks:
-            seen.setdefault(event, at)
-        ordered = sorted(seen.items(), key=lambda item: item[1])
+        seen: dict[str, tuple[float, float]] = {}
+        for event, wall, cpu in marks:
+            seen.setdefault(event, (wall, cpu))
+        ordered = sorted(seen.items(), key=lambda item: item[1][0])
         for (first, start), (second, end) in itertools.pairwise(ordered):
-            phases.setdefault(f"{first} -> {second}", []).append((end - start) * 1e6)
+            phases.setdefault(f"{first} -> {second}", []).append((end[0] - start[0], end[1] - start[1]))
         if ordered:
-            phases.setdefault("total", []).append((ordered[-1][1] - ordered[0][1]) * 1e6)
-    summary = {name: {"n": len(v), "median_us": statistics.median(v)} for name, v in phases.items()}
+            first_mark, last_mark = ordered[0][1], ordered[-1][1]
+            phases.setdefault("total", []).append((last_mark[0] - first_mark[0], last_mark[1] - first_mark[1]))
+    summary = {
+        name: {
+            "n": len(values),
+            "median_wall_us": statistics.median(v[0] for v in values) * 1e6,
+            "median_cpu_us": statistics.median(v[1] for v in values) * 1e6,
+        }
+        for name, values in phases.items()
+    }
     Path(f"{path}.{os.getpid()}").write_text(json.dumps(summary, indent=1))
 
 
@@ -183,32 +154,6 @@ async def noop(request: Request, send: Send, exchange: Any) -> None:
     await send_json(send, request, 200, {})
 
 
-def _one_body(send: Send) -> Send:
-    """Collect the body of a response that declared its Content-Length and send it as one
-    message (what the `onebody` variant would make proxy.py do for whole answers)."""
-    parts: list[bytes] = []
-    collecting = False
-
-    async def wrapped(message: Message) -> None:
-        nonlocal collecting
-        kind = message["type"]
-        if kind == "http.response.start":
-            collecting = any(name == b"content-length" for name, _ in message.get("headers", ()))
-        elif kind == "http.response.body" and collecting:
-            body = message.get("body", b"")
-            if message.get("more_body", False):
-                if body:
-                    parts.append(body)
-                return
-            if parts:
-                parts.append(body)
-                message = {"type": "http.response.body", "body": b"".join(parts), "more_body": False}
-                parts.clear()
-        await send(message)
-
-    return wrapped
-
-
 class BenchApp(App):
     def __init__(self) -> None:
         super().__init__()
@@ -217,10 +162,8 @@ class BenchApp(App):
         self.profiler: cProfile.Profile | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and "onebody" in VARIANTS:
-            send = _one_body(send)
         if scope["type"] == "http" and TRACE_PATH:
-            marks: list[tuple[str, float]] = [("app.call", time.perf_counter())]
+            marks: Marks = [("app.call", time.perf_counter(), time.thread_time())]
             _trace.set(marks)
             receive, send = _traced_io(receive, send)
             try:

@@ -1,0 +1,301 @@
+"""Benchmark (issue 6): what rate limits and token budgets cost per request.
+
+    python3 build.py bench limits           (or: .venv/bin/python tests/bench/bench_limits.py --help)
+
+A. In-process: a `neuronetz.limits.Limiter` built as gateway.py builds it (with its Ledger),
+   for a key whose key and tenant both set every limit (rpm, tpm, max_concurrent and the
+   daily, monthly and total budgets); `admit` + `settle` timed over many sequential
+   requests: Redis round trips counted on the client, process CPU (time.process_time),
+   wall time, and the Redis server's CPU. The same for a key without limits.
+B. Gateway requests/s at c=32 (`python -m neuronetz serve --workers 1` on CPU 1) with that
+   fully limited key (generous values: nothing is refused) vs a key of another tenant with no
+   limits at all, interleaved runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
+from tests.bench import loadgen
+from tests.bench.loadgen import Run, Service
+
+TARGET_ROUND_TRIPS = (1, 1)
+TARGET_RATIO = 0.85
+# Generous: nothing is refused at a few thousand requests per second for minutes. Each request
+# reserves its prompt estimate + GATEWAY_DEFAULT_MAX_TOKENS (1,024) until it settles.
+EVERY_LIMIT = {
+    "rpm": 100_000_000,
+    "tpm": 2_000_000_000,  # the column is an integer
+    "max_concurrent": 100_000,
+    "daily_tokens": 10**15,
+    "monthly_tokens": 10**15,
+    "total_tokens": 10**15,
+}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Limits and budgets: Redis round trips and CPU per admission + settlement, and gateway req/s "
+        "with every limit set vs none.",
+        epilog="Needs Postgres (BENCH_POSTGRES_URL, default postgresql://postgres@127.0.0.1:5432/postgres) and "
+        "Redis (REDIS_URL, default redis://127.0.0.1:6379/0).",
+    )
+    add = parser.add_argument
+    add("--requests", type=int, default=3000, help="sequential admit+settle pairs timed (default 3000)")
+    add("--seconds", type=float, default=3.0, help="measured seconds of each c=32 run (default 3)")
+    add("--repeat", type=int, default=3, help="interleaved repeats of each c=32 run; median shown (default 3)")
+    return parser.parse_args(argv)
+
+
+# --- A. in-process --------------------------------------------------------------------------
+
+
+async def in_process(
+    store: loadgen.BenchStore, keys: dict[str, str], args: argparse.Namespace
+) -> tuple[list[str], dict[str, tuple[float, float]]]:
+    from neuronetz import keys as key_module
+    from neuronetz import tenants
+    from neuronetz.auth import record_from_row
+    from neuronetz.budgets import Ledger
+    from neuronetz.errors import ServiceUnavailable
+    from neuronetz.gateway import redis_client
+    from neuronetz.limits import Limiter
+
+    # As gateway.py builds it; round trips are counted where packed commands leave for Redis
+    # (a pipeline is one send, as it is one round trip).
+    redis = redis_client(store.redis_url)
+    counted = {"n": 0}
+    base = redis.connection_pool.connection_class
+
+    class Counting(base):  # type: ignore[valid-type, misc]
+        async def send_packed_command(self, *command: Any, **options: Any) -> Any:
+            counted["n"] += 1
+            return await super().send_packed_command(*command, **options)
+
+    redis.connection_pool.connection_class = Counting
+    ledger = Ledger(store.pool)
+    ledger.start()
+    limiter = Limiter(redis, ledger, prefix=store.redis_prefix, lease_ttl=60.0, default_cap=1024, min_output=16)
+    limiter.start()
+    shared: dict[str, Service | list[int]] = {"redis": loadgen.pids_named("redis-server")}
+    rows = []
+    trips: dict[str, tuple[float, float]] = {}
+    try:
+        for label, key in keys.items():
+            prefix = key_module.prefix_of(key)
+            assert prefix is not None
+            subject = record_from_row(await tenants.fetch_key(store.pool, prefix)).subject
+            # The first budgeted request of a tenant finds no epoch marker and starts the rebuild
+            # from the ledger (503 meanwhile); wait for it, as a real client would retry.
+            deadline = time.monotonic() + 15
+            while True:
+                try:
+                    admission = await limiter.admit(subject, 12, None)
+                    break
+                except ServiceUnavailable:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.5)
+            limiter.settle(admission, subject, 2, 10)
+            await limiter.flush_settlements()
+            for _ in range(200):  # warm-up
+                admission = await limiter.admit(subject, 12, None)
+                limiter.settle(admission, subject, 2, 10)
+                await limiter.flush_settlements()
+            admit_trips = settle_trips = 0
+            admit_cpu = settle_cpu = 0.0
+            walls: list[float] = []
+            sampler = loadgen.CpuSampler(shared)
+            for _ in range(args.requests):
+                before, cpu, wall = counted["n"], time.process_time(), time.perf_counter()
+                admission = await limiter.admit(subject, 12, None)
+                middle, cpu_middle = counted["n"], time.process_time()
+                # Queued by the request, sent by the background flush: here flushed at once, so
+                # each request pays its own round trip (the gateway batches them under load).
+                limiter.settle(admission, subject, 2, 10)
+                await limiter.flush_settlements()
+                walls.append(time.perf_counter() - wall)
+                admit_cpu += cpu_middle - cpu
+                settle_cpu += time.process_time() - cpu_middle
+                admit_trips += middle - before
+                settle_trips += counted["n"] - middle
+            share = sampler.stop()
+            elapsed = time.perf_counter() - sampler.wall
+            n = args.requests
+            now = time.time()
+            cpu = time.process_time()
+            for _ in range(n):
+                limiter.checks(subject, now)
+            checks_us = (time.process_time() - cpu) / n * 1e6
+            redis_us = share.others["redis"] * elapsed / n * 1e6
+            trips[label] = (admit_trips / n, settle_trips / n)
+            rows.append([
+                label, f"{admit_trips / n:g} + {settle_trips / n:g}", f"{admit_cpu / n * 1e6:.0f} us",
+                f"{settle_cpu / n * 1e6:.0f} us", f"{checks_us:.0f} us", f"{statistics.median(walls) * 1e3:.3f} ms",
+                f"{redis_us:.0f} us" if share.others["redis"] * elapsed >= 0.05 else "< tick",
+            ])  # fmt: skip
+    finally:
+        await limiter.stop()
+        await ledger.stop()
+        await redis.aclose()
+    lines = [
+        "## A. Limiter.admit + Limiter.settle, in-process",
+        "method: neuronetz.limits.Limiter (+ Ledger, started) on the bench Redis prefix, built as gateway.py builds "
+        f"it (lease 60 s, default cap 1,024, min output 16); {args.requests:,} sequential requests after 200 warm-up, "
+        "prompt estimate 12, usage 2 + 10 tokens; round trips = Redis commands sent by the client (execute_command; "
+        "a pipeline would count once); CPU = time.process_time of this process on CPU 0; checks() = the KEYS/ARGV "
+        "building alone, which admit and settle each run once; Redis CPU = redis-server's CPU over the loop / "
+        "requests (shared server: includes anyone else's load)",
+        loadgen.table(
+            [
+                "key",
+                "round trips admit + settle",
+                "CPU admit",
+                "CPU settle",
+                "of which checks() each",
+                "wall admit+settle p50",
+                "Redis CPU per request",
+            ],
+            rows,
+        ),
+        "",
+    ]
+    return lines, trips
+
+
+# --- B. through the gateway -----------------------------------------------------------------
+
+
+async def warm(port: int, request: bytes, seconds: float = 20.0) -> None:
+    """Send until the gateway answers 200 (a budgeted tenant's first requests get 503 while
+    its counters are rebuilt from the ledger), then 1,000 more."""
+    connections = await loadgen.connect(port, 1)
+    deadline = time.monotonic() + seconds
+    try:
+        while True:
+            got = await loadgen.closed_loop(connections, request, 0, requests=1)
+            if got.errors == 0 and got.lost == 0:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the gateway still refuses after {seconds} s: {got.statuses}")
+            await asyncio.sleep(0.3)
+        await loadgen.closed_loop(connections, request, 0, requests=1000)
+    finally:
+        loadgen.close_all(connections)
+
+
+async def through_gateway(
+    store: loadgen.BenchStore, keys: dict[str, str], args: argparse.Namespace
+) -> tuple[list[str], float]:
+    with loadgen.services() as started:
+        emulator = loadgen.start_emulator()
+        started.append(emulator)
+        env = loadgen.gateway_env(store.database_url, store.redis_prefix, emulator.url)
+        gateway = loadgen.start_gateway(env)
+        started.append(gateway)
+        sample: dict[str, Service | list[int]] = {
+            "gateway": gateway, "emulator": emulator, "redis": loadgen.pids_named("redis-server"),
+            "postgres": loadgen.pids_named("postgres"),
+        }  # fmt: skip
+        requests = {
+            label: loadgen.http_request("POST", gateway.port, "/api/chat", loadgen.CHAT_BODY, key)
+            for label, key in keys.items()
+        }
+        for request in requests.values():
+            await warm(gateway.port, request)
+        runs: dict[str, list[Run]] = {label: [] for label in requests}
+        for index in range(args.repeat):
+            for label, request in list(requests.items())[:: 1 if index % 2 == 0 else -1]:
+                connections = await loadgen.connect(gateway.port, 32)
+                await loadgen.closed_loop(connections, request, 1.0)
+                got = await loadgen.closed_loop(connections, request, args.seconds, sample=sample)
+                loadgen.close_all(connections)
+                if got.errors or got.lost:
+                    raise RuntimeError(f"{label}: {got.errors} errors {got.statuses}, {got.lost} lost")
+                runs[label].append(got)
+                await asyncio.sleep(0.3)
+    rows = []
+    for label, group in runs.items():
+        chosen = sorted(group, key=lambda r: r.rps)[len(group) // 2]
+        assert chosen.cpu is not None
+        per = {
+            name: chosen.cpu.others[name] * chosen.seconds / len(chosen.latencies) * 1e6
+            for name in ("gateway", "redis")
+        }
+        rows.append([
+            label, f"{chosen.rps:,.0f}", f"{statistics.median(r.rps for r in group):,.0f}",
+            loadgen.ms(loadgen.median(chosen.latencies)), loadgen.ms(loadgen.percentile(chosen.latencies, 99)),
+            f"{per['gateway']:.0f}", f"{per['redis']:.0f}", chosen.cpu.describe(),
+        ])  # fmt: skip
+    labels = list(runs)
+    ratio = statistics.median(r.rps for r in runs[labels[0]]) / statistics.median(r.rps for r in runs[labels[1]])
+    lines = [
+        "## B. Gateway requests/s at c=32: every limit and budget set vs none",
+        "method: `python -m neuronetz serve --workers 1` on CPU 1, emulator + load generator on CPU 0 (Redis and "
+        "Postgres float); non-streaming POST /api/chat (75 B body, 337 B answer); closed loop, 32 keep-alive "
+        f"connections, 1 s warm-up + {args.seconds:g} s, {args.repeat} interleaved repeats (median run shown); keys "
+        "of two tenants: one with every limit on key and tenant (generous: none refuses), one with none",
+        loadgen.table(
+            [
+                "key",
+                "req/s (median run)",
+                "median of runs",
+                "p50",
+                "p99",
+                "gateway CPU us/req",
+                "Redis CPU us/req",
+                "CPU (share of one core)",
+            ],
+            rows,
+        ),
+        "",
+    ]
+    return lines, ratio
+
+
+async def run(args: argparse.Namespace) -> int:
+    loadgen.raise_nofile()
+    loadgen.pin_self(loadgen.LOADGEN_CPU)
+    async with loadgen.bench_store("limits") as store:
+        limited = {name: value for name, value in EVERY_LIMIT.items()}
+        limited.update({f"t_{name}": value for name, value in EVERY_LIMIT.items()})
+        keys = {
+            "every limit (key + tenant)": await loadgen.make_key(store, "limited", **limited),
+            "no limits": await loadgen.make_key(store, "free"),
+        }
+        section_a, trips = await in_process(store, keys, args)
+        print("  in-process done; through the gateway", file=sys.stderr, flush=True)
+        section_b, ratio = await through_gateway(store, keys, args)
+    admit, settle = trips["every limit (key + tenant)"]
+    summary = [
+        ["Redis round trips per request, every limit (admit + settle)", f"{admit:g} + {settle:g}", "1 + 1",
+         loadgen.verdict((admit, settle) == TARGET_ROUND_TRIPS)],
+        ["gateway req/s c=32, every limit / none", f"{ratio:.1%}", f">= {TARGET_RATIO:.0%}",
+         loadgen.verdict(ratio >= TARGET_RATIO)],
+    ]  # fmt: skip
+    print("\n# neuronetz-gateway benchmark: limits and budgets (issue 6)\n")
+    print(f"placement: {loadgen.placement()}\n")
+    print("## Summary")
+    print(loadgen.table(["figure", "measured", "target", "verdict"], summary))
+    print("(CPU per admission + settlement: see section A; no numeric target was set for it)\n")
+    print("\n".join(section_a))
+    print("\n".join(section_b))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    with loadgen.uvloop_runner() as runner:
+        return runner.run(run(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
