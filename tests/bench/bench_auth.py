@@ -53,15 +53,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 async def in_process(store: loadgen.BenchStore, key: str, args: argparse.Namespace) -> tuple[list[str], float]:
-    import redis.asyncio as aioredis
-
     from neuronetz import auth as auth_module
     from neuronetz import keys
+    from neuronetz.gateway import redis_client
 
-    # As gateway.py builds it.
-    redis = aioredis.Redis.from_url(
-        store.redis_url, socket_connect_timeout=2, socket_timeout=5, health_check_interval=10
-    )
+    redis = redis_client(store.redis_url)  # as gateway.py builds it
     authenticator = auth_module.Authenticator(
         store.pool, redis, database_url=store.database_url, secret="bench-secret-not-for-production",
         redis_prefix=store.redis_prefix, cache_ttl=30.0, failures_per_minute=1_000_000, threads=1,
@@ -294,20 +290,13 @@ async def run(args: argparse.Namespace) -> int:
         ["  same without App._record (auth alone; diagnostic)", f"{auth_only:.1%}", f"(>= {TARGET_RATIO:.0%})",
          "n/a" if auth_only != auth_only else loadgen.verdict(auth_only >= TARGET_RATIO)],
     ]  # fmt: skip
-    print("\n# neuronetz-gateway benchmark: authentication (issue 3)\n")
-    print(f"placement: {loadgen.placement()}\n")
-    print("## Summary")
-    print(loadgen.table(["figure", "measured", "target", "verdict"], summary))
-    print("")
-    print("\n".join(section_a))
-    print("\n".join(section_b))
+    loadgen.report("authentication (issue 3)", summary, f"placement: {loadgen.placement()}",
+                   "\n".join(section_a), "\n".join(section_b))  # fmt: skip
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    with loadgen.uvloop_runner() as runner:
-        return runner.run(run(args))
+    return loadgen.run_main(run, parse_args(argv))
 
 
 if __name__ == "__main__":

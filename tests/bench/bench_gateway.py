@@ -511,10 +511,7 @@ async def run(args: argparse.Namespace) -> int:
                                 loadgen.verdict(mem.per_stream_kb <= TARGET_STREAM_KB and mem.all_concurrent
                                                 and mem.ok == mem.streams)])  # fmt: skip
 
-    print("\n".join(["", "# neuronetz-gateway benchmark: the proxy (issue 4)", "", "## Summary"]))
-    print(loadgen.table(["figure", "measured", "target", "verdict"], summary))
-    print("")
-    print("\n".join(lines))
+    loadgen.report("the proxy (issue 4)", summary, "\n".join(lines))
     return 0
 
 
@@ -537,9 +534,7 @@ def _version(package: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    with loadgen.uvloop_runner() as runner:
-        return runner.run(run(args))
+    return loadgen.run_main(run, parse_args(argv))
 
 
 if __name__ == "__main__":

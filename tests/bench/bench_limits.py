@@ -281,20 +281,14 @@ async def run(args: argparse.Namespace) -> int:
         ["gateway req/s c=32, every limit / none", f"{ratio:.1%}", f">= {TARGET_RATIO:.0%}",
          loadgen.verdict(ratio >= TARGET_RATIO)],
     ]  # fmt: skip
-    print("\n# neuronetz-gateway benchmark: limits and budgets (issue 6)\n")
-    print(f"placement: {loadgen.placement()}\n")
-    print("## Summary")
-    print(loadgen.table(["figure", "measured", "target", "verdict"], summary))
-    print("(CPU per admission + settlement: see section A; no numeric target was set for it)\n")
-    print("\n".join(section_a))
-    print("\n".join(section_b))
+    loadgen.report("limits and budgets (issue 6)", summary, f"placement: {loadgen.placement()}",
+                   "(CPU per admission + settlement: see section A; no numeric target was set for it)",
+                   "\n".join(section_a), "\n".join(section_b))  # fmt: skip
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    with loadgen.uvloop_runner() as runner:
-        return runner.run(run(args))
+    return loadgen.run_main(run, parse_args(argv))
 
 
 if __name__ == "__main__":

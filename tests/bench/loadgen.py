@@ -27,7 +27,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -678,6 +678,23 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     lines += ["| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def report(title: str, summary: Sequence[Sequence[str]], *sections: str) -> None:
+    """Print a benchmark's report: its title, the summary table against the targets, then
+    each section's tables and method lines."""
+    print(f"\n# neuronetz-gateway benchmark: {title}\n")
+    print("## Summary")
+    print(table(["figure", "measured", "target", "verdict"], summary))
+    for section in sections:
+        print("")
+        print(section)
+
+
+def run_main(run: Callable[[Any], Coroutine[Any, Any, int]], args: Any) -> int:
+    with uvloop_runner() as runner:
+        code: int = runner.run(run(args))
+        return code
 
 
 def verdict(ok: bool | None) -> str:
