@@ -33,18 +33,15 @@ TARGET_RATIO = 0.80
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Authentication cost: in-process CPU per authenticate() (hit and misses) and req/s of an "
+    parser = loadgen.arguments(
+        "Authentication cost: in-process CPU per authenticate() (hit and misses) and req/s of an "
         "authenticated no-op route vs /healthz.",
-        epilog="Needs Postgres (BENCH_POSTGRES_URL, default postgresql://postgres@127.0.0.1:5432/postgres) and "
-        "Redis (REDIS_URL, default redis://127.0.0.1:6379/0).",
+        repeat=3,
     )
     add = parser.add_argument
     add("--hits", type=int, default=100_000, help="cache-hit calls timed (default 100000)")
     add("--redis-misses", type=int, default=300, help="misses proven by the Redis record (default 300)")
     add("--argon2-misses", type=int, default=12, help="misses that run Argon2id (default 12)")
-    add("--seconds", type=float, default=3.0, help="measured seconds of each c=32 run (default 3)")
-    add("--repeat", type=int, default=3, help="interleaved repeats of each c=32 run; median shown (default 3)")
     add("--no-diagnostics", action="store_true", help="skip the servers that price App._record")
     return parser.parse_args(argv)
 

@@ -45,16 +45,13 @@ TARGET_STREAM_KB = 300.0
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Emulator directly vs through the gateway: added latency, req/s, TTFT, memory per stream.",
-        epilog="Needs Postgres and Redis (DATABASE base: BENCH_POSTGRES_URL, default "
-        "postgresql://postgres@127.0.0.1:5432/postgres; REDIS_URL, default redis://127.0.0.1:6379/0).",
+    parser = loadgen.arguments(
+        "Emulator directly vs through the gateway: added latency, req/s, TTFT, memory per stream.",
+        repeat=2,
     )
     add = parser.add_argument
     add("--rounds", type=int, default=10, help="interleaved rounds for the c=1 latency (default 10)")
     add("--per-round", type=int, default=200, help="sequential requests per target per round (default 200)")
-    add("--seconds", type=float, default=3.0, help="measured seconds of each throughput run (default 3)")
-    add("--repeat", type=int, default=2, help="interleaved repeats of each throughput run; median shown (default 2)")
     add("--streams", type=int, default=1000, help="concurrent slow streams for the memory figure (default 1000)")
     add("--stream-seconds", type=float, default=10.0, help="length of each slow stream (default 10)")
     add("--no-memory", action="store_true", help="skip the memory figure")

@@ -42,16 +42,13 @@ EVERY_LIMIT = {
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Limits and budgets: Redis round trips and CPU per admission + settlement, and gateway req/s "
+    parser = loadgen.arguments(
+        "Limits and budgets: Redis round trips and CPU per admission + settlement, and gateway req/s "
         "with every limit set vs none.",
-        epilog="Needs Postgres (BENCH_POSTGRES_URL, default postgresql://postgres@127.0.0.1:5432/postgres) and "
-        "Redis (REDIS_URL, default redis://127.0.0.1:6379/0).",
+        repeat=3,
     )
     add = parser.add_argument
     add("--requests", type=int, default=3000, help="sequential admit+settle pairs timed (default 3000)")
-    add("--seconds", type=float, default=3.0, help="measured seconds of each c=32 run (default 3)")
-    add("--repeat", type=int, default=3, help="interleaved repeats of each c=32 run; median shown (default 3)")
     return parser.parse_args(argv)
 
 

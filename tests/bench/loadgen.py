@@ -14,6 +14,7 @@ Redis and Postgres are shared services and float over both CPUs.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import itertools
@@ -678,6 +679,20 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     lines += ["| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def arguments(description: str, repeat: int) -> argparse.ArgumentParser:
+    """A benchmark's command line with the options every one of them has."""
+    parser = argparse.ArgumentParser(
+        description=description,
+        epilog="Needs Postgres (BENCH_POSTGRES_URL, default postgresql://postgres@127.0.0.1:5432/postgres) and "
+        "Redis (REDIS_URL, default redis://127.0.0.1:6379/0); creates its own database and key prefix and "
+        "removes both at the end.",
+    )
+    add = parser.add_argument
+    add("--seconds", type=float, default=3.0, help="measured seconds of each throughput run (default 3)")
+    add("--repeat", type=int, default=repeat, help=f"repeats of each throughput run; median shown (default {repeat})")
+    return parser
 
 
 def report(title: str, summary: Sequence[Sequence[str]], *sections: str) -> None:
