@@ -20,7 +20,7 @@ import itertools
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -36,6 +36,8 @@ CHECK_TIMEOUT = 2.0
 # The gateway's own requests to backends say so, e.g. in Ollama's logs and in the tests' emulator.
 CHECK_HEADERS = {"user-agent": "neuronetz-gateway (health check)"}
 LISTING_HEADERS = {"user-agent": "neuronetz-gateway (model listing)"}
+# orjson.JSONDecodeError is a ValueError, as is a JSON answer of the wrong shape.
+FETCH_ERRORS = (httpx.HTTPError, TimeoutError, ValueError)
 SERVER_ERRORS_TO_BENCH = 3
 # One slow answer to a health check (a busy backend, a GC pause) must not take a backend out
 # of rotation; two in a row do. Connection failures of real requests bench it at once.
@@ -48,7 +50,6 @@ class Backend:
     healthy: bool = True  # optimistic until the first check: a fresh gateway serves at once
     benched_until: float = 0.0
     models: frozenset[str] | None = None  # normalised names; None until first listed
-    listing: list[dict[str, Any]] = field(default_factory=list)  # /api/tags entries as sent
     in_flight: int = 0
     version: str | None = None
     error: str | None = None
@@ -177,27 +178,30 @@ class BackendPool:
     async def _list(self, backend: Backend, path: str, field_name: str) -> list[dict[str, Any]] | None:
         try:
             async with asyncio.timeout(CHECK_TIMEOUT * 5):
-                response = await self.client.get(backend.url + path, headers=LISTING_HEADERS)
-                response.raise_for_status()
-            entries = orjson.loads(response.content).get(field_name) or []
-        except (httpx.HTTPError, TimeoutError, orjson.JSONDecodeError, AttributeError) as exc:
-            self.failed(backend, _reason(exc))
+                return _entries(await self._json(backend.url + path, LISTING_HEADERS), field_name)
+        except FETCH_ERRORS as exc:
+            self.failed(backend, failure_reason(exc))
             return None
-        return [entry for entry in entries if isinstance(entry, dict)]
+
+    async def _json(self, url: str, headers: dict[str, str]) -> dict[str, Any]:
+        """GET a JSON object from a backend; raises one of FETCH_ERRORS otherwise."""
+        response = await self.client.get(url, headers=headers)
+        response.raise_for_status()
+        document = orjson.loads(response.content)
+        if not isinstance(document, dict):
+            raise ValueError("the answer is not a JSON object")
+        return document
 
     # --- active health and model lists ---------------------------------------------------------
 
     async def check(self, backend: Backend) -> None:
         try:
             async with asyncio.timeout(CHECK_TIMEOUT):
-                version = await self.client.get(backend.url + "/api/version", headers=CHECK_HEADERS)
-                version.raise_for_status()
-                tags = await self.client.get(backend.url + "/api/tags", headers=CHECK_HEADERS)
-                tags.raise_for_status()
-            listing = orjson.loads(tags.content).get("models") or []
-        except (httpx.HTTPError, TimeoutError, orjson.JSONDecodeError, AttributeError) as exc:
+                version = await self._json(backend.url + "/api/version", CHECK_HEADERS)
+                listing = _entries(await self._json(backend.url + "/api/tags", CHECK_HEADERS), "models")
+        except FETCH_ERRORS as exc:
             backend.check_failures += 1
-            backend.error = _reason(exc)
+            backend.error = failure_reason(exc)
             if backend.healthy and backend.check_failures >= self.failures_to_mark_down:
                 log.warning("backend unhealthy", extra={"fields": {"backend": backend.url, "error": backend.error}})
                 backend.healthy = False
@@ -208,9 +212,8 @@ class BackendPool:
         backend.healthy = True
         backend.benched_until = 0.0
         backend.error = None
-        backend.version = orjson.loads(version.content).get("version")
-        backend.listing = [m for m in listing if isinstance(m, dict)]
-        backend.models = frozenset(models.normalize(str(m.get("name", ""))) for m in backend.listing)
+        backend.version = str(version.get("version") or "") or None
+        backend.models = frozenset(models.normalize(str(m.get("name", ""))) for m in listing)
 
     async def refresh(self) -> None:
         """Check every backend now; concurrent callers share one refresh."""
@@ -233,14 +236,21 @@ class BackendPool:
         return {"ok": any(state["ok"] for state in each.values()), "each": each}
 
 
-def _reason(exc: BaseException) -> str:
-    """A short reason that never repeats a URL (it may carry a password)."""
+def _entries(document: dict[str, Any], field_name: str) -> list[dict[str, Any]]:
+    entries = document.get(field_name)
+    return [entry for entry in entries if isinstance(entry, dict)] if isinstance(entries, list) else []
+
+
+def failure_reason(exc: BaseException) -> str:
+    """A short reason for a failed check that never repeats a URL (it may carry a password)."""
     if isinstance(exc, httpx.HTTPStatusError):
         return f"answered HTTP {exc.response.status_code}"
     if isinstance(exc, httpx.TimeoutException | TimeoutError):
         return "no answer in time"
     if isinstance(exc, httpx.ConnectError):
         return "connection failed"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
     return type(exc).__name__
 
 

@@ -24,7 +24,7 @@ import redis.exceptions
 from neuronetz import config, db, envfile, metrics, proxy
 from neuronetz.audit import AuditWriter
 from neuronetz.auth import Authenticator
-from neuronetz.backends import BackendPool
+from neuronetz.backends import BackendPool, failure_reason
 from neuronetz.budgets import Ledger
 from neuronetz.limits import Limiter
 from neuronetz.upstream import UpstreamTransport
@@ -172,7 +172,7 @@ class Gateway:
             except TimeoutError:
                 return {"ok": False, "error": f"no answer within {timeout:g} s"}
             except Exception as exc:  # any failure of a dependency is a failed check, not a crash
-                return {"ok": False, "error": _describe(exc)}
+                return {"ok": False, "error": failure_reason(exc)}
             return {"ok": True}
 
         checks = await asyncio.gather(check(db.ping(self.db)), check(self.redis.ping()), check(self.backends.refresh()))
@@ -266,10 +266,3 @@ def _stamp(path: Any) -> tuple[int, int, int] | None:
     except OSError:
         return None
     return stat.st_mtime_ns, stat.st_size, stat.st_ino
-
-
-def _describe(exc: BaseException) -> str:
-    """A short reason for a failed check that never repeats a URL (it may hold a password)."""
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror.lower()
-    return type(exc).__name__

@@ -23,7 +23,6 @@ if TYPE_CHECKING:
     from neuronetz.auth import KeyRecord
 
 JSON = b"application/json"
-TEXT = b"text/plain; charset=utf-8"
 DRAIN_LIMIT = 1 << 20
 _SANE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
 
@@ -103,10 +102,6 @@ class Request:
         self.param: str | None = None  # the route's captured parameter (/v1/models/{model})
         self.key: KeyRecord | None = None  # set once authenticated
 
-    def header(self, name: bytes) -> str | None:
-        value = self.headers.get(name)
-        return value.decode("latin-1") if value is not None else None
-
     async def body(self, limit: int) -> bytes:
         """Read the whole body, refusing (413) anything larger than `limit` bytes.
 
@@ -150,9 +145,6 @@ class Request:
             if message["type"] == "http.disconnect":
                 return
             drained += len(message.get("body", b""))
-
-    async def json(self, limit: int) -> dict[str, Any]:
-        return parse_json(await self.body(limit))
 
     async def wait_for_disconnect(self) -> None:
         """Return when the client disconnects. Granian reports a vanished client only through

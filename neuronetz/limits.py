@@ -60,12 +60,6 @@ class Limits:
     def from_row(cls, row: Any, prefix: str = "") -> Limits:
         return cls(*(row[prefix + name] for name in LIMIT_NAMES))
 
-    def inherit(self, tenant: Limits) -> Limits:
-        """This key's effective limits: its own values, the tenant's where it has none."""
-        return Limits(
-            *(getattr(self, name) if getattr(self, name) is not None else getattr(tenant, name) for name in LIMIT_NAMES)
-        )
-
     def as_dict(self) -> dict[str, int | None]:
         return {field.name: getattr(self, field.name) for field in fields(self)}
 

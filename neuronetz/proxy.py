@@ -24,7 +24,7 @@ from typing import Any, cast
 import httpx
 import orjson
 
-from neuronetz import __version__
+from neuronetz import __version__, http
 from neuronetz.errors import BadGateway, GatewayError, GatewayTimeout, ServiceUnavailable
 from neuronetz.http import Request
 from neuronetz.relay import BodyRelay, NdjsonRelay, Outcome, SseRelay
@@ -219,9 +219,9 @@ async def _exchange(
             # The backend closed a stream cleanly but without its final record.
             await end_with_error(send, request, exchange, "The backend ended the answer early.", "backend_error")
             return
-        if outcome.error is not None and request.openai and exchange.stream and status == 200:
+        if outcome.error is not None:  # the backend's own error record, passed on: audited as such
             exchange.error_code = "backend_error"
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await http.finish(send)
     finally:
         await response.aclose()
 
@@ -229,12 +229,10 @@ async def _exchange(
 async def _start(
     send: Send, request: Request, exchange: Exchange, status: int, content_type: bytes, extra: list[tuple[bytes, bytes]]
 ) -> None:
-    headers = [(b"content-type", content_type), *request.response_headers, *extra]
     if exchange.stream:
         # Tell buffering proxies in front (nginx; Caddy flushes streams by itself) not to hold events.
-        headers.append((b"x-accel-buffering", b"no"))
-        headers.append((b"cache-control", b"no-cache"))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
+        extra = [*extra, (b"x-accel-buffering", b"no"), (b"cache-control", b"no-cache")]
+    await http.start(send, request, status, content_type, extra)
     exchange.started = True
 
 
@@ -242,7 +240,7 @@ async def _body(send: Send, exchange: Exchange, chunk: bytes) -> None:
     if exchange.first_byte_at is None:
         exchange.first_byte_at = time.perf_counter()
     exchange.bytes_out += len(chunk)
-    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    await http.send_chunk(send, chunk)
 
 
 async def end_with_error(send: Send, request: Request, exchange: Exchange, message: str, code: str) -> None:
@@ -253,4 +251,4 @@ async def end_with_error(send: Send, request: Request, exchange: Exchange, messa
         return
     if exchange.stream:
         await _body(send, exchange, error_record(request.openai, message, code))
-    await send({"type": "http.response.body", "body": b"", "more_body": False})
+    await http.finish(send)

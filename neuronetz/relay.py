@@ -25,10 +25,6 @@ class Usage:
     completion_tokens: int = 0
     exact: bool = False
 
-    @property
-    def total(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
 
 @dataclass(slots=True)
 class Outcome:

@@ -325,12 +325,15 @@ async def test_a_native_error_line_mid_stream_is_passed_on(
 ) -> None:
     emulator.inject("error", after_tokens=3, message="the runner crashed")
     key = await admin.key()
+    request_id, headers = traced(key)
     async with httpx.AsyncClient() as client:
-        response = await client.post(gateway.url + "/api/chat", json=CHAT, headers=auth(key))
+        response = await client.post(gateway.url + "/api/chat", json=CHAT, headers=headers)
     lines = [orjson.loads(line) for line in response.text.splitlines()]
     assert response.status_code == 200
     assert len(lines) == 4
     assert lines[-1] == {"error": "the runner crashed"}
+    row = await audit_row(admin, request_id)
+    assert (row["status"], row["error_code"], row["completion_tokens"]) == (200, "backend_error", 3)
 
 
 @pytest.mark.parametrize("kind", ["drop", "error"])
