@@ -8,6 +8,7 @@ that wake-up future rather than an `asyncio.wait_for` task.
 Where RFC 9112 lets a recipient choose between leniency and rejection we reject, because a
 gateway that guesses at framing can be made to splice one response into the next (response
 splitting, RFC 9112 §11.2); a rejected response becomes a 502, which §5.2 allows a gateway.
+tests/test_h1.py compares this parser with h11's and lists each place where it is stricter.
 
     >>> head = parse_response_head(b"HTTP/1.1 200 OK\\r\\nContent-Length: 2", head_request=False)
     >>> head.status, head.framing, head.length, head.keep_alive
@@ -169,7 +170,7 @@ def parse_response_head(data: bytes, head_request: bool) -> ResponseHead:
 
     headers: list[tuple[bytes, bytes]] = []
     length: int | None = None
-    transfer_encoding: bytes | None = None
+    chunked = False
     connection: set[bytes] = set()
     for line in lines[1:]:
         name, value = _field(line)
@@ -187,9 +188,9 @@ def parse_response_head(data: bytes, head_request: bool) -> ResponseHead:
             length = int(value)
         elif lowered == b"transfer-encoding":
             # A coding other than plain chunked would reach the client still encoded.
-            if transfer_encoding is not None or value.lower() != b"chunked":
+            if chunked or value.lower() != b"chunked":
                 raise malformed(f"Transfer-Encoding {value[:40]!r}, or more than one")
-            transfer_encoding = value.lower()
+            chunked = True
         elif lowered == b"connection":
             connection |= _tokens(value)
 
@@ -198,7 +199,7 @@ def parse_response_head(data: bytes, head_request: bool) -> ResponseHead:
     # §6.3 item 1: these responses end with their head, whatever the framing headers say.
     if head_request or status < 200 or status == 204 or status == 304:
         return ResponseHead(status, reason, version, headers, Framing.NONE, 0, keep_alive)
-    if transfer_encoding is not None:
+    if chunked:
         # §6.3 item 3: Transfer-Encoding next to Content-Length "ought to be handled as an error";
         # §6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing.
         if length is not None or version != b"HTTP/1.1":

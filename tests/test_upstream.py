@@ -15,19 +15,22 @@ import socket
 import ssl
 import struct
 import subprocess
+import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import NamedTuple
 
 import httpx
+import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from neuronetz.upstream import UpstreamTransport
+from tests.support import Admin, GatewayProcess, auth, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -984,3 +987,75 @@ def test_https_runs_on_uvloop(certificate: Path) -> None:
     uvloop = pytest.importorskip("uvloop")
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(test_https_reuses_connections_and_aborts_partly_read_bodies(certificate))
+
+
+# --- through the gateway --------------------------------------------------------------------
+
+HOSTILE = {
+    "length-of-5000-digits": b"HTTP/1.1 200 OK\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n",
+    "length-twice": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n{}",
+    "control-byte": b"HTTP/1.1 200 OK\r\nContent-Type: application/json\x01\r\nContent-Length: 2\r\n\r\n{}",
+    "processing": b"HTTP/1.1 102 Processing\r\n\r\n",  # repeated every 0.1 s, never a final answer
+}
+
+
+async def hostile(server: Upstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A backend whose health checks pass and whose chat answers are HOSTILE[model]."""
+    while (request := await server.read_request(reader)) is not None:
+        path = request.line.split(b" ")[1]
+        if path == b"/api/version":
+            writer.write(reply(b'{"version":"0.5.0"}'))
+        elif path == b"/api/tags":
+            writer.write(reply(orjson.dumps({"models": [{"name": f"{model}:latest"} for model in HOSTILE]})))
+        else:
+            model = orjson.loads(request.body)["model"]
+            writer.write(HOSTILE[model])
+            while model == "processing":
+                await writer.drain()
+                await asyncio.sleep(0.1)
+                writer.write(HOSTILE[model])
+        await writer.drain()
+
+
+@pytest.fixture(scope="module")
+def hostile_gateway(gateway_env: dict[str, str]) -> Iterator[GatewayProcess]:
+    """A gateway in front of `hostile`, which runs on a loop of its own: starting the gateway blocks."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    backend = Upstream(hostile)
+    try:
+        asyncio.run_coroutine_threadsafe(backend.__aenter__(), loop).result(10)
+        env = {
+            **gateway_env,
+            "OLLAMA_BACKENDS": backend.url,
+            "GATEWAY_UPSTREAM_FIRST_BYTE_TIMEOUT": "1",
+            "GATEWAY_BACKEND_COOLDOWN": "0.1",  # three 502s in a row bench the backend
+        }
+        with GatewayProcess(env) as process:
+            yield process
+    finally:
+        asyncio.run_coroutine_threadsafe(backend.__aexit__(None, None, None), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+@pytest.mark.parametrize(
+    ("model", "status"),
+    [("length-of-5000-digits", 502), ("length-twice", 502), ("control-byte", 502), ("processing", 504)],
+)
+async def test_a_hostile_backend_head_is_an_error_in_the_callers_dialect(
+    hostile_gateway: GatewayProcess, admin: Admin, model: str, status: int
+) -> None:
+    key = await admin.key()
+    await asyncio.to_thread(wait_for, hostile_gateway.url + "/readyz")
+    headers = {**auth(key), "X-Request-ID": f"hostile-{model}"}
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": False}
+    async with httpx.AsyncClient(timeout=30) as client:
+        started = time.monotonic()
+        response = await client.post(hostile_gateway.url + "/api/chat", json=body, headers=headers)
+    assert response.status_code == status
+    assert response.headers["x-request-id"] == f"hostile-{model}"
+    assert set(response.json()) == {"error"}
+    assert time.monotonic() - started < 10  # the first-byte timeout (1 s), not the total (1,800 s)
