@@ -3,8 +3,9 @@
 `UpstreamTransport` plugs into `httpx.AsyncClient(transport=...)`. It exists because httpx's
 default transport (httpcore over anyio) costs several times the CPU per request of a plain
 asyncio protocol, and the gateway's whole budget is 1 ms of added latency (the README has the
-figures, `python3 build.py bench upstream` measures them). The bytes on each socket are `h1.py`'s business; this
-module decides which socket a request uses, when a request is retried and when a socket is closed.
+figures, `python3 build.py bench upstream` measures them). The bytes on each socket are
+`h1.py`'s business; this module decides which socket a request uses, when a request is retried
+and when a socket is closed.
 
 * A pool per origin (scheme, host, port). `max_connections` and `max_keepalive` count per origin,
   because each backend has its own capacity and one slow backend must not starve the others.
