@@ -8,6 +8,7 @@ that wake-up future rather than an `asyncio.wait_for` task.
 Where RFC 9112 lets a recipient choose between leniency and rejection we reject, because a
 gateway that guesses at framing can be made to splice one response into the next (response
 splitting, RFC 9112 §11.2); a rejected response becomes a 502, which §5.2 allows a gateway.
+tests/test_h1.py compares this parser with h11's and lists each place where it is stricter.
 
     >>> head = parse_response_head(b"HTTP/1.1 200 OK\\r\\nContent-Length: 2", head_request=False)
     >>> head.status, head.framing, head.length, head.keep_alive
@@ -26,12 +27,25 @@ import httpx
 
 _HEX_DIGITS = b"0123456789abcdefABCDEF"
 _OWS = b" \t"
+# RFC 9110 §5.6.2: tchar, the bytes of a token such as a field name.
+_TCHAR = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+# RFC 9110 §5.5: a field value (and RFC 9112 §4 a reason phrase) holds VCHAR, obs-text, SP and HTAB;
+# every other control byte, DEL included, is invalid.
+_VCHAR_OR_OBS_TEXT = bytes([*range(0x21, 0x7F), *range(0x80, 0x100)])
+_FIELD_VALUE = b"\t " + _VCHAR_OR_OBS_TEXT
+# 18 decimal digits stay below 2**63 (an exabyte); int() of a longer run costs time, and past
+# 4,300 digits raises ValueError instead of telling a transport error.
+_MAX_LENGTH_DIGITS = 18
 # 16 hex digits already describe an exabyte; a longer size line is an attack on int(), not a body.
 _MAX_CHUNK_SIZE_DIGITS = 16
 _MAX_CHUNK_LINE = 4096
 # Pause the socket when a slow consumer lets this much response data pile up; resumed on the next wait.
 _READ_HIGH_WATER = 256 * 1024
 LAST_CHUNK = b"0\r\n\r\n"
+# 1xx responses before the final one (RFC 9110 §15.2): 100 Continue, 102 Processing now and then,
+# 103 Early Hints. More than this is a server looping, not informing; their bytes together count
+# against the head size limit.
+MAX_INTERIM_RESPONSES = 32
 
 
 class Framing(enum.Enum):
@@ -65,6 +79,21 @@ def malformed(what: str) -> httpx.RemoteProtocolError:
     return httpx.RemoteProtocolError(f"The upstream sent a malformed response: {what}.")
 
 
+def _is_length(value: bytes) -> bool:
+    """A Content-Length value (RFC 9110 §8.6: 1*DIGIT), of at most _MAX_LENGTH_DIGITS digits."""
+    return value.isdigit() and len(value) <= _MAX_LENGTH_DIGITS
+
+
+def valid_field(name: bytes, value: bytes) -> bool:
+    """Is `name` a token and `value` (OWS already stripped) a field value (RFC 9110 §5.1, §5.5)?
+
+    bytes.translate deletes the allowed bytes in C, so the check stays linear and cheap on the hot
+    path; what is left over is the offending part. CR, LF and NUL are among the refused bytes, so a
+    valid field can never start a new header line or a new message (RFC 9112 §11.2).
+    """
+    return bool(name) and not name.translate(None, _TCHAR) and not value.translate(None, _FIELD_VALUE)
+
+
 def _tokens(value: bytes) -> set[bytes]:
     """The comma-separated, case-insensitive options of a Connection header (RFC 9110 §7.6.1)."""
     return {token.strip(_OWS) for token in value.lower().split(b",")}
@@ -76,8 +105,8 @@ def scan_request_headers(headers: list[tuple[bytes, bytes]]) -> RequestFraming:
     for name, value in headers:
         lowered = name.lower()
         if lowered == b"content-length":
-            if not value.isdigit():
-                raise httpx.LocalProtocolError(f"Content-Length must be a decimal number, got {value!r}.")
+            if not _is_length(value):
+                raise httpx.LocalProtocolError(f"Content-Length must be a decimal number, got {value[:40]!r}.")
             length = int(value)
         elif lowered == b"transfer-encoding":
             chunked = True
@@ -90,15 +119,16 @@ def encode_request_head(method: bytes, target: bytes, headers: list[tuple[bytes,
     """The request line and header section (RFC 9112 §3, §5), headers in the caller's order.
 
     A CR or LF inside a name, a value or the target would let a header value start a new header
-    or a new request (§11.2), so the finished head must hold exactly one CRLF per line.
+    or a new request (§11.2): every field must be valid, and the target must hold no CR, LF or SP.
     """
+    for name, value in headers:
+        if not valid_field(name, value):
+            raise httpx.LocalProtocolError(f"The request header {name[:100]!r} is not a valid field (RFC 9110 §5).")
+    if not target or target.translate(None, _VCHAR_OR_OBS_TEXT):
+        raise httpx.LocalProtocolError("The request target is empty or contains SP or a control character.")
     lines = [method + b" " + target + b" HTTP/1.1"]
     lines += [name + b": " + value for name, value in headers]
-    head = b"\r\n".join(lines) + b"\r\n\r\n"
-    line_ends = len(lines) + 1
-    if head.count(b"\n") != line_ends or head.count(b"\r") != line_ends:
-        raise httpx.LocalProtocolError("A request header or the target contains CR or LF.")
-    return head
+    return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
 def encode_chunk(data: bytes) -> bytes:
@@ -107,22 +137,21 @@ def encode_chunk(data: bytes) -> bytes:
 
 
 def _field(line: bytes) -> tuple[bytes, bytes]:
-    name, colon, value = line.partition(b":")
-    # §5.1: no whitespace is allowed between the field name and the colon, and a name is a token.
-    # A line that starts with whitespace is an obs-fold (§5.2), which a gateway may reject.
-    if not colon or not name or b" " in name or b"\t" in name:
+    name, _, value = line.partition(b":")
+    value = value.strip(_OWS)
+    # §5.1: a field name is a token, so whitespace before the colon, a line without a colon and
+    # an obs-fold (a line starting with whitespace, §5.2, which a gateway may reject) all fail
+    # here; RFC 9110 §5.5: CR, LF, NUL and other controls in a value must not be passed on.
+    if not valid_field(name, value) or len(name) == len(line):
         raise malformed(f"bad header line {line[:100]!r}")
-    return name, value.strip(_OWS)
+    return name, value
 
 
 def parse_response_head(data: bytes, head_request: bool) -> ResponseHead:
     """Parse a status line and header section, `data` without the final CRLF CRLF."""
+    # §2.2: a bare CR is not a line end and we do not accept a bare LF as one either; one left
+    # inside a line fails the checks of the status line or of the field it sits in.
     lines = data.split(b"\r\n")
-    # §2.2: a bare CR is not a line end and we do not accept a bare LF as one either; RFC 9110
-    # §5.5: CR, LF or NUL inside a field value must be rejected or replaced.
-    separators = len(lines) - 1
-    if data.count(b"\n") != separators or data.count(b"\r") != separators or b"\0" in data:
-        raise malformed("a stray CR, LF or NUL in the head")
     # §4: status-line = HTTP-version SP status-code SP [ reason-phrase ]; some servers omit the
     # second SP when the reason is empty, which costs nothing to accept.
     version, _, rest = lines[0].partition(b" ")
@@ -134,28 +163,34 @@ def parse_response_head(data: bytes, head_request: bool) -> ResponseHead:
         or not code.isdigit()
         or code < b"100"
         or code > b"599"
+        or reason.translate(None, _FIELD_VALUE)
     ):
         raise malformed(f"status line {lines[0][:100]!r}")
     status = int(code)
 
     headers: list[tuple[bytes, bytes]] = []
     length: int | None = None
-    transfer_encoding: bytes | None = None
+    chunked = False
     connection: set[bytes] = set()
     for line in lines[1:]:
         name, value = _field(line)
         headers.append((name, value))
         lowered = name.lower()
         if lowered == b"content-length":
-            # §6.3 item 5: an invalid length, or several that differ, is unrecoverable. We also
-            # refuse the list form "5, 5" that §6.3 merely permits accepting.
-            if not value.isdigit() or (length is not None and int(value) != length):
+            # §6.3 item 5: an invalid length, or several that differ, is unrecoverable. RFC 9110
+            # §8.6 lets a recipient either reject the same length repeated ("5, 5", or two
+            # fields) or collapse it; we reject it, as everything else whose framing is in doubt,
+            # so the head passed on always carries the one length the body was read by.
+            if length is not None:
+                raise malformed("more than one Content-Length header")
+            if not _is_length(value):
                 raise malformed(f"Content-Length {value[:40]!r}")
             length = int(value)
         elif lowered == b"transfer-encoding":
-            if transfer_encoding is not None:
-                raise malformed("more than one Transfer-Encoding header")
-            transfer_encoding = value.lower()
+            # A coding other than plain chunked would reach the client still encoded.
+            if chunked or value.lower() != b"chunked":
+                raise malformed(f"Transfer-Encoding {value[:40]!r}, or more than one")
+            chunked = True
         elif lowered == b"connection":
             connection |= _tokens(value)
 
@@ -164,12 +199,11 @@ def parse_response_head(data: bytes, head_request: bool) -> ResponseHead:
     # §6.3 item 1: these responses end with their head, whatever the framing headers say.
     if head_request or status < 200 or status == 204 or status == 304:
         return ResponseHead(status, reason, version, headers, Framing.NONE, 0, keep_alive)
-    if transfer_encoding is not None:
+    if chunked:
         # §6.3 item 3: Transfer-Encoding next to Content-Length "ought to be handled as an error";
-        # §6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing. A coding other
-        # than plain chunked would reach the client still encoded, so we refuse it too.
-        if length is not None or version != b"HTTP/1.1" or transfer_encoding != b"chunked":
-            raise malformed(f"Transfer-Encoding {transfer_encoding[:40]!r} with this framing")
+        # §6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing.
+        if length is not None or version != b"HTTP/1.1":
+            raise malformed("Transfer-Encoding with Content-Length or in HTTP/1.0")
         return ResponseHead(status, reason, version, headers, Framing.CHUNKED, 0, keep_alive)
     if length is not None:
         framing = Framing.LENGTH if length else Framing.NONE
@@ -291,7 +325,35 @@ class Connection(asyncio.Protocol):
                 raise httpx.WriteError("The upstream connection closed while the request was being sent.")
             await self.wait(seconds, httpx.WriteTimeout)
 
-    async def read_head(self, first_byte_seconds: float | None, seconds: float | None, limit: int) -> bytes | None:
+    async def read_response_head(
+        self, head_request: bool, first_byte_seconds: float | None, seconds: float | None, limit: int
+    ) -> ResponseHead | None:
+        """The final response head, after any 1xx ones; None if the peer closed before sending a byte.
+
+        `first_byte_seconds` bounds the time to the whole final head, interim responses included:
+        a server sending `102 Processing` every half second must not hold the request open for
+        longer than a server sending nothing. `seconds` bounds the silence inside one head.
+        """
+        deadline = None if first_byte_seconds is None else self.loop.time() + first_byte_seconds
+        interim = 0
+        while True:
+            raw = await self._read_head(deadline, seconds, limit)
+            if raw is None:
+                if interim:
+                    raise self.ended("after an interim response")
+                return None
+            head = parse_response_head(raw, head_request)
+            if head.status >= 200:
+                return head
+            if head.status == 101:
+                raise malformed("101 Switching Protocols, but we asked for no upgrade")
+            # RFC 9110 §15.2: other 1xx responses (100 Continue, 102, 103) are skipped.
+            interim += 1
+            limit -= len(raw) + 4
+            if interim > MAX_INTERIM_RESPONSES or limit < 0:
+                raise malformed(f"more than {MAX_INTERIM_RESPONSES} interim responses, or their heads too long")
+
+    async def _read_head(self, deadline: float | None, seconds: float | None, limit: int) -> bytes | None:
         """The next head without its final CRLF CRLF, or None if the peer closed before sending a byte."""
         scanned = 0
         while (end := self.buffer.find(b"\r\n\r\n", scanned)) < 0:
@@ -302,7 +364,18 @@ class Connection(asyncio.Protocol):
                     return None
                 raise self.ended("in the middle of the response head")
             scanned = max(0, len(self.buffer) - 3)
-            await self.wait(seconds if self.buffer else first_byte_seconds, httpx.ReadTimeout)
+            wait = seconds if self.buffer else None
+            if deadline is not None:
+                left = deadline - self.loop.time()
+                wait = left if wait is None else min(wait, left)
+            try:
+                await self.wait(wait, httpx.ReadTimeout)
+            except httpx.ReadTimeout:
+                if deadline is not None and self.loop.time() >= deadline:
+                    raise httpx.ReadTimeout(
+                        "The upstream sent no final response head within the first-byte timeout."
+                    ) from None
+                raise
         if end > limit:
             raise malformed(f"a response head longer than {limit} bytes")
         head = bytes(self.buffer[:end])

@@ -1,10 +1,11 @@
 """The upstream transport: a keep-alive pool of HTTP/1.1 connections to the Ollama backends.
 
 `UpstreamTransport` plugs into `httpx.AsyncClient(transport=...)`. It exists because httpx's
-default transport (httpcore over anyio) cost 1.5-2 ms of CPU per request in our measurements
-against 0.62 ms for a minimal asyncio transport (reference/measurements.md), and the gateway's
-whole budget is 1 ms of added latency. The bytes on each socket are `h1.py`'s business; this
-module decides which socket a request uses, when a request is retried and when a socket is closed.
+default transport (httpcore over anyio) costs several times the CPU per request of a plain
+asyncio protocol, and the gateway's whole budget is 1 ms of added latency (the README has the
+figures, `python3 build.py bench upstream` measures them). The bytes on each socket are
+`h1.py`'s business; this module decides which socket a request uses, when a request is retried
+and when a socket is closed.
 
 * A pool per origin (scheme, host, port). `max_connections` and `max_keepalive` count per origin,
   because each backend has its own capacity and one slow backend must not starve the others.
@@ -12,8 +13,9 @@ module decides which socket a request uses, when a request is retried and when a
 * A connection goes back to the pool only after its body was read to the end and neither side
   said `Connection: close`. `aclose()` on an unfinished body aborts the socket at once: that is
   how the gateway stops generation upstream when its own client disconnects.
-* Timeouts come from httpx's `request.extensions["timeout"]`; the wait for the response head may
-  be longer (`request.extensions["first_byte_timeout"]`), as a model loads before it answers.
+* Timeouts come from httpx's `request.extensions["timeout"]`; the wait for the final response
+  head may be longer (`request.extensions["first_byte_timeout"]`), as a model loads before it
+  answers. That wait bounds the whole head, interim 1xx responses included.
 """
 
 from __future__ import annotations
@@ -33,12 +35,6 @@ from neuronetz import h1
 _COALESCE_LIMIT = 64 * 1024
 _NO_TIMEOUTS: dict[str, float | None] = {}
 _EMPTY = httpx.ByteStream(b"")
-
-
-class PoolStats(NamedTuple):
-    idle: int  # open connections waiting in the pool
-    active: int  # connections carrying an exchange, or being opened for one
-    waiting: int  # requests queued for a free connection
 
 
 class _StaleConnection(Exception):
@@ -113,8 +109,7 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
     ssl_context: for https origins; the system default context if None.
 
     The defaults keep as many idle connections as may be open: a pool that closes what it just
-    used churns connections under bursts (reference/performance-anchors.md §6). `stats()` is
-    cheap enough for every metrics scrape.
+    used churns connections under bursts.
     """
 
     def __init__(
@@ -139,14 +134,6 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
         self._origins: dict[tuple[bytes, bytes, int | None], _Origin] = {}
         self._closed = False
 
-    def stats(self) -> PoolStats:
-        origins = self._origins.values()
-        return PoolStats(
-            idle=sum(len(origin.idle) for origin in origins),
-            active=sum(origin.active for origin in origins),
-            waiting=sum(len(origin.waiters) for origin in origins),
-        )
-
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if self._closed:
             raise RuntimeError("The upstream transport is closed.")
@@ -154,13 +141,13 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
         key = (url.raw_scheme, url.raw_host, url.port)
         origin = self._origins.get(key) or self._add_origin(key)
         timeouts: dict[str, float | None] = request.extensions.get("timeout", _NO_TIMEOUTS)
-        out = _encode_request(request)
+        out = await _encode_request(request, timeouts.get("read"))
         conn = await self._acquire(origin, timeouts.get("pool"))
         try:
             if conn is None:
                 conn = await self._connect(origin, timeouts.get("connect"))
             try:
-                head = await self._exchange(conn, request, out, timeouts, retry=conn.reused)
+                head = await self._exchange(conn, out, timeouts, retry=conn.reused)
             except _StaleConnection:
                 # Retried once, on a fresh connection: a reused connection that ended (FIN or reset,
                 # found before, during or after writing the request) before a single response byte,
@@ -168,11 +155,10 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
                 # connection while our request crossed its FIN: it read nothing. A server that reads
                 # a request and then dies without a byte of answer looks the same on the wire, so such
                 # a request may run twice; that is the remaining ambiguity. Never retried: anything on
-                # a fresh connection, anything after the first response byte, a streamed body (it
-                # cannot be replayed), and the retry itself.
+                # a fresh connection, anything after the first response byte, and the retry itself.
                 conn.abort()
                 conn = await self._connect(origin, timeouts.get("connect"))
-                head = await self._exchange(conn, request, out, timeouts, retry=False)
+                head = await self._exchange(conn, out, timeouts, retry=False)
         except BaseException:
             if conn is not None:
                 conn.abort()
@@ -291,12 +277,7 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
         return conn
 
     async def _exchange(
-        self,
-        conn: h1.Connection,
-        request: httpx.Request,
-        out: _Outgoing,
-        timeouts: dict[str, float | None],
-        retry: bool,
+        self, conn: h1.Connection, out: _Outgoing, timeouts: dict[str, float | None], retry: bool
     ) -> h1.ResponseHead:
         """Send the request and read up to the final response head; the body stays in the buffer."""
         if conn.eof:
@@ -305,53 +286,49 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
             if retry:
                 raise _StaleConnection()
             raise httpx.ConnectError(f"The upstream closed the connection before the request was sent: {conn.error!r}")
-        write_timeout = timeouts.get("write")
         for data in out.writes:
             conn.transport.write(data)
-        if out.streamed:
-            await _send_stream(conn, request, out.framing, write_timeout)
+        write_failed: httpx.WriteError | None = None
         try:
-            await conn.drain(write_timeout)
-        except httpx.WriteError:
-            if retry and not out.streamed and not conn.buffer:
-                raise _StaleConnection() from None
-            raise
+            await conn.drain(timeouts.get("write"))
+        except httpx.WriteError as exc:
+            if not conn.buffer:
+                if retry:
+                    raise _StaleConnection() from None
+                raise
+            # The server answered before reading the whole request (a 413 or 401 for a large
+            # body) and closed: its answer says more than our broken pipe, so read it, as httpcore
+            # does. The connection cannot carry another exchange.
+            write_failed = exc
         read_timeout = timeouts.get("read")
-        first_byte_timeout = request.extensions.get("first_byte_timeout", read_timeout)
-        first = True
-        while True:
-            raw = await conn.read_head(first_byte_timeout, read_timeout, self.max_head_size)
-            if raw is None:
-                if first and retry and not out.streamed:
-                    raise _StaleConnection()
-                raise conn.ended("without sending a response")
-            response = h1.parse_response_head(raw, out.head_request)
-            if response.status >= 200:
-                return response._replace(keep_alive=False) if out.framing.close else response
-            if response.status == 101:
-                raise h1.malformed("101 Switching Protocols, but we asked for no upgrade")
-            first = False  # RFC 9110 §15.2: other 1xx responses (100 Continue, 103) are skipped
+        try:
+            head = await conn.read_response_head(
+                out.head_request, out.first_byte_timeout, read_timeout, self.max_head_size
+            )
+        except httpx.TransportError:
+            if write_failed is not None:
+                raise write_failed from None
+            raise
+        if head is None:
+            if retry:
+                raise _StaleConnection()
+            raise conn.ended("without sending a response")
+        return head._replace(keep_alive=False) if out.framing.close or write_failed else head
 
 
 class _Outgoing(NamedTuple):
-    writes: tuple[bytes, ...]  # head and, unless streamed, the whole body
-    streamed: bool  # the body comes from request.stream and cannot be sent twice
+    writes: tuple[bytes, ...]  # head and body: one segment, or two when joining would copy a large body
     framing: h1.RequestFraming
     head_request: bool
+    first_byte_timeout: float | None
 
 
-def _encode_request(request: httpx.Request) -> _Outgoing:
+async def _encode_request(request: httpx.Request, read_timeout: float | None) -> _Outgoing:
     headers = request.headers.raw
     framing = h1.scan_request_headers(headers)
-    try:
-        body = request.content
-    except httpx.RequestNotRead:
-        # HTTP/1.1 needs framing for any body (RFC 9112 §6.1); a stream of unknown size goes chunked.
-        if framing.length is None and not framing.chunked:
-            headers = [*headers, (b"Transfer-Encoding", b"chunked")]
-            framing = framing._replace(chunked=True)
-        head = h1.encode_request_head(request.method.encode("ascii"), request.url.raw_path, headers)
-        return _Outgoing((head,), True, framing, request.method == "HEAD")
+    # A streamed body is read whole first: then its size is checked against Content-Length before
+    # a byte is sent, and it can be sent again on a retry. The gateway sends bodies it holds anyway.
+    body = await request.aread()
     if framing.chunked:
         payload = (h1.encode_chunk(body) if body else b"") + h1.LAST_CHUNK
     else:
@@ -363,25 +340,5 @@ def _encode_request(request: httpx.Request) -> _Outgoing:
     head = h1.encode_request_head(request.method.encode("ascii"), request.url.raw_path, headers)
     # A small body rides in the head's segment; joining a large one would only copy it.
     writes = (head + payload,) if len(payload) <= _COALESCE_LIMIT else (head, payload)
-    return _Outgoing(writes, False, framing, request.method == "HEAD")
-
-
-async def _send_stream(
-    conn: h1.Connection, request: httpx.Request, framing: h1.RequestFraming, seconds: float | None
-) -> None:
-    stream = request.stream
-    if not isinstance(stream, httpx.AsyncByteStream):
-        raise RuntimeError("The upstream transport needs an async request stream.")
-    sent = 0
-    async for data in stream:
-        if not data:
-            continue
-        if conn.eof:
-            raise httpx.WriteError("The upstream closed the connection while the request body was being sent.")
-        sent += len(data)
-        conn.transport.write(h1.encode_chunk(data) if framing.chunked else data)
-        await conn.drain(seconds)
-    if framing.chunked:
-        conn.transport.write(h1.LAST_CHUNK)
-    elif sent != framing.length:
-        raise httpx.LocalProtocolError(f"The request body was {sent} bytes, its Content-Length {framing.length}.")
+    first_byte_timeout = request.extensions.get("first_byte_timeout", read_timeout)
+    return _Outgoing(writes, framing, request.method == "HEAD", first_byte_timeout)

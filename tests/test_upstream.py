@@ -15,20 +15,41 @@ import socket
 import ssl
 import struct
 import subprocess
+import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import NamedTuple
 
 import httpx
+import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from neuronetz.upstream import PoolStats, UpstreamTransport
+from neuronetz.upstream import UpstreamTransport
+from tests.support import Admin, GatewayProcess, auth, wait_for
 
 pytestmark = pytest.mark.timeout(60)
+
+
+class PoolStats(NamedTuple):
+    idle: int  # open connections waiting in the pool
+    active: int  # connections carrying an exchange, or being opened for one
+    waiting: int  # requests queued for a free connection
+
+
+def stats(transport: UpstreamTransport) -> PoolStats:
+    """The pool's bookkeeping, read from its private state: every slot taken must be given back."""
+    origins = transport._origins.values()
+    return PoolStats(
+        idle=sum(len(origin.idle) for origin in origins),
+        active=sum(origin.active for origin in origins),
+        waiting=sum(len(origin.waiters) for origin in origins),
+    )
+
 
 IDLE = PoolStats(idle=1, active=0, waiting=0)
 EMPTY = PoolStats(idle=0, active=0, waiting=0)
@@ -181,7 +202,7 @@ async def test_sequential_requests_share_one_connection() -> None:
             response = await client.post("/", content=b"body %d" % i)
             assert response.content == b"body %d" % i
             assert response.headers["x-connection"] == "1"
-        assert transport.stats() == IDLE
+        assert stats(transport) == IDLE
     assert server.connections == 1
 
 
@@ -202,7 +223,7 @@ async def test_body_until_close_is_read_to_the_end_and_the_connection_is_not_reu
     answer = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nall of this, until EOF"
     async with Upstream(scripted(answer, then_close=True)) as server, client_for(server, transport) as client:
         assert (await client.get("/")).content == b"all of this, until EOF"
-        assert transport.stats() == EMPTY
+        assert stats(transport) == EMPTY
         assert (await client.get("/")).content == b"all of this, until EOF"
     assert server.connections == 2
 
@@ -253,6 +274,84 @@ async def test_informational_responses_before_the_final_one_are_skipped() -> Non
     assert (response.status_code, response.content, "link" in response.headers) == (200, b"ok", False)
 
 
+def processing_every(interval: float) -> Handler:
+    """Answer each request with `102 Processing` every `interval` seconds, and never finally."""
+
+    async def handler(server: Upstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        while True:
+            writer.write(b"HTTP/1.1 102 Processing\r\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(interval)
+
+    return handler
+
+
+async def test_interim_responses_do_not_extend_the_first_byte_timeout() -> None:
+    async with Upstream(processing_every(0.05)) as server, client_for(server, UpstreamTransport(), read=5) as client:
+        started = time.monotonic()
+        async with asyncio.timeout(10):  # the old transport restarted the timeout on each 102: forever
+            with pytest.raises(httpx.ReadTimeout, match="final response head within the first-byte timeout"):
+                await client.get("/", extensions={"first_byte_timeout": 0.5})
+        assert 0.5 <= time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize(("interim", "accepted"), [(32, True), (33, False)])
+async def test_the_number_of_interim_responses_is_bounded(interim: int, accepted: bool) -> None:
+    answer = b"HTTP/1.1 100 Continue\r\n\r\n" * interim + reply(b"final")
+    async with Upstream(scripted(answer)) as server, client_for(server, UpstreamTransport()) as client:
+        if accepted:
+            assert (await client.get("/")).content == b"final"
+        else:
+            with pytest.raises(httpx.RemoteProtocolError, match="interim responses"):
+                await client.get("/")
+
+
+async def test_interim_responses_count_against_the_head_size_limit() -> None:
+    answer = b"HTTP/1.1 103 Early Hints\r\nLink: " + b"a" * 400 + b"\r\n\r\n"
+    transport = UpstreamTransport(max_head_size=1024)
+    async with Upstream(scripted(answer * 3 + reply(b"final"))) as server, client_for(server, transport) as client:
+        with pytest.raises(httpx.RemoteProtocolError, match="longer than"):
+            await client.get("/")
+
+
+async def test_an_answer_sent_before_the_request_was_read_survives_the_broken_write() -> None:
+    """A server that refuses a large body early (413) and closes without reading the rest."""
+
+    async def handler(server: Upstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(reply(b"too large", b"413 Content Too Large", b"Connection: close\r\n"))
+        writer.write_eof()
+        await asyncio.Event().wait()  # never reads the body; __aexit__ ends this
+
+    async with Upstream(handler) as server, client_for(server, UpstreamTransport()) as client:
+        response = await client.post("/", content=bytes(32 * 1024 * 1024))
+    assert (response.status_code, response.content) == (413, b"too large")
+
+
+async def test_a_body_that_disagrees_with_its_content_length_is_refused_before_anything_is_sent() -> None:
+    async def content() -> AsyncIterator[bytes]:
+        yield b"0123456789"
+
+    async with Upstream(echo) as server, client_for(server, UpstreamTransport()) as client:
+        with pytest.raises(httpx.LocalProtocolError, match="Content-Length"):
+            await client.post("/", content=content(), headers={"Content-Length": "3"})
+    assert server.connections == 0
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{"Content-Length": "9" * 5000}, {"X(A)": "1"}, {"X-A": "a\x01b"}, {"X-A": "a\x7f"}],
+    ids=["5000-digit length", "name not a token", "control byte", "DEL"],
+)
+async def test_invalid_request_headers_are_refused_before_anything_is_sent(headers: dict[str, str]) -> None:
+    async with Upstream(echo) as server:
+        request = httpx.Request("POST", server.url, headers=headers, content=b"x")
+        with pytest.raises(httpx.LocalProtocolError):
+            await UpstreamTransport().handle_async_request(request)
+    assert server.connections == 0
+
+
 async def test_twenty_megabyte_bodies_round_trip_both_ways() -> None:
     body = os.urandom(20 * 1024 * 1024)
     pieces = [body[i : i + 1024 * 1024] for i in range(0, len(body), 1024 * 1024)]
@@ -272,7 +371,7 @@ async def test_twenty_megabyte_bodies_round_trip_both_ways() -> None:
         assert hashlib.sha256(echoed.content).digest() == hashlib.sha256(body).digest()
         streamed = await client.get("/")
         assert hashlib.sha256(streamed.content).digest() == hashlib.sha256(body).digest()
-        assert transport.stats() == IDLE
+        assert stats(transport) == IDLE
     assert server.connections == 1
 
 
@@ -354,7 +453,7 @@ async def test_closing_a_partly_read_body_sends_eof_at_once_and_drops_the_connec
             assert await anext(response.aiter_raw()) == b"token"
             closed_at = time.monotonic()
         assert await asyncio.wait_for(eof_seen, 1) - closed_at < 0.05
-        assert transport.stats() == EMPTY
+        assert stats(transport) == EMPTY
         assert (await client.post("/", content=b"again")).content == b"again"
     assert server.connections == 2
 
@@ -398,7 +497,7 @@ async def test_a_body_being_read_stops_at_once_when_the_gateway_gives_up(how: st
             with pytest.raises(httpx.ReadError):
                 await asyncio.wait_for(reading, 0.05)
         await asyncio.wait_for(eof_seen.wait(), 0.05)
-        assert transport.stats() == EMPTY
+        assert stats(transport) == EMPTY
 
 
 async def test_cancelling_a_request_that_waits_for_its_head_closes_the_connection() -> None:
@@ -417,7 +516,7 @@ async def test_cancelling_a_request_that_waits_for_its_head_closes_the_connectio
         with pytest.raises(asyncio.CancelledError):
             await task
         await asyncio.wait_for(eof_seen.wait(), 1)
-        assert transport.stats() == EMPTY
+        assert stats(transport) == EMPTY
 
 
 async def test_a_connection_the_server_closed_while_idle_is_replaced_without_a_resend() -> None:
@@ -455,7 +554,7 @@ async def test_a_reused_connection_that_dies_before_any_response_byte_is_retried
         else:
             assert (await client.post("/", content=b"2")).content == b"second"
         assert [request.body for request in server.received] == [b"1", b"2", b"2"]
-        assert transport.stats() == (EMPTY if reset else IDLE)
+        assert stats(transport) == (EMPTY if reset else IDLE)
     assert server.connections == 2
 
 
@@ -491,28 +590,21 @@ async def test_a_request_on_a_fresh_connection_is_never_retried(reset: bool) -> 
     assert (server.connections, len(server.received)) == (1, 1)
 
 
-async def test_a_streamed_body_or_a_started_response_is_never_retried() -> None:
+async def test_a_started_response_is_never_retried() -> None:
     async def handler(server: Upstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         request = await server.read_request(reader)
         assert request is not None
         writer.write(reply(b"answer to " + request.body))
-        request = await server.read_request(reader)  # then the connection dies before a response...
-        if request is not None and request.body == b"4":
-            writer.write(b"HTTP/1.1 200")  # ...or after its first bytes
-            await writer.drain()
-
-    async def streamed() -> AsyncIterator[bytes]:
-        yield b"streamed"
+        await server.read_request(reader)  # then the connection dies after the first bytes of a response
+        writer.write(b"HTTP/1.1 200")
+        await writer.drain()
 
     async with Upstream(handler) as server, client_for(server, UpstreamTransport()) as client:
         assert (await client.post("/", content=b"1")).content == b"answer to 1"
         with pytest.raises(httpx.RemoteProtocolError):
-            await client.post("/", content=streamed())
-        assert (await client.post("/", content=b"3")).content == b"answer to 3"
-        with pytest.raises(httpx.RemoteProtocolError):
-            await client.post("/", content=b"4")
-    assert [request.body for request in server.received] == [b"1", b"streamed", b"3", b"4"]
-    assert server.connections == 2
+            await client.post("/", content=b"2")
+    assert [request.body for request in server.received] == [b"1", b"2"]
+    assert server.connections == 1
 
 
 @pytest.mark.parametrize("later", [False, True], ids=["with the response", "while idle"])
@@ -582,7 +674,7 @@ async def test_closing_the_transport_closes_its_idle_connections() -> None:
         await client.get("/")
         await transport.aclose()
         await asyncio.wait_for(closed.wait(), 1)
-        assert transport.stats() == EMPTY
+        assert stats(transport) == EMPTY
         with pytest.raises(RuntimeError):
             await client.get("/")
 
@@ -597,7 +689,7 @@ async def test_refused_and_unresolvable_connections_raise_connect_error() -> Non
             await client.get(f"http://127.0.0.1:{port}/")
         with pytest.raises(httpx.ConnectError):
             await client.get("http://upstream.invalid/")
-        assert transport.stats() == EMPTY
+        assert stats(transport) == EMPTY
 
 
 async def test_a_tls_handshake_that_never_finishes_is_a_connect_timeout() -> None:
@@ -674,13 +766,13 @@ async def test_waiting_for_a_connection_is_bounded_by_max_connections_and_the_po
     async with Upstream(held) as server, client_for(server, transport) as client:
         tasks = [asyncio.create_task(client.get("/")) for _ in range(6)]
         await server.until_received(2)
-        assert transport.stats() == PoolStats(idle=0, active=2, waiting=4)
+        assert stats(transport) == PoolStats(idle=0, active=2, waiting=4)
         with pytest.raises(httpx.PoolTimeout):
             await client.get("/", timeout=httpx.Timeout(5, pool=0.05))
-        assert transport.stats() == PoolStats(idle=0, active=2, waiting=4)
+        assert stats(transport) == PoolStats(idle=0, active=2, waiting=4)
         release.set()
         assert [response.content for response in await asyncio.gather(*tasks)] == [b"done"] * 6
-        assert transport.stats() == PoolStats(idle=2, active=0, waiting=0)
+        assert stats(transport) == PoolStats(idle=2, active=0, waiting=0)
     assert server.connections == 2
 
 
@@ -690,12 +782,12 @@ async def test_a_waiter_cancelled_just_as_it_is_handed_a_connection_gives_it_bac
         async with client.stream("POST", "/", content=b"held") as held:
             waiting = asyncio.create_task(client.get("/"))
             await asyncio.sleep(0.01)
-            assert transport.stats() == PoolStats(idle=0, active=1, waiting=1)
+            assert stats(transport) == PoolStats(idle=0, active=1, waiting=1)
             assert await held.aread() == b"held"  # hands the connection to the waiter...
             waiting.cancel()  # ...which is cancelled before it could run
         with pytest.raises(asyncio.CancelledError):
             await waiting
-        assert transport.stats() == IDLE
+        assert stats(transport) == IDLE
         assert (await client.post("/", content=b"x", timeout=httpx.Timeout(5, pool=0.1))).content == b"x"
     assert server.connections == 1
 
@@ -711,7 +803,7 @@ async def test_concurrent_requests_each_get_their_own_answer() -> None:
         bodies = [b"%03d" % i + os.urandom(i * 50) for i in range(200)]
         responses = await asyncio.gather(*(client.post("/", content=body) for body in bodies))
         assert [response.content for response in responses] == bodies
-        assert transport.stats() == PoolStats(idle=16, active=0, waiting=0)
+        assert stats(transport) == PoolStats(idle=16, active=0, waiting=0)
     assert server.connections == 16
 
 
@@ -730,8 +822,20 @@ MALFORMED = {
     "negative length": b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
     "lengths differ": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nabc",
     "length list": b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\nab",
+    "same length twice": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nab",
+    "length of 5000 digits": b"HTTP/1.1 200 OK\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n",
+    "length of 19 digits": b"HTTP/1.1 200 OK\r\nContent-Length: 1000000000000000000\r\n\r\n",
+    "control byte in a value": b"HTTP/1.1 200 OK\r\nX-A: a\x01b\r\nContent-Length: 0\r\n\r\n",
+    "DEL in a value": b"HTTP/1.1 200 OK\r\nX-A: a\x7fb\r\nContent-Length: 0\r\n\r\n",
+    "bare CR in a value": b"HTTP/1.1 200 OK\r\nX-A: a\rb\r\nContent-Length: 0\r\n\r\n",
+    "name not a token": b"HTTP/1.1 200 OK\r\nX(A): 1\r\nContent-Length: 0\r\n\r\n",
+    "empty name": b"HTTP/1.1 200 OK\r\n: 1\r\nContent-Length: 0\r\n\r\n",
+    "non-ASCII name": b"HTTP/1.1 200 OK\r\nX-\xc3\xa9: 1\r\nContent-Length: 0\r\n\r\n",
+    "control byte in the reason": b"HTTP/1.1 200 O\x1bK\r\nContent-Length: 0\r\n\r\n",
+    "control byte in a trailer": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nT: \x00\r\n\r\n",
     "chunked and length": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n",
     "gzip coding": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+    "gzip coding on a 204": b"HTTP/1.1 204 No Content\r\nTransfer-Encoding: gzip\r\n\r\n",
     "chunked in HTTP/1.0": b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
     "chunk size not hex": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
     "chunk size 0x": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x5\r\nhello\r\n0\r\n\r\n",
@@ -762,7 +866,7 @@ async def test_a_malformed_or_truncated_response_is_a_remote_protocol_error(answ
         with pytest.raises(httpx.RemoteProtocolError) as caught:
             await client.get("/")
         assert caught.value.request.url.path == "/"
-        assert transport.stats() == EMPTY
+        assert stats(transport) == EMPTY
 
 
 @pytest.mark.parametrize(
@@ -811,7 +915,7 @@ async def test_https_reuses_connections_and_aborts_partly_read_bodies(certificat
         assert (await client.get("/")).content == b"two"
         async with client.stream("GET", "/") as response:
             assert await anext(response.aiter_raw()) == b"token"
-        assert transport.stats() == EMPTY
+        assert stats(transport) == EMPTY
         async with httpx.AsyncClient(transport=UpstreamTransport()) as untrusting:
             with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
                 await untrusting.get(server.url)
@@ -883,3 +987,75 @@ def test_https_runs_on_uvloop(certificate: Path) -> None:
     uvloop = pytest.importorskip("uvloop")
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(test_https_reuses_connections_and_aborts_partly_read_bodies(certificate))
+
+
+# --- through the gateway --------------------------------------------------------------------
+
+HOSTILE = {
+    "length-of-5000-digits": b"HTTP/1.1 200 OK\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n",
+    "length-twice": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n{}",
+    "control-byte": b"HTTP/1.1 200 OK\r\nContent-Type: application/json\x01\r\nContent-Length: 2\r\n\r\n{}",
+    "processing": b"HTTP/1.1 102 Processing\r\n\r\n",  # repeated every 0.1 s, never a final answer
+}
+
+
+async def hostile(server: Upstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A backend whose health checks pass and whose chat answers are HOSTILE[model]."""
+    while (request := await server.read_request(reader)) is not None:
+        path = request.line.split(b" ")[1]
+        if path == b"/api/version":
+            writer.write(reply(b'{"version":"0.5.0"}'))
+        elif path == b"/api/tags":
+            writer.write(reply(orjson.dumps({"models": [{"name": f"{model}:latest"} for model in HOSTILE]})))
+        else:
+            model = orjson.loads(request.body)["model"]
+            writer.write(HOSTILE[model])
+            while model == "processing":
+                await writer.drain()
+                await asyncio.sleep(0.1)
+                writer.write(HOSTILE[model])
+        await writer.drain()
+
+
+@pytest.fixture(scope="module")
+def hostile_gateway(gateway_env: dict[str, str]) -> Iterator[GatewayProcess]:
+    """A gateway in front of `hostile`, which runs on a loop of its own: starting the gateway blocks."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    backend = Upstream(hostile)
+    try:
+        asyncio.run_coroutine_threadsafe(backend.__aenter__(), loop).result(10)
+        env = {
+            **gateway_env,
+            "OLLAMA_BACKENDS": backend.url,
+            "GATEWAY_UPSTREAM_FIRST_BYTE_TIMEOUT": "1",
+            "GATEWAY_BACKEND_COOLDOWN": "0.1",  # three 502s in a row bench the backend
+        }
+        with GatewayProcess(env) as process:
+            yield process
+    finally:
+        asyncio.run_coroutine_threadsafe(backend.__aexit__(None, None, None), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+@pytest.mark.parametrize(
+    ("model", "status"),
+    [("length-of-5000-digits", 502), ("length-twice", 502), ("control-byte", 502), ("processing", 504)],
+)
+async def test_a_hostile_backend_head_is_an_error_in_the_callers_dialect(
+    hostile_gateway: GatewayProcess, admin: Admin, model: str, status: int
+) -> None:
+    key = await admin.key()
+    await asyncio.to_thread(wait_for, hostile_gateway.url + "/readyz")
+    headers = {**auth(key), "X-Request-ID": f"hostile-{model}"}
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": False}
+    async with httpx.AsyncClient(timeout=30) as client:
+        started = time.monotonic()
+        response = await client.post(hostile_gateway.url + "/api/chat", json=body, headers=headers)
+    assert response.status_code == status
+    assert response.headers["x-request-id"] == f"hostile-{model}"
+    assert set(response.json()) == {"error"}
+    assert time.monotonic() - started < 10  # the first-byte timeout (1 s), not the total (1,800 s)
