@@ -6,6 +6,7 @@ happened, and the ledger is charged a bounded, honest amount."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 from collections.abc import Iterator
@@ -14,7 +15,10 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from neuronetz.relay import NdjsonRelay, Outcome, RecordTooLong, SseRelay
 from neuronetz.tokens import MAX_TOKENS
 from tests.broken_backend import Answer, BrokenBackend, default_tags, native_chunk, native_done
 from tests.support import Admin, GatewayProcess, auth
@@ -340,3 +344,58 @@ async def test_an_oversized_model_list_fails_the_listing_and_the_health_check(
                 while "more than 8388608 bytes" not in (await client.get(process.url + "/readyz")).text:
                     assert time.monotonic() < deadline, "the health check never failed"
                     await asyncio.sleep(0.2)
+
+
+# --- the relays on their own --------------------------------------------------------------------
+
+
+def chunked(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+    return [data[a:b] for a, b in itertools.pairwise(points)]
+
+
+@given(lines=st.lists(st.binary(max_size=40).map(lambda b: b.replace(b"\n", b"")), max_size=8),
+       cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=12), terminated=st.booleans())  # fmt: skip
+def test_ndjson_lines_come_out_whole_however_the_stream_is_cut(lines: list[bytes], cuts: list[int],
+                                                               terminated: bool) -> None:  # fmt: skip
+    data = b"\n".join(lines) + (b"\n" if terminated and lines else b"")
+    relay = NdjsonRelay(Outcome(), max_record=1024)
+    out = b"".join(relay.feed(chunk) for chunk in chunked(data, cuts)) + relay.close()
+    expected = [line for line in data.split(b"\n")]
+    assert [line for line in out.split(b"\n") if line.strip()] == [line for line in expected if line.strip()]
+    assert out == b"" or out.endswith(b"\n")
+
+
+@given(events=st.lists(st.sampled_from([b'data: {"choices":[{"delta":{"content":"a"}}]}', b": keep-alive",
+                                        b'data: {"choices":[],"usage":{"prompt_tokens":2,"completion_tokens":3}}']),
+                       max_size=6),
+       crlf=st.booleans(), cuts=st.lists(st.integers(min_value=0, max_value=600), max_size=12))  # fmt: skip
+def test_sse_events_come_out_whole_however_the_stream_is_cut(events: list[bytes], crlf: bool, cuts: list[int]) -> None:
+    end = b"\r\n\r\n" if crlf else b"\n\n"
+    data = b"".join(event + end for event in events)
+    relay = SseRelay(Outcome(), strip_usage=False, max_record=1024)
+    out = b"".join(relay.feed(chunk) for chunk in chunked(data, cuts)) + relay.close()
+    assert out == b"".join(event + b"\n\n" for event in events)
+    contents = sum(event.startswith(b'data: {"choices":[{') for event in events)
+    if any(b"usage" in event for event in events):
+        assert relay.outcome.usage.exact
+    else:
+        assert relay.outcome.usage.completion_tokens == contents
+
+
+def test_a_long_record_costs_linear_time() -> None:
+    """30 MB in 64 KiB chunks: a rebuild of the buffer per chunk would copy 7 GB."""
+    relay = NdjsonRelay(Outcome(), max_record=64 * 1024 * 1024)
+    piece = b"y" * 65536
+    started = time.process_time()
+    for _ in range(480):
+        assert relay.feed(piece) == b""
+    assert len(relay.feed(b"\n")) == 480 * 65536 + 1
+    assert time.process_time() - started < 1.0
+
+
+def test_a_long_record_past_the_bound_raises() -> None:
+    relay = SseRelay(Outcome(), strip_usage=False, max_record=100)
+    relay.feed(b"data: " + b"x" * 90)
+    with pytest.raises(RecordTooLong):
+        relay.feed(b"x" * 20)
