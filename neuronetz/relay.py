@@ -89,6 +89,8 @@ class _Records:
         start = 0
         end = buffer.find(separator, self.scanned)
         while end >= 0:
+            if end - start > self.limit:  # completed by this chunk, but too long all the same
+                raise RecordTooLong
             records.append(bytes(buffer[start:end]))
             start = end + len(separator)
             end = buffer.find(separator, start)
