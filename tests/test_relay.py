@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from neuronetz.relay import NdjsonRelay, Outcome, RecordTooLong, SseRelay
 from neuronetz.tokens import MAX_TOKENS
 from tests.broken_backend import Answer, BrokenBackend, default_tags, native_chunk, native_done
+from tests.emulator import Emulator
 from tests.support import Admin, GatewayProcess, auth
 from tests.test_proxy import audit_row, traced
 
@@ -332,9 +333,9 @@ async def test_an_oversized_model_list_fails_the_listing_and_the_health_check(
 ) -> None:
     key = await admin.key()
     with BrokenBackend() as backend:
-        # About 10 MB of model list, in many small writes.
-        entries = [b'{"name":"m%d"},' % i for i in range(700_000)]
-        backend.tags = lambda: [b'{"models":[', *entries, b'{"name":"x"}]}']
+        # About 10 MB of model list, in writes of 64 KiB.
+        listing = b'{"models":[' + b"".join(b'{"name":"m%d"},' % i for i in range(700_000)) + b'{"name":"x"}]}'
+        backend.tags = lambda: [listing[i : i + 65536] for i in range(0, len(listing), 65536)]
         with GatewayProcess({**gateway_env, "OLLAMA_BACKENDS": backend.url}) as process:
             async with httpx.AsyncClient(timeout=30) as client:
                 response = await client.get(process.url + "/api/tags", headers=auth(key))
@@ -399,3 +400,27 @@ def test_a_long_record_past_the_bound_raises() -> None:
     relay.feed(b"data: " + b"x" * 90)
     with pytest.raises(RecordTooLong):
         relay.feed(b"x" * 20)
+
+
+async def test_concurrent_uncapped_requests_stay_within_the_budget(
+    gateway: GatewayProcess, emulator: Emulator, admin: Admin
+) -> None:
+    """`num_predict: 0` is "no limit" to Ollama: with a budget, the gateway's own cap holds."""
+    emulator.configure(tokens=100)
+    key = await admin.key(daily_tokens=200)
+    body = {"model": "tiny", "prompt": "why is the sky blue", "stream": False}
+    async with httpx.AsyncClient(timeout=30) as client:
+        deadline = time.monotonic() + 10
+        while (await client.post(gateway.url + "/api/generate", json={**body, "options": {"num_predict": 1}},
+                                 headers=auth(key))).status_code == 503:  # fmt: skip
+            assert time.monotonic() < deadline, "budget counters never became ready"
+            await asyncio.sleep(0.2)
+        answers = await asyncio.gather(*(
+            client.post(gateway.url + "/api/generate", json={**body, "options": {"num_predict": 0}}, headers=auth(key))
+            for _ in range(20)
+        ))  # fmt: skip
+    served = [a.json()["eval_count"] + a.json()["prompt_eval_count"] for a in answers if a.status_code == 200]
+    assert served, [a.text for a in answers]
+    assert {a.status_code for a in answers} <= {200, 429}
+    assert 5 + 1 + sum(served) <= 200  # the estimate is exact here (a word is a token, 4 bytes each)
+    await ledger_settles(admin, key, 5 + 1 + sum(served))
