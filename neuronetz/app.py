@@ -197,8 +197,8 @@ class App:
             usage = exchange.outcome.usage
             if exchange.backend is None:  # nothing reached a backend: nothing to charge
                 prompt, completion = 0, 0
-            elif usage.exact or exchange.status >= 400:
-                # Counted by the backend; or refused by it with an error status before any work,
+            elif usage.exact or exchange.outcome.refused:
+                # Counted by the backend; or refused by it (an error status or a whole error body),
                 # which costs only what it reported (usually nothing), never the estimate.
                 prompt, completion = usage.prompt_tokens, usage.completion_tokens
             else:  # cut short (disconnect, failure, unreadable counters): the estimate and the tokens seen

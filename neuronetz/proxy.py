@@ -194,6 +194,7 @@ async def _exchange(
         content_type = _content_type(response)
         exchange.status = status
         outcome = exchange.outcome
+        outcome.refused = status >= 400
         relay: NdjsonRelay | SseRelay | BodyRelay
         if content_type.startswith(NDJSON):
             relay, exchange.stream = NdjsonRelay(outcome, max_record), True

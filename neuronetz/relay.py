@@ -47,6 +47,7 @@ class Outcome:
     usage: Usage = field(default_factory=Usage)
     finished: bool = False  # the backend's final record arrived (done / [DONE] / a whole body)
     error: str | None = None  # the backend's own error record, if it sent one
+    refused: bool = False  # the backend refused the request (error status or whole error body)
     invalid: str | None = None  # why the answer cannot be trusted (bad counters, too long to read)
     text: list[str] | None = None  # the answer's text, assembled only for prompt logging
 
@@ -267,6 +268,7 @@ class BodyRelay:
             return
         if "error" in record:
             outcome.error = _error_message(record["error"])
+            outcome.refused = True
         elif self.openai and isinstance(record.get("usage"), dict):
             _counters(record["usage"], "prompt_tokens", "completion_tokens", outcome)
         elif "prompt_eval_count" in record or "eval_count" in record:

@@ -289,20 +289,21 @@ async def test_a_whole_answer_past_its_cap_is_a_backend_error_charged_in_full(
     await ledger_settles(admin, key, 8 + 505)
 
 
+@pytest.mark.parametrize("status", [400, 500, 200])
 async def test_a_refused_request_is_charged_what_the_backend_reported_not_the_estimate(
-    relay_gateway: GatewayProcess, backend: BrokenBackend, admin: Admin
+    relay_gateway: GatewayProcess, backend: BrokenBackend, admin: Admin, status: int
 ) -> None:
     async with httpx.AsyncClient(timeout=30) as client:
         key = await budgeted_key(admin, client, relay_gateway.url, backend, daily=MAX_TOKENS * 2)
         request_id, headers = traced(key)
-        script(backend, Answer(status=400, chunks=[b'{"error":"invalid image input"}']))
+        script(backend, Answer(status=status, chunks=[b'{"error":"invalid image input"}']))
         # 20,000 images would be an estimate of 15 M tokens; it is bounded by MAX_TOKENS.
         body = {**GENERATE, "images": ["AA=="] * 20_000}
         response = await client.post(relay_gateway.url + "/api/generate", json=body, headers=headers)
-    assert response.status_code == 400
+    assert response.status_code == status
     assert response.json() == {"error": "invalid image input"}
     row = await audit_row(admin, request_id)
-    assert (row["status"], row["prompt_tokens"], row["completion_tokens"]) == (400, 0, 0)
+    assert (row["status"], row["prompt_tokens"], row["completion_tokens"]) == (status, 0, 0)
     await asyncio.sleep(1.2)  # one more ledger interval: nothing more may arrive
     assert await ledger(admin, key) == 8
 
