@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -30,6 +31,7 @@ from neuronetz.http import Request
 from neuronetz.relay import BodyRelay, NdjsonRelay, Outcome, RecordTooLong, SseRelay
 from neuronetz.types import Send
 
+log = logging.getLogger("neuronetz.proxy")
 # Request headers a backend may see. Everything else — Authorization, Cookie, Origin (which
 # makes Ollama answer 403), Forwarded/X-Forwarded-*, hop-by-hop headers — stays here.
 FORWARDED_REQUEST_HEADERS = (b"content-type", b"accept", b"user-agent", b"x-request-id")
@@ -224,6 +226,7 @@ async def _exchange(
             return
         except RecordTooLong:
             message = f"The backend sent a record longer than {max_record} bytes; the answer was cut off."
+            _distrust(request, message)
             await end_with_error(send, request, exchange, message, "backend_error")
             return
         if isinstance(relay, BodyRelay):
@@ -238,6 +241,8 @@ async def _exchange(
                 # The backend closed a stream cleanly but without its final record.
                 await end_with_error(send, request, exchange, "The backend ended the answer early.", "backend_error")
                 return
+        if outcome.invalid is not None:
+            _distrust(request, outcome.invalid)
         if outcome.error is not None or outcome.invalid is not None:
             # The backend's own error record, passed on, or an answer that cannot be trusted:
             # audited as a backend error.
@@ -245,6 +250,12 @@ async def _exchange(
         await http.finish(send)
     finally:
         await response.aclose()
+
+
+def _distrust(request: Request, reason: str) -> None:
+    """One line for an answer whose usage could not be read as sent; the request's own log
+    line (same request id) names the backend and what was charged."""
+    log.warning("backend answer not trusted", extra={"fields": {"request_id": request.request_id, "reason": reason}})
 
 
 def _content_type(response: httpx.Response) -> bytes:

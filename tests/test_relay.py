@@ -206,6 +206,7 @@ async def test_nonsensical_openai_usage_is_a_backend_error(
     row = await audit_row(admin, request_id)
     assert row["error_code"] == "backend_error"
     assert row["completion_tokens"] == -(-len(body) // 4)  # a whole answer is charged by its size
+    assert any(request_id in line and "not trusted" in line for line in relay_gateway.log().splitlines())
     # The worker's audit and ledger writers go on: the next request is recorded too.
     request_id, headers = traced(key)
     async with httpx.AsyncClient() as client:
