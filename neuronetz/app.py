@@ -197,9 +197,11 @@ class App:
             usage = exchange.outcome.usage
             if exchange.backend is None:  # nothing reached a backend: nothing to charge
                 prompt, completion = 0, 0
-            elif usage.exact:
+            elif usage.exact or exchange.outcome.refused:
+                # Counted by the backend; or refused by it (an error status or a whole error body),
+                # which costs only what it reported (usually nothing), never the estimate.
                 prompt, completion = usage.prompt_tokens, usage.completion_tokens
-            else:  # cut short (disconnect, failure): the estimate and the tokens seen so far
+            else:  # cut short (disconnect, failure, unreadable counters): the estimate and the tokens seen
                 prompt, completion = estimate, usage.completion_tokens
                 usage.prompt_tokens = estimate
             # Synchronous (queued for the next Redis pipeline): a cancelled request settles too.
@@ -288,7 +290,7 @@ class App:
                 try:
                     await proxy.forward(
                         gateway.transport, backend.url, backend.host, path, request, body, send, exchange,
-                        gateway.timeouts, strip_usage=strip_usage, cap=cap,
+                        gateway.timeouts, gateway.settings.max_record_bytes, strip_usage=strip_usage, cap=cap,
                     )  # fmt: skip
                 except BackendUnreachable as exc:
                     exchange.backend = None

@@ -178,6 +178,8 @@ VARIABLES: tuple[Variable, ...] = (
              "Apply pending migrations when `serve` starts."),
     Variable("GATEWAY_MAX_BODY_BYTES", "max_body_bytes", str(32 * 1024 * 1024), _integer(1024, 1 << 30),
              "Largest request body accepted (413 above it); base64 images need tens of MB."),
+    Variable("GATEWAY_MAX_RECORD_BYTES", "max_record_bytes", str(16 * 1024 * 1024), _integer(65536, 1 << 30),
+             "Longest backend record read: an NDJSON line, an SSE event or a whole non-streaming answer."),
     Variable("GATEWAY_READY_TIMEOUT", "ready_timeout", "1.0", _seconds(0.05, 30),
              "Time each /readyz dependency check may take before it counts as failed."),
     Variable("GATEWAY_SHUTDOWN_TIMEOUT", "shutdown_timeout", "30", _integer(1, 3600),
@@ -240,6 +242,7 @@ class Settings:
     workers: int
     migrate_on_start: bool
     max_body_bytes: int
+    max_record_bytes: int
     ready_timeout: float
     shutdown_timeout: int
     db_pool_size: int

@@ -173,7 +173,8 @@ def make_plan(config: Config, ask: Ask) -> Plan:
             content = _cycled(LOREM, config.tokens)
         steps += [Step(content=token) for token in _until_stop(content, ask.stop)]
     reason = "stop"
-    if ask.num_predict is not None and 0 <= ask.num_predict < len(steps):
+    # As Ollama's runner: a limit only when numPredict > 0; 0, -1 and -2 generate to the end.
+    if ask.num_predict is not None and 0 < ask.num_predict < len(steps):
         steps, reason = steps[: ask.num_predict], "length"
     final: tuple[dict[str, Any], ...] = ()
     if config.tool_calls_in_done and steps and steps[-1].tool_calls:
