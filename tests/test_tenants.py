@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import re
 import secrets
@@ -12,7 +13,9 @@ from collections.abc import Callable
 import orjson
 import pytest
 
-from tests.support import ROOT
+from neuronetz import keys, tenants
+from neuronetz.limits import Limits
+from tests.support import ROOT, Admin
 
 Runner = Callable[..., subprocess.CompletedProcess[str]]
 
@@ -53,7 +56,7 @@ def test_the_key_lifecycle(run: Runner) -> None:
             "created_at": listed[0]["created_at"], "expires_at": listed[0]["expires_at"], "last_used_at": None,
             "allowed_models": ["llama3.2:latest", "qwen3:7b"], "log_prompts": False, "prompt_ttl_days": None,
             "rpm": None, "tpm": 1000, "max_concurrent": None, "daily_tokens": None, "monthly_tokens": None,
-            "total_tokens": None,
+            "total_tokens": None, "replaced_by": None, "replaces": None,
         }
     ]  # fmt: skip
     table = run("list-keys", "--tenant", tenant).stdout
@@ -76,7 +79,7 @@ def test_the_key_lifecycle(run: Runner) -> None:
     [
         (["create-key", "--tenant", "no-such-tenant", "--name", "x"], "There is no tenant named 'no-such-tenant'"),
         (["create-tenant", "--name", "bad name!"], "is not a valid tenant name"),
-        (["create-tenant", "--name", "x", "--rpm", "0"], "--rpm must be at least 1, got 0"),
+        (["create-tenant", "--name", "x", "--rpm", "0"], "--rpm must be between 1 and 2147483647, got 0"),
         (["create-tenant", "--name", "x", "--daily-tokens", "lots"], "--daily-tokens takes a whole number"),
         (["create-key", "--tenant", "x", "--name", "y", "--expires", "2001-01-01"], "is in the past"),
         (["create-key", "--tenant", "x", "--name", "y", "--expires", "soon"], "--expires must be an ISO 8601 date"),
@@ -111,3 +114,120 @@ def test_usage_reports_tokens_against_budgets(run: Runner) -> None:
     assert report[0]["tokens_today"] == 0
     assert report[0]["key_limits"]["daily_tokens"] == 300
     assert report[0]["tenant_limits"]["monthly_tokens"] == 5000
+
+
+@pytest.fixture(scope="module")
+def existing(run: Runner) -> tuple[str, str]:
+    """A tenant and one of its keys, so that a bad value meets a real row, not 'no such tenant'."""
+    tenant = f"range-{secrets.token_hex(3)}"
+    assert run("create-tenant", "--name", tenant, "--rpm", "5").returncode == 0
+    key = run("create-key", "--tenant", tenant, "--name", "k").stdout.strip()
+    return tenant, key[:11]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["set-limits", "--tenant", "{tenant}", "--rpm", "2147483648"], "--rpm must be between 1 and 2147483647"),
+        (["set-limits", "--tenant", "{tenant}", "--tpm", "99999999999"], "--tpm must be between 1 and 2147483647"),
+        (["set-limits", "--tenant", "{tenant}", "--max-concurrent", "-1"], "--max-concurrent must be between 1 and"),
+        (["set-limits", "--tenant", "{tenant}", "--daily-tokens", "9223372036854775808"],
+         "--daily-tokens must be between 0 and 9223372036854775807"),
+        (["set-limits", "--prefix", "{prefix}", "--monthly-tokens", "9223372036854775808"],
+         "--monthly-tokens must be between 0 and 9223372036854775807"),
+        (["set-limits", "--prefix", "{prefix}", "--total-tokens", "-1"], "--total-tokens must be between 0 and"),
+        (["set-limits", "--prefix", "{prefix}", "--log-prompts", "--prompt-ttl-days", "99999999999"],
+         "--prompt-ttl-days must be between 1 and 36500"),
+        (["create-tenant", "--name", "r-{prefix}", "--rpm", "2147483648"], "--rpm must be between 1 and 2147483647"),
+        (["create-key", "--tenant", "{tenant}", "--name", "n", "--expires-in-days", "100000000"],
+         "--expires-in-days must be between 1 and 36500"),
+        (["create-key", "--tenant", "{tenant}", "--name", "n", "--expires-in-days", "0"],
+         "--expires-in-days must be between 1 and 36500, got 0"),
+        (["create-key", "--tenant", "{tenant}", "--name", "n", "--log-prompts", "--prompt-ttl-days", "99999999999"],
+         "--prompt-ttl-days must be between 1 and 36500"),
+        # Storable, but the gateway adds the TTL to the time of each request: year 10000 is no datetime.
+        (["create-key", "--tenant", "{tenant}", "--name", "n", "--log-prompts", "--prompt-ttl-days", "3000000"],
+         "--prompt-ttl-days must be between 1 and 36500"),
+        (["create-key", "--tenant", "{tenant}", "--name", "n", "--expires", "9999-12-31T23:00-05:00"],
+         "is more than 36500 days (100 years) away"),
+        (["audit", "--tenant", "{tenant}", "--since", "99999999d"], "--since 99999999d is longer than 36500 days"),
+    ],
+)  # fmt: skip
+def test_out_of_range_values_are_one_line_and_change_nothing(
+    run: Runner, existing: tuple[str, str], args: list[str], message: str
+) -> None:
+    tenant, prefix = existing
+    tidy_failure(run(*(arg.format(tenant=tenant, prefix=prefix) for arg in args)), message)
+    (mine,) = [t for t in orjson.loads(run("list-tenants", "--json").stdout) if t["name"] == tenant]
+    assert (mine["keys"], mine["rpm"], mine["tpm"], mine["daily_tokens"]) == (1, 5, None, None)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["two\nlines", "\x1b[31mred", "right\u202eleft", "next\x85line", "tab\there", "zero\u200bwidth", "x" * 129],
+)
+def test_key_names_with_control_or_formatting_characters_are_refused(
+    run: Runner, existing: tuple[str, str], name: str
+) -> None:
+    tidy_failure(run("create-key", "--tenant", existing[0], "--name", name), "is not a valid key name")
+
+
+async def test_a_nul_never_reaches_the_database(admin: Admin) -> None:
+    # argv cannot carry U+0000; other callers of the same functions can.
+    with pytest.raises(tenants.AdminError, match="is not a valid tenant name"):
+        await tenants.create_tenant(admin.pool, "nul\x00", Limits())
+    with pytest.raises(tenants.AdminError, match="is not a valid key name"):
+        await tenants.create_key(admin.pool, await admin.tenant(), "nul\x00")
+
+
+# Written by another tool (psql, the console) or, for the audit's model, sent by a client.
+FORGERY = "evil\nnz_forged01  forged  t  active\x1b[2J\u202e\x85\u2028\x7f\x9b"
+
+
+def assert_plain(text: str) -> None:
+    for char in "\x1b\u202e\x85\u2028\x7f\x9b":
+        assert char not in text
+
+
+async def test_names_stored_by_other_tools_cannot_forge_rows(run: Runner, admin: Admin) -> None:
+    tenant = await admin.tenant()
+    prefix = keys.generate().prefix
+    await admin.pool.execute(
+        "INSERT INTO api_keys (tenant_id, name, prefix, secret_hash, allowed_models) "
+        "SELECT id, $2, $3, '$argon2id$not-a-real-hash', ARRAY[$2] FROM tenants WHERE name = $1",
+        tenant, FORGERY, prefix,
+    )  # fmt: skip
+    await admin.pool.execute(
+        "INSERT INTO usage_daily (key_id, day, tenant_id, requests) "
+        "SELECT id, (now() AT TIME ZONE 'UTC')::date, tenant_id, 1 FROM api_keys WHERE prefix = $1",
+        prefix,
+    )
+    await admin.pool.execute(
+        "INSERT INTO request_log (created_at, request_id, tenant_id, key_prefix, method, route, model, status, "
+        "error_code, duration_ms) SELECT now(), $2, tenant_id, $1, 'POST', $2, $2, 200, $2, 1 FROM api_keys "
+        "WHERE prefix = $1",
+        prefix, FORGERY,
+    )  # fmt: skip
+    today = dt.datetime.now(dt.UTC).date().isoformat()
+    for args, rows in [
+        (["list-keys", "--tenant", tenant], 1),
+        (["usage", "--tenant", tenant], 1),
+        (["usage", "--tenant", tenant, "--from", today, "--by", "key"], 1),
+        (["usage", "--tenant", tenant, "--from", today, "--by", "key", "--csv"], 1),
+        (["audit", "--tenant", tenant], 1),
+        (["revoke-key", "--prefix", prefix], 0),
+    ]:
+        result = run(*args)
+        assert result.returncode == 0, result
+        assert len(result.stdout.splitlines()) == rows + 1, result.stdout  # splitlines() also splits at \x85, \u2028
+        assert_plain(result.stdout)
+        assert "evil\\nnz_forged01" in result.stdout
+    for args, field in [
+        (["list-keys", "--tenant", tenant, "--json"], "name"),
+        (["usage", "--tenant", tenant, "--json"], "name"),
+        (["usage", "--tenant", tenant, "--from", today, "--by", "key", "--json"], "key_name"),
+        (["audit", "--tenant", tenant, "--json"], "model"),
+    ]:
+        result = run(*args)
+        assert_plain(result.stdout)
+        assert orjson.loads(result.stdout)[0][field] == FORGERY  # escaped, yet the same string
