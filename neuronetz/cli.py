@@ -395,7 +395,7 @@ def cmd_list_keys(args: argparse.Namespace) -> int:
             ",".join(k.allowed_models) if k.allowed_models is not None else "all",
             f"{k.prompt_ttl_days}d" if k.log_prompts else "off",
             describe_limits(k.limits, "inherit"),
-            rotation(k),
+            rotation_of(k),
         ]
         for k in found
     ]
@@ -407,7 +407,7 @@ def cmd_list_keys(args: argparse.Namespace) -> int:
     return 0
 
 
-def rotation(key: tenants.KeyInfo) -> str:
+def rotation_of(key: tenants.KeyInfo) -> str:
     parts = [f"replaces {key.replaces}"] if key.replaces else []
     parts += [f"replaced by {key.replaced_by}"] if key.replaced_by else []
     return "; ".join(parts) or "-"
@@ -641,7 +641,7 @@ def usage_export(args: argparse.Namespace) -> int:
     start: dt.date = args.start
     end: dt.date = args.end if args.end is not None else dt.datetime.now(dt.UTC).date()
     if end < start:
-        raise CliError(f"--to {end} is before --from {start}.")
+        raise CliError(f"The last day {end} (--to) is before the first day {start} (--from).")
     grouping = args.by or frozenset()
 
     async def work(connection: Any) -> list[dict[str, Any]]:

@@ -83,7 +83,10 @@ def test_out_of_range_flag_is_one_line_and_exit_1() -> None:
         (["rotate-key", "--prefix", "nz_zzzzzzzz", "--grace", "99999999d"], "--grace 99999999d is longer than"),
         (["rotate-key", "--prefix", "nz_zzzzzzzz", "--grace", "soon"], "--grace takes a span like 30s"),
         (["usage", "--from", "2026-11-31"], "--from takes a UTC day as YYYY-MM-DD"),
-        (["usage", "--from", "2026-11-02", "--to", "2026-11-01"], "--to 2026-11-01 is before --from 2026-11-02"),
+        (
+            ["usage", "--from", "2026-11-02", "--to", "2026-11-01"],
+            "The last day 2026-11-01 (--to) is before the first day 2026-11-02",
+        ),
         (["usage", "--from", "2026-11-01", "--by", "model"], "the usage ledger does not record models"),
         (["usage", "--from", "2026-11-01", "--by", "week"], "--by takes day, key or day,key"),
         (["usage", "--by", "day"], "--by belongs to a usage export: give the first day with --from"),
