@@ -267,14 +267,7 @@ def parse_expiry(args: argparse.Namespace) -> dt.datetime | None:
         return now + dt.timedelta(days=args.expires_in_days)
     if args.expires is None:
         return None
-    try:
-        moment = dt.datetime.fromisoformat(args.expires)
-    except ValueError:
-        raise CliError(
-            f"--expires must be an ISO 8601 date or time, e.g. 2027-01-31 or 2027-01-31T18:00Z; got {args.expires!r}."
-        ) from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=dt.UTC)
+    moment = parse_moment("expires", args.expires, "an ISO 8601 date or time, e.g. 2027-01-31 or 2027-01-31T18:00Z")
     if moment <= now:
         raise CliError(f"--expires {args.expires} is in the past.")
     if moment - now > dt.timedelta(days=MAX_DAYS):
@@ -711,16 +704,25 @@ def parse_span(flag: str, raw: str) -> dt.timedelta:
     return length
 
 
+def parse_moment(flag: str, raw: str, expected: str) -> dt.datetime:
+    """An ISO 8601 time (UTC unless it says otherwise), in UTC: a time whose offset moves it
+    out of the years 1-9999 would otherwise fail later, in the database driver."""
+    try:
+        moment = dt.datetime.fromisoformat(raw)
+    except ValueError:
+        raise CliError(f"--{flag} takes {expected}; got {raw!r}.") from None
+    try:
+        return moment.replace(tzinfo=moment.tzinfo or dt.UTC).astimezone(dt.UTC)
+    except OverflowError:
+        raise CliError(f"--{flag} {raw} is outside the years 1 to 9999 in UTC.") from None
+
+
 def parse_since(raw: str) -> dt.datetime:
     """`--since` as ISO 8601 (UTC unless it says otherwise) or a span back from now: 30m, 2h, 7d."""
     back = span("since", raw)
     if back is not None:
         return dt.datetime.now(dt.UTC) - back
-    try:
-        moment = dt.datetime.fromisoformat(raw)
-    except ValueError:
-        raise CliError(f"--since takes an ISO 8601 time or a span like 30m, 2h or 7d; got {raw!r}.") from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
+    return parse_moment("since", raw, "an ISO 8601 time or a span like 30m, 2h or 7d")
 
 
 def cmd_audit(args: argparse.Namespace) -> int:

@@ -79,6 +79,7 @@ def test_out_of_range_flag_is_one_line_and_exit_1() -> None:
         (["audit", "--since", "99999999d"], "--since 99999999d is longer than 36500 days"),
         (["audit", "--since", "9" * 30 + "s"], "--since takes an ISO 8601 time or a span"),
         (["audit", "--since", "\u00b2d"], "--since takes an ISO 8601 time or a span"),  # isdigit(), yet no int
+        (["audit", "--since", "9999-12-31T23:59-14:00"], "--since 9999-12-31T23:59-14:00 is outside the years 1"),
         (["audit", "--limit", "0"], "--limit must be between 1 and 100000, got 0"),
         (["rotate-key", "--prefix", "nz_zzzzzzzz", "--grace", "99999999d"], "--grace 99999999d is longer than"),
         (["rotate-key", "--prefix", "nz_zzzzzzzz", "--grace", "soon"], "--grace takes a span like 30s"),

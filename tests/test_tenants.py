@@ -84,7 +84,7 @@ def test_the_key_lifecycle(run: Runner) -> None:
         (["create-tenant", "--name", "x", "--rpm", "0"], "--rpm must be between 1 and 2147483647, got 0"),
         (["create-tenant", "--name", "x", "--daily-tokens", "lots"], "--daily-tokens takes a whole number"),
         (["create-key", "--tenant", "x", "--name", "y", "--expires", "2001-01-01"], "is in the past"),
-        (["create-key", "--tenant", "x", "--name", "y", "--expires", "soon"], "--expires must be an ISO 8601 date"),
+        (["create-key", "--tenant", "x", "--name", "y", "--expires", "soon"], "--expires takes an ISO 8601 date"),
         (["create-key", "--tenant", "x", "--name", "y", "--log-prompts"], "--log-prompts needs --prompt-ttl-days"),
         (["revoke-key", "--prefix", "nz_zzzzzzzz"], "There is no key with the prefix 'nz_zzzzzzzz'"),
         (["revoke-key", "--prefix", "sk-123"], "is not a key prefix"),
@@ -150,8 +150,11 @@ def existing(run: Runner) -> tuple[str, str]:
         # Storable, but the gateway adds the TTL to the time of each request: year 10000 is no datetime.
         (["create-key", "--tenant", "{tenant}", "--name", "n", "--log-prompts", "--prompt-ttl-days", "3000000"],
          "--prompt-ttl-days must be between 1 and 36500"),
-        (["create-key", "--tenant", "{tenant}", "--name", "n", "--expires", "9999-12-31T23:00-05:00"],
+        (["create-key", "--tenant", "{tenant}", "--name", "n", "--expires", "2999-01-01"],
          "is more than 36500 days (100 years) away"),
+        (["create-key", "--tenant", "{tenant}", "--name", "n", "--expires", "9999-12-31T23:00-05:00"],
+         "is outside the years 1 to 9999 in UTC"),
+        (["audit", "--tenant", "{tenant}", "--since", "0001-01-01T00:00+14:00"], "is outside the years 1 to 9999"),
         (["audit", "--tenant", "{tenant}", "--since", "99999999d"], "--since 99999999d is longer than 36500 days"),
     ],
 )  # fmt: skip
