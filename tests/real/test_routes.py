@@ -145,13 +145,13 @@ async def test_ollama_client_on_every_native_route(real_gateway: GatewayProcess,
             generated = client.generate(model="tiny-eos", prompt="Hello", options=SAMPLING)
             assert generated.done_reason == "stop"
             streamed = list(client.generate(model="tiny-eos", prompt="Hello", options=SAMPLING, stream=True))
-            assert "".join(p.response for p in streamed) == generated.response
+            assert "".join(p.response or "" for p in streamed) == generated.response
             embedded = client.embed(model="tiny-embed", input=["a", "b"])
             assert [len(e) for e in embedded.embeddings] == [64, 64]
             assert len(client.embeddings(model="tiny-embed", prompt="a").embedding) == 64
             names = {m.model or "" for m in client.list().models}
             assert names >= {"tiny:latest", "tiny-eos:latest", "tiny-embed:latest"}
-            assert "tiny:latest" in {m.model for m in client.ps().models}
+            assert "tiny:latest" in {m.model or "" for m in client.ps().models}
             shown = client.show("tiny")
             assert shown.details is not None
             assert shown.details.family == "llama"
