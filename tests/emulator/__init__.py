@@ -66,8 +66,9 @@ dolor sit amet ..." (tokens "Lorem", " ipsum", ...), or the model's ``reply``,
 or its prompt echoed; thinking models first think ``thinking_tokens`` words of
 "Let me think about this carefully."; a tools-capable model given ``tools``
 calls the first tool (string arguments "test", numbers 1) unless the last
-message is a tool result. ``options.num_predict`` / ``max_tokens`` cut the
-answer (done_reason "length"), ``stop`` ends it before the stop text.
+message is a tool result. ``options.num_predict`` / ``max_tokens`` above zero
+cut the answer (done_reason "length"); 0 and negative values mean no limit, as
+in Ollama; ``stop`` ends it before the stop text.
 Embeddings are ``embedding_vector(text, model.embedding_length)``.
 
 Token counting (``count_prompt_tokens(path, body)`` computes it): a token is a
