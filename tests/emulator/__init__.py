@@ -1,9 +1,13 @@
 """A faithful fake Ollama for the test suite and the benchmarks.
 
-The authority is ``/work/shared/reference/ollama-api.md``; comments cite its
-sections (§N). The server is written directly on asyncio (uvloop when
-installed) so it can stall, drop the socket, and notice a client leaving the
-moment its FIN arrives.
+The authority is Ollama's API documentation (``docs/api.md`` and
+``docs/openai.md`` in github.com/ollama/ollama) and its source; a §N in a
+comment is a section of the API notes the emulator was first written from.
+Where a real server was observed to differ, the comment names the release:
+``tests/real/test_emulator_fidelity.py`` compares the emulator with a real
+Ollama v0.24.0 whenever one is available. The server is written directly on
+asyncio (uvloop when installed) so it can stall, drop the socket, and notice a
+client leaving the moment its FIN arrives.
 
 Python API (in-process; every method is thread-safe)::
 
