@@ -48,6 +48,15 @@ class Config:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
 
+    def at_most(self, version: str) -> bool:
+        """Whether the emulated Ollama is `version` or older (``"0.24.0"``), for behaviour
+        observed on a real older release that differs from the current one."""
+
+        def parts(text: str) -> tuple[int, ...]:
+            return tuple(int(p) if p.isdigit() else 0 for p in text.split("-")[0].split("."))
+
+        return parts(self.version) <= parts(version)
+
     def replace(self, changes: Mapping[str, Any]) -> Config:
         """A copy with ``changes`` applied; unknown keys and wrong types raise ``ValueError``."""
         current = self.to_json()

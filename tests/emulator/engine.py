@@ -173,7 +173,9 @@ def make_plan(config: Config, ask: Ask) -> Plan:
             content = _cycled(LOREM, config.tokens)
         steps += [Step(content=token) for token in _until_stop(content, ask.stop)]
     reason = "stop"
-    # As Ollama's runner: a limit only when numPredict > 0; 0, -1 and -2 generate to the end.
+    # A cap applies only when it is above zero: 0, -1 (no limit) and -2 (fill the context) all
+    # let the answer run to its end (`runner/ollamarunner/runner.go` checks `numPredict > 0`;
+    # observed on v0.24.0 for `num_predict` and for `max_tokens: 0` on /v1).
     if ask.num_predict is not None and 0 < ask.num_predict < len(steps):
         steps, reason = steps[: ask.num_predict], "length"
     final: tuple[dict[str, Any], ...] = ()
