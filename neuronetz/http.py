@@ -9,18 +9,16 @@ the rate-limit headers), so no handler can forget them.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 from ipaddress import IPv4Network, IPv6Network, ip_address
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import orjson
 
-from neuronetz.errors import BadRequest, GatewayError, PayloadTooLarge
+from neuronetz.errors import BadRequest, GatewayError, PayloadTooLarge, RequestTimeout, ServiceUnavailable
 from neuronetz.types import Message, Receive, Scope, Send
-
-if TYPE_CHECKING:
-    from neuronetz.auth import KeyRecord
 
 JSON = b"application/json"
 DRAIN_LIMIT = 1 << 20
@@ -66,6 +64,28 @@ def new_request_id() -> str:
     return os.urandom(12).hex()
 
 
+class Principal(Protocol):
+    """Whoever a request authenticated as. `auth.KeyRecord` is the one implementation; the
+    request layer names only this much of it, so it does not depend on authentication."""
+
+    @property
+    def prefix(self) -> str: ...
+
+    @property
+    def tenant(self) -> str: ...
+
+
+class BodyReaders:
+    """How many requests of this worker are receiving a body right now, bounded: a slow
+    upload holds a connection, a task and a growing buffer, and counts toward no limit of its
+    key until it has arrived, so past `limit` further bodies are refused (503) at once."""
+
+    def __init__(self, limit: int, timeout: float) -> None:
+        self.limit = limit
+        self.timeout = timeout
+        self.active = 0
+
+
 class Request:
     """One HTTP request: method, normalised path, headers and a bounded body reader."""
 
@@ -91,7 +111,8 @@ class Request:
         self.path = path
         self.query: bytes = scope.get("query_string", b"")
         # Header names arrive lower-cased (ASGI spec); a repeated header keeps its last value,
-        # which is all the gateway ever needs (Authorization, Content-Length, X-Request-ID).
+        # which is all the gateway ever needs (Content-Length, X-Request-ID) — except for
+        # Authorization, where a repetition is refused (see `authorization`).
         self.headers: dict[bytes, bytes] = dict(scope["headers"])
         client = scope.get("client")
         self.client: str = client[0] if client else ""
@@ -100,14 +121,42 @@ class Request:
         self.request_id = sent_id.decode() if sent_id and _SANE_REQUEST_ID.fullmatch(sent_id) else new_request_id()
         self.response_headers: list[tuple[bytes, bytes]] = [(b"x-request-id", self.request_id.encode())]
         self.param: str | None = None  # the route's captured parameter (/v1/models/{model})
-        self.key: KeyRecord | None = None  # set once authenticated
+        self.key: Principal | None = None  # set once authenticated
 
-    async def body(self, limit: int) -> bytes:
+    def authorization(self) -> bytes | None:
+        """The Authorization header; BadRequest when there is more than one. RFC 9110 §11.6.2
+        allows one credential, and a proxy in front that reads the first while this gateway
+        read the last would authorise one key and charge another."""
+        value = self.headers.get(b"authorization")
+        repeats = value is not None and len(self.headers) != len(self.scope["headers"])  # cheap: usually False
+        if repeats and sum(1 for name, _ in self.scope["headers"] if name == b"authorization") > 1:
+            raise BadRequest("The request has more than one Authorization header; send exactly one.")
+        return value
+
+    async def body(self, limit: int, readers: BodyReaders | None = None) -> bytes:
         """Read the whole body, refusing (413) anything larger than `limit` bytes.
 
         A declared Content-Length over the limit is refused before a byte is read; a
         chunked body is counted as it arrives and refused as soon as it crosses the limit.
+        With `readers`, the body must arrive within its timeout (408) and at most its limit
+        of bodies are read at once in this worker (503 beyond).
         """
+        if readers is None:
+            return await self._read(limit)
+        if readers.active >= readers.limit:
+            raise ServiceUnavailable("The gateway is receiving too many request bodies; retry shortly.", retry_after=1)
+        readers.active += 1
+        try:
+            async with asyncio.timeout(readers.timeout):
+                return await self._read(limit)
+        except TimeoutError:
+            raise RequestTimeout(
+                f"The request body did not arrive within {readers.timeout:g} seconds; send it faster or in full."
+            ) from None
+        finally:
+            readers.active -= 1
+
+    async def _read(self, limit: int) -> bytes:
         declared = self.headers.get(b"content-length")
         if declared is not None:
             try:
@@ -148,16 +197,30 @@ class Request:
 
     async def wait_for_disconnect(self) -> None:
         """Return when the client disconnects. Granian reports a vanished client only through
-        receive() (measurements.md), so a proxy must watch this while it forwards. An unread
+        receive(), so a proxy must watch this while it forwards. An unread
         body (GET routes) is simply drained on the way to the disconnect message."""
         while (await self.receive())["type"] != "http.disconnect":
             pass
 
 
-def parse_json(raw: bytes) -> dict[str, Any]:
-    """A request body as a JSON object; anything else is a 400 that says what was wrong."""
+def parse_json(raw: bytes, max_elements: int | None = None) -> dict[str, Any]:
+    """A request body as a JSON object; anything else is a 400 that says what was wrong.
+
+    Parsing amplifies: `[{},{},…]` costs about 25 bytes of Python objects per byte of body
+    (a 32 MiB body became 1 GB and held the event loop for seconds). So the number of values
+    is bounded before anything is parsed: every value but the first follows a `,` or opens a
+    container, and counting those bytes runs at memory speed. Commas inside strings count
+    too, which only makes the bound stricter for prose; base64 images contain none.
+    """
     if not raw:
         raise BadRequest("The request body is empty; this endpoint expects a JSON object.")
+    if max_elements is not None:
+        elements = raw.count(b",") + raw.count(b"{") + raw.count(b"[")
+        if elements > max_elements:
+            raise PayloadTooLarge(
+                f"The request body has too many JSON elements ({elements} commas and brackets; "
+                f"at most {max_elements} are accepted)."
+            )
     try:
         value = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
