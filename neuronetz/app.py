@@ -33,7 +33,6 @@ from neuronetz.errors import BadGateway, BadRequest, Forbidden, GatewayError, No
 from neuronetz.gateway import Gateway
 from neuronetz.http import (
     BodyReaders,
-    ClientDisconnected,
     Request,
     client_address,
     parse_json,
@@ -167,8 +166,6 @@ class App:
             exchange.status, exchange.error_code = error.status, error.code
             if not exchange.started:
                 await send_error(send, request, error)
-        except ClientDisconnected:
-            exchange.disconnected = True
         except Exception:
             # A bug (Starlette's ServerErrorMiddleware is the model): the client still gets an
             # answer in its dialect with its request id, the log one traceback, the audit a row.

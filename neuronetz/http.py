@@ -10,6 +10,7 @@ the rate-limit headers), so no handler can forget them.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 from ipaddress import IPv4Network, IPv6Network, ip_address
@@ -23,10 +24,6 @@ from neuronetz.types import Message, Receive, Scope, Send
 JSON = b"application/json"
 DRAIN_LIMIT = 1 << 20
 _SANE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
-
-
-class ClientDisconnected(Exception):
-    """The client went away (http.disconnect) before the request finished."""
 
 
 def client_address(peer: str, forwarded_for: bytes | None, trusted: tuple[IPv4Network | IPv6Network, ...]) -> str:
@@ -164,15 +161,18 @@ class Request:
             except ValueError:
                 raise BadRequest("The Content-Length header is not a number.") from None
             if length > limit:
-                if length - limit <= DRAIN_LIMIT:
-                    await self._drain({"more_body": True})
+                if length - limit <= DRAIN_LIMIT:  # nothing read yet: the whole body is the remainder
+                    await self._drain({"more_body": True}, length)
                 raise PayloadTooLarge(f"The request body is larger than the {limit} bytes this gateway accepts.")
         parts: list[bytes] = []
         size = 0
         while True:
             message = await self.receive()
             if message["type"] == "http.disconnect":
-                raise ClientDisconnected
+                # Granian reports a malformed chunked body exactly like a client that hung up
+                # mid-upload. Either way the body is incomplete: a 400 reaches the client that
+                # is still there, and costs nothing when it is gone.
+                raise BadRequest("The request body ended before it was complete (or its chunked framing is malformed).")
             chunk: bytes = message.get("body", b"")
             if chunk:
                 size += len(chunk)
@@ -184,12 +184,13 @@ class Request:
                 break
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    async def _drain(self, message: Message) -> None:
-        """Read and drop up to DRAIN_LIMIT more bytes of a refused body. Most clients send their
-        whole body before they read the answer; closing on them mid-upload would turn a clear
-        413 into a connection reset. A bigger remainder is cut off (Granian closes)."""
+    async def _drain(self, message: Message, budget: int = DRAIN_LIMIT) -> None:
+        """Read and drop up to `budget` more bytes of a refused body (a body only a little over
+        its limit). Most clients send their whole body before they read the answer; closing on
+        them mid-upload would turn a clear 413 into a connection reset. A bigger remainder is
+        cut off (Granian closes)."""
         drained = 0
-        while message.get("more_body", False) and drained < DRAIN_LIMIT:
+        while message.get("more_body", False) and drained < budget:
             message = await self.receive()
             if message["type"] == "http.disconnect":
                 return
@@ -221,13 +222,63 @@ def parse_json(raw: bytes, max_elements: int | None = None) -> dict[str, Any]:
                 f"The request body has too many JSON elements ({elements} commas and brackets; "
                 f"at most {max_elements} are accepted)."
             )
-    try:
-        value = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"The request body is not valid JSON: {exc.msg} (at character {exc.pos}).") from None
+    value = orjson_loads(raw) if len(raw) <= ORJSON_LIMIT else _stdlib_loads(raw)
     if not isinstance(value, dict):
         raise BadRequest("The request body must be a JSON object.")
     return value
+
+
+# orjson reserves about 13 bytes per byte of input before it parses (yyjson sizes its value
+# pool for the densest document that length could hold): 416 MB for a 32 MiB image. Above
+# this size the standard library's parser, half as fast and sized by what it finds, reads
+# the body instead; below it orjson's speed wins and its reserve is small.
+ORJSON_LIMIT = 1 << 20
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def orjson_loads(raw: bytes) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"The request body is not valid JSON: {exc.msg} (at character {exc.pos}).") from None
+
+
+def _stdlib_loads(raw: bytes) -> Any:
+    """The standard parser held to orjson's rules: UTF-8 only, no NaN/Infinity, no lone
+    surrogates (which Postgres and the re-encoding of a rewritten body would refuse)."""
+    try:
+        value = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+    except json.JSONDecodeError as exc:
+        raise BadRequest(f"The request body is not valid JSON: {exc.msg} (at character {exc.pos}).") from None
+    except UnicodeDecodeError:
+        raise BadRequest("The request body is not valid JSON: it is not UTF-8 text.") from None
+    except RecursionError:
+        raise BadRequest("The request body is not valid JSON: it is nested too deeply.") from None
+    except ValueError as exc:  # from _no_constant
+        raise BadRequest(f"The request body is not valid JSON: {exc} is not a JSON value.") from None
+    if _SURROGATE_ESCAPE.search(raw) is not None:
+        _reject_lone_surrogates(value)
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(name)
+
+
+def _reject_lone_surrogates(value: Any) -> None:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise BadRequest("The request body is not valid JSON: a \\u escape is a lone surrogate.") from None
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
 
 
 async def start(
