@@ -31,15 +31,7 @@ from neuronetz.auth import KeyRecord, bearer_token
 from neuronetz.backends import Backend
 from neuronetz.errors import BadGateway, BadRequest, Forbidden, GatewayError, NotFound, ServiceUnavailable
 from neuronetz.gateway import Gateway
-from neuronetz.http import (
-    BodyReaders,
-    Request,
-    client_address,
-    parse_json,
-    send_bytes,
-    send_error,
-    send_json,
-)
+from neuronetz.http import BodyReaders, Request, client_address, parse_json, send_bytes, send_error, send_json
 from neuronetz.proxy import BackendUnreachable, Exchange
 from neuronetz.router import Route, Router, is_blocked, normalize_path
 from neuronetz.types import Receive, Scope, Send
@@ -188,10 +180,7 @@ class App:
         gateway = self._gateway()
         key = _key(request)
         settings = gateway.settings
-        limit = (
-            settings.max_body_bytes if endpoint.images else min(settings.max_body_bytes, settings.max_text_body_bytes)
-        )
-        raw = await request.body(limit, self.readers)
+        raw = await request.body(_body_limit(settings, endpoint), self.readers)
         exchange.bytes_in = len(raw)
         body = parse_json(raw, settings.max_json_elements)
         model = exchange.model = _model_of(body)
