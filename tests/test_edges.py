@@ -21,10 +21,16 @@ CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "strea
 
 
 @pytest.fixture(scope="module")
-def strict(gateway_env: dict[str, str]) -> Iterator[GatewayProcess]:
-    """A gateway with small body bounds: a short body timeout and two body readers."""
-    env = {**gateway_env, "GATEWAY_BODY_TIMEOUT": "1", "GATEWAY_MAX_BODY_READERS": "2"}
-    with GatewayProcess(env) as process:
+def impatient(gateway_env: dict[str, str]) -> Iterator[GatewayProcess]:
+    """A gateway that gives a body one second to arrive."""
+    with GatewayProcess({**gateway_env, "GATEWAY_BODY_TIMEOUT": "1"}) as process:
+        yield process
+
+
+@pytest.fixture(scope="module")
+def narrow(gateway_env: dict[str, str]) -> Iterator[GatewayProcess]:
+    """A gateway that receives two bodies at once."""
+    with GatewayProcess({**gateway_env, "GATEWAY_MAX_BODY_READERS": "2"}) as process:
         yield process
 
 
@@ -78,7 +84,7 @@ async def test_a_body_of_many_tiny_json_values_is_refused_before_parsing(gateway
     assert "too many JSON elements" in response.json()["error"]
     assert health.status_code == 200
     print(f"\n30 MB of '{{}}' refused in {elapsed * 1000:.0f} ms")
-    assert elapsed < 3.0
+    assert elapsed < 5.0  # reading 30 MB and counting; parsing it took 4-6 s
 
 
 async def test_routes_without_images_take_small_bodies_only(gateway: GatewayProcess, admin: Admin) -> None:
@@ -116,7 +122,7 @@ def test_peak_parse_memory_of_the_largest_accepted_bodies_is_bounded() -> None:
 
 
 async def test_a_body_that_does_not_arrive_in_time_gets_408_in_the_callers_dialect(
-    strict: GatewayProcess, admin: Admin
+    impatient: GatewayProcess, admin: Admin
 ) -> None:
     key = await admin.key()
     head = (
@@ -124,30 +130,30 @@ async def test_a_body_that_does_not_arrive_in_time_gets_408_in_the_callers_diale
         "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
     ).encode()
     started = time.monotonic()
-    response = await asyncio.to_thread(raw_exchange, strict.url, head + b'{"model":', timeout=10)
+    response = await asyncio.to_thread(raw_exchange, impatient.url, head + b'{"model":', timeout=10)
     assert status_of(response) == 408, response
     assert body_of(response)["error"]["code"] == "request_timeout"  # type: ignore[index]
     assert b"x-request-id" in response.lower()
     assert time.monotonic() - started < 6
 
 
-async def test_past_the_body_reader_bound_new_bodies_get_503_at_once(strict: GatewayProcess, admin: Admin) -> None:
+async def test_past_the_body_reader_bound_new_bodies_get_503_at_once(narrow: GatewayProcess, admin: Admin) -> None:
     key = await admin.key()
     async with httpx.AsyncClient() as client:  # the key is verified and cached first
-        assert (await client.post(strict.url + "/api/chat", json=CHAT, headers=auth(key))).status_code == 200
+        assert (await client.post(narrow.url + "/api/chat", json=CHAT, headers=auth(key))).status_code == 200
     head = (
         f"POST /api/chat HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Length: 100\r\n\r\n{{"
     ).encode()
-    host, port = strict.url.removeprefix("http://").split(":")
+    host, port = narrow.url.removeprefix("http://").split(":")
     slow = [socket.create_connection((host, int(port))) for _ in range(2)]
     try:
         for sock in slow:
             sock.sendall(head)
-        deadline = time.monotonic() + 0.9  # both are being read until the 1 s body timeout
+        deadline = time.monotonic() + 20  # until both are being read (they would be for 60 s)
         refused = None
         async with httpx.AsyncClient() as client:
             while time.monotonic() < deadline:
-                response = await client.post(strict.url + "/api/chat", json=CHAT, headers=auth(key))
+                response = await client.post(narrow.url + "/api/chat", json=CHAT, headers=auth(key))
                 if response.status_code == 503:
                     refused = response
                     break
