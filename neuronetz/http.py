@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import re
 from ipaddress import IPv4Network, IPv6Network, ip_address
@@ -244,25 +245,43 @@ def orjson_loads(raw: bytes) -> Any:
 
 
 def _stdlib_loads(raw: bytes) -> Any:
-    """The standard parser held to orjson's rules: UTF-8 only, no NaN/Infinity, no lone
-    surrogates (which Postgres and the re-encoding of a rewritten body would refuse)."""
+    """The standard parser held to orjson's rules: UTF-8 only, no NaN/Infinity, integers
+    beyond 64 bits read as floats, no lone surrogates — so whatever it returns, orjson can
+    write again (a rewritten body, a prompt log) and Postgres can store."""
     try:
-        value = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+        value = json.loads(
+            raw.decode("utf-8"), parse_constant=_no_constant, parse_int=_json_int, parse_float=_json_float
+        )
     except json.JSONDecodeError as exc:
         raise BadRequest(f"The request body is not valid JSON: {exc.msg} (at character {exc.pos}).") from None
     except UnicodeDecodeError:
         raise BadRequest("The request body is not valid JSON: it is not UTF-8 text.") from None
     except RecursionError:
         raise BadRequest("The request body is not valid JSON: it is nested too deeply.") from None
-    except ValueError as exc:  # from _no_constant
-        raise BadRequest(f"The request body is not valid JSON: {exc} is not a JSON value.") from None
+    except ValueError as exc:  # from the hooks below
+        raise BadRequest(f"The request body is not valid JSON: {exc}.") from None
     if _SURROGATE_ESCAPE.search(raw) is not None:
         _reject_lone_surrogates(value)
     return value
 
 
 def _no_constant(name: str) -> Any:
-    raise ValueError(name)
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _json_int(text: str) -> int | float:
+    if len(text) <= 20:  # also keeps int() far from its 4,300-digit limit
+        value = int(text)
+        if -(1 << 63) <= value < (1 << 64):
+            return value
+    return _json_float(text)
+
+
+def _json_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError("a number is too large for a double")
+    return value
 
 
 def _reject_lone_surrogates(value: Any) -> None:

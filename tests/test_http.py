@@ -83,6 +83,7 @@ def test_request_id_is_echoed_only_when_sane() -> None:
         (b'{"a":NaN}', "NaN"),
         (b'{"a":' + b"[" * 5000 + b"]" * 5000 + b"}", "nested too deeply"),
         (b'{"a":"\xff"}', "not UTF-8"),
+        (b'{"a":1e400}', "too large|infinity"),
     ],
 )
 def test_large_bodies_are_held_to_the_same_json_rules(body: bytes, message: str) -> None:
@@ -91,6 +92,18 @@ def test_large_bodies_are_held_to_the_same_json_rules(body: bytes, message: str)
         parse_json(padded)
     with pytest.raises(BadRequest):
         parse_json(body)
+
+
+def test_large_bodies_read_numbers_as_orjson_does() -> None:
+    body = b'{"a":18446744073709551615,"b":18446744073709551616,"c":' + b"9" * 30 + b',"d":-1.5}'
+    for raw in (body, body + b" " * (1 << 20)):
+        value = parse_json(raw)
+        assert value["a"] == 18446744073709551615
+        assert isinstance(value["b"], float)
+        assert isinstance(value["c"], float)
+        assert orjson.loads(orjson.dumps(value))["d"] == -1.5
+        with pytest.raises(BadRequest):  # a double would be infinite
+            parse_json(raw.replace(b"9" * 30, b"9" * 5000))
 
 
 def test_a_body_with_more_json_values_than_allowed_is_413_before_parsing() -> None:
