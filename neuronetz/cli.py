@@ -532,8 +532,10 @@ def cmd_list_backends(args: argparse.Namespace) -> int:
 
 def _gateway_view(settings: config.Settings) -> dict[str, Any] | None:
     url = f"http://{_connectable(settings.host)}:{settings.port}/readyz"
+    # /readyz shows backend detail only to the holder of the metrics token.
+    headers = {"Authorization": f"Bearer {settings.metrics_token}"} if settings.metrics_token else {}
     try:
-        with urllib.request.urlopen(url, timeout=1.5) as response:  # nosec B310
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=1.5) as response:  # nosec B310
             body = response.read()
     except urllib.error.HTTPError as exc:
         body = exc.read()

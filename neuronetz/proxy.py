@@ -34,7 +34,7 @@ from neuronetz.types import Send
 log = logging.getLogger("neuronetz.proxy")
 # Request headers a backend may see. Everything else — Authorization, Cookie, Origin (which
 # makes Ollama answer 403), Forwarded/X-Forwarded-*, hop-by-hop headers — stays here.
-FORWARDED_REQUEST_HEADERS = (b"content-type", b"accept", b"user-agent", b"x-request-id")
+FORWARDED_REQUEST_HEADERS = (b"content-type", b"accept", b"user-agent")
 USER_AGENT = f"neuronetz-gateway/{__version__}".encode()
 NDJSON = b"application/x-ndjson"
 # Ollama's final record and OpenAI's finish/usage events count as chunks too: allow for them
@@ -112,8 +112,9 @@ def upstream_headers(request: Request, backend_host: str) -> list[tuple[bytes, b
             headers.append((name, value))
     if b"user-agent" not in request.headers:
         headers.append((b"user-agent", USER_AGENT))
-    if b"x-request-id" not in request.headers:
-        headers.append((b"x-request-id", request.request_id.encode()))
+    # The gateway's id, always: the client's only when it was sane (http.Request), so the
+    # backend's logs name the request exactly as the response, the log line and the audit do.
+    headers.append((b"x-request-id", request.request_id.encode()))
     return headers
 
 

@@ -22,7 +22,7 @@ from neuronetz.types import Send
 # (request, send, exchange): the exchange (proxy.Exchange) records the request's outcome.
 Handler = Callable[[Request, Send, Any], Awaitable[None]]
 
-# Model-mutating Ollama endpoints: 403 for every method, not configurable (DESIGN.md, HTTP).
+# Model-mutating Ollama endpoints: 403 for every method, not configurable.
 BLOCKED_PATHS = frozenset({"/api/pull", "/api/push", "/api/create", "/api/copy", "/api/delete", "/api/blobs"})
 BLOCKED_PREFIX = "/api/blobs/"
 # Percent-decoding is repeated until the path stops changing; a path that still decodes
