@@ -21,7 +21,7 @@ import httpx
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from neuronetz import config, db, envfile, metrics, proxy
+from neuronetz import config, db, envfile, metrics, proxy, tasks
 from neuronetz.audit import AuditWriter
 from neuronetz.auth import Authenticator
 from neuronetz.backends import BackendPool, failure_reason
@@ -81,7 +81,7 @@ class Gateway:
         self.shared_metrics = metrics.Shared()
         self.in_flight: set[asyncio.Task[Any]] = set()
         self.draining = False
-        self.tasks: list[asyncio.Task[None]] = []
+        self.tasks = tasks.Supervisor()
 
     @classmethod
     async def open(cls, settings: config.Settings) -> Gateway:
@@ -108,17 +108,13 @@ class Gateway:
         self.ledger.start()
         self.limiter.start()
         self.audit.start()
-        self.tasks = [
-            asyncio.create_task(self.backends.run()),
-            asyncio.create_task(self._watch_env_file()),
-            asyncio.create_task(self._publish_metrics()),
-        ]
+        self.tasks.start("backends.health", self.backends.run)
+        self.tasks.start("gateway.env_file", self._watch_env_file)
+        self.tasks.start("gateway.metrics", self._publish_metrics)
         self._hook_signals()
 
     async def close(self) -> None:
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.tasks.stop()
         await self.limiter.stop()
         await self.ledger.stop()
         await self.audit.stop()
@@ -217,6 +213,12 @@ class Gateway:
         registry.counters["neuronetz_audit_records_written_total"][()] = float(self.audit.written)
         for kind, count in self.audit.dropped.items():
             registry.counters["neuronetz_audit_records_dropped_total"][metrics.labels(kind=kind)] = float(count)
+        for kind, count in self.audit.invalid.items():
+            registry.counters["neuronetz_audit_records_invalid_total"][metrics.labels(kind=kind)] = float(count)
+        registry.counters["neuronetz_audit_records_repaired_total"][()] = float(self.audit.repaired)
+        registry.counters["neuronetz_ledger_rows_dropped_total"][()] = float(self.ledger.dropped)
+        for task, count in tasks.RESTARTS.items():
+            registry.counters["neuronetz_background_task_restarts_total"][metrics.labels(task=task)] = float(count)
         registry.counters["neuronetz_argon2_verifications_total"][()] = float(self.auth.argon2_calls)
         registry.counters["neuronetz_auth_failures_total"][()] = float(self.auth.refusals)
         for backend in self.backends.backends:
