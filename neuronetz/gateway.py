@@ -20,6 +20,7 @@ import hiredis
 import httpx
 import redis.asyncio as aioredis
 import redis.exceptions
+from redis.maint_notifications import MaintNotificationsConfig
 
 from neuronetz import config, db, envfile, metrics, proxy, tasks
 from neuronetz.audit import AuditWriter
@@ -256,7 +257,15 @@ class _PackedInC:
 
 
 def redis_client(url: str) -> aioredis.Redis:
-    pool = aioredis.ConnectionPool.from_url(url, socket_connect_timeout=2, socket_timeout=5, health_check_interval=10)
+    """The worker's Redis pool. A pooled connection that the server closed while it sat idle
+    (Redis restarted) must be replaced before a command is sent on it, or the first request
+    on each such connection fails long after Redis is back. redis-py checks for that on
+    checkout, but skips the check while "maintenance notifications" (a Redis Enterprise
+    feature) may be on, which its default "auto" means; we turn them off."""
+    pool = aioredis.ConnectionPool.from_url(
+        url, socket_connect_timeout=2, socket_timeout=5, health_check_interval=10,
+        maint_notifications_config=MaintNotificationsConfig(enabled=False),
+    )  # fmt: skip
     base = pool.connection_class
     pool.connection_class = type(f"Packed{base.__name__}", (_PackedInC, base), {})
     return aioredis.Redis(connection_pool=pool)

@@ -49,7 +49,7 @@ async def test_poisoned_audit_rows_are_repaired_or_dropped_and_the_rest_written(
     good = [record(f"{run}-good-{i}") for i in range(50)]
     nul = record(f"{run}-nul", model="llama3.2\x00")  # text refuses U+0000
     overflow = record(f"{run}-overflow", prompt_tokens=2_300_000_000)  # beyond int4
-    unstorable = record(f"{run}-bad-date")[:0] + (None,) + record(f"{run}-bad-date")[1:]  # created_at NOT NULL
+    unstorable = (None, *record(f"{run}-bad-date")[1:])  # created_at is NOT NULL
     for row in [*good[:20], nul, *good[20:40], overflow, unstorable, *good[40:]]:
         writer.submit(row)
     created = dt.datetime.now(dt.UTC)
@@ -70,9 +70,11 @@ async def test_poisoned_audit_rows_are_repaired_or_dropped_and_the_rest_written(
     assert prompts.keys() == {f"{run}-p-ok", f"{run}-p-nul"}
     assert prompts[f"{run}-p-nul"]["request"] == '{"prompt": "ab"}'
     assert (writer.written, writer.repaired, writer.invalid) == (52, 3, {"metadata": 1, "prompt": 0})
-    assert not writer.records and not writer.prompts  # nothing left to retry forever
+    assert not writer.records
+    assert not writer.prompts
     dropped = [r for r in caplog.records if r.levelno == logging.ERROR]
-    assert len(dropped) == 1 and dropped[0].fields["request_id"] == f"{run}-bad-date"  # type: ignore[attr-defined]
+    assert len(dropped) == 1
+    assert dropped[0].fields["request_id"] == f"{run}-bad-date"
 
 
 async def test_a_poisoned_ledger_row_is_dropped_and_everyone_elses_usage_written(
@@ -86,7 +88,8 @@ async def test_a_poisoned_ledger_row_is_dropped_and_everyone_elses_usage_written
     ledger.record(-1, ids[0]["tenant_id"], 1, 1)  # no such key: a foreign-key violation, every time
     ledger.record(ids[1]["id"], ids[1]["tenant_id"], -(10**30), 10**30)  # clamped on the way in
     await asyncio.wait_for(ledger.flush(), 30)
-    assert ledger.pending == {} and ledger.dropped == 1
+    assert ledger.pending == {}
+    assert ledger.dropped == 1
     rows = await pool.fetch("SELECT key_id, requests, prompt_tokens, completion_tokens FROM usage_daily "
                             "WHERE key_id = ANY($1::bigint[]) ORDER BY key_id", [r["id"] for r in ids])  # fmt: skip
     assert [tuple(r) for r in rows] == [
@@ -119,25 +122,28 @@ async def test_a_nul_in_the_model_name_does_not_stop_the_audit_of_later_requests
 
 async def test_a_failing_background_task_is_logged_restarted_and_counted(caplog: pytest.LogCaptureFixture) -> None:
     runs: list[int] = []
+    third = asyncio.Event()
 
     async def flaky() -> None:
         runs.append(1)
         if len(runs) < 3:
             raise OverflowError("int too big to convert")
+        third.set()
         await asyncio.Event().wait()
 
     supervisor = tasks.Supervisor()
     before = tasks.RESTARTS["test.flaky"]
     with caplog.at_level(logging.ERROR, logger="neuronetz.tasks"):
         supervisor.start("test.flaky", flaky)
-        deadline = time.monotonic() + 10
-        while len(runs) < 3 and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        await supervisor.stop()
+        try:
+            await asyncio.wait_for(third.wait(), 10)
+        finally:
+            await supervisor.stop()
     assert len(runs) == 3
     assert tasks.RESTARTS["test.flaky"] - before == 2
     failures = [r for r in caplog.records if r.name == "neuronetz.tasks"]
-    assert len(failures) == 2 and all(r.exc_info for r in failures)  # each once, with its traceback
+    assert len(failures) == 2
+    assert all(r.exc_info for r in failures)
 
 
 def test_an_outage_warning_is_logged_once_then_with_a_count(caplog: pytest.LogCaptureFixture) -> None:
