@@ -74,7 +74,7 @@ async def test_poisoned_audit_rows_are_repaired_or_dropped_and_the_rest_written(
     assert not writer.prompts
     dropped = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert len(dropped) == 1
-    assert dropped[0].fields["request_id"] == f"{run}-bad-date"
+    assert dropped[0].__dict__["fields"]["request_id"] == f"{run}-bad-date"
 
 
 async def test_a_poisoned_ledger_row_is_dropped_and_everyone_elses_usage_written(
