@@ -479,14 +479,13 @@ async def _spend_until_refused(client: httpx.AsyncClient, url: str, key: str, wa
         await asyncio.sleep(0.1)
 
 
-@pytest.mark.parametrize("had_budget", [False, True], ids=["first-budget", "second-budget"])
-async def test_a_budget_added_later_starts_from_the_spend_so_far(
-    gateway: GatewayProcess, admin: Admin, redis_url: str, redis_prefix: str, had_budget: bool
+async def test_a_first_budget_starts_from_the_spend_so_far(
+    gateway: GatewayProcess, admin: Admin, redis_url: str, redis_prefix: str
 ) -> None:
-    """A tenant spends (unbudgeted, or under a daily budget only), then gets a monthly budget
-    equal to what it spent: its next requests are refused, not served from a counter at 0."""
+    """A tenant spends without a budget, then gets a monthly budget equal to what it spent:
+    its next requests are refused at once, not after a rebuild wait or from a counter at 0."""
     await _redis_has_held_data_for_a_while(redis_url, redis_prefix)
-    tenant = await admin.tenant(daily_tokens=10**9 if had_budget else None)
+    tenant = await admin.tenant()
     key = await admin.key(tenant)
     spent = 0
     async with httpx.AsyncClient() as client:
@@ -499,6 +498,24 @@ async def test_a_budget_added_later_starts_from_the_spend_so_far(
         refused = await _spend_until_refused(client, gateway.url, key)
     assert refused.status_code == 429, refused.text
     assert "monthly token budget" in refused.json()["error"]
+
+
+async def test_a_budget_added_next_to_another_starts_from_the_spend_so_far(
+    limiter_with_clock: Any, admin: Admin
+) -> None:
+    """A key with only a daily budget spends; a monthly budget added later counts that spend
+    (it was counted all along), so a monthly budget of what was spent is used up at once."""
+    limiter, _ = limiter_with_clock
+    tenant_id = secrets.randbelow(10**9) + 10**9
+    await _ready(limiter, tenant_id)
+    daily_only = Subject(7, tenant_id, Limits(daily_tokens=1000), Limits())
+    for _ in range(3):
+        admission = await limiter.admit(daily_only, 5, 15)
+        limiter.settle(admission, daily_only, 5, 15)
+        assert await limiter.flush_settlements()
+    with_monthly = Subject(7, tenant_id, Limits(daily_tokens=1000, monthly_tokens=60), Limits())
+    with pytest.raises(BudgetExceeded, match="monthly token budget of 60 is used up"):
+        await limiter.admit(with_monthly, 5, 15)
 
 
 async def test_budgeted_requests_succeed_at_once_after_redis_restarts_with_its_data(
