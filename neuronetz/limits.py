@@ -141,6 +141,7 @@ class Limiter:
         self.unenforced = Throttled(log, "limits not enforced: Redis unreachable")
         self.settle_failed = Throttled(log, "settlement failed; will retry")
         self.renew_failed = Throttled(log, "lease renewal failed")
+        self.rebuild_failed = Throttled(log, "budget rebuild failed")
 
     # --- the keys and checks of one request -------------------------------------------------------
 
@@ -228,7 +229,9 @@ class Limiter:
         retry = retry_ms / 1000
         if reason == "rebuild":
             raise ServiceUnavailable(
-                "Budget counters are being rebuilt after Redis lost its data; retry shortly.", retry_after=3
+                "Budget counters are being rebuilt from the usage ledger (Redis lost its data, or Postgres "
+                "cannot be read right now); retry shortly.",
+                retry_after=3,
             )
         if reason == "rpm":
             raise RateLimited(
@@ -424,7 +427,7 @@ class Limiter:
             finally:
                 await self.redis.delete(lock)
         except (*REDIS_ERRORS, *db.ERRORS) as exc:  # the next budgeted request tries again
-            log.warning("budget rebuild failed", extra={"fields": {"tenant_id": tenant_id, "error": repr(exc)}})
+            self.rebuild_failed(tenant_id=tenant_id, error=repr(exc))
 
     async def in_flight(self, tenant_id: int, sid: str) -> int:
         """Requests holding a lease for a scope (`t` or `k<id>`) right now, for `usage`."""

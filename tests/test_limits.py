@@ -282,6 +282,10 @@ async def test_spend_survives_a_redis_restart(
             await asyncio.sleep(1.2)  # let the ledger write
             private_redis.stop()
             private_redis.start()  # empty: every counter is gone
+            # A real loss: fail closed until the ledger's sums are back (not "a new tenant").
+            first = await client.post(process.url + "/api/generate", json=GENERATE, headers=auth(key))
+            assert first.status_code == 503
+            assert "rebuilt from the usage ledger" in first.json()["error"]
             again = await wait_until_budgets_ready(client, process.url, key)
             assert again.status_code == 429
             assert again.json()["error"] == "The key's total token budget of 12 is used up."
