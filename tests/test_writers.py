@@ -98,27 +98,35 @@ async def test_a_poisoned_ledger_row_is_dropped_and_everyone_elses_usage_written
     ]  # fmt: skip
 
 
-async def test_a_nul_in_the_model_name_does_not_stop_the_audit_of_later_requests(
-    gateway: GatewayProcess, admin: Admin
-) -> None:
+async def _count(admin: Admin, sql: str, expected: int) -> int:
+    deadline = time.monotonic() + 10
+    while True:
+        count = int(await admin.pool.fetchval(sql))
+        if count >= expected or time.monotonic() > deadline:
+            return count
+        await asyncio.sleep(0.2)
+
+
+async def test_nul_characters_do_not_stop_the_audit_of_later_requests(gateway: GatewayProcess, admin: Admin) -> None:
+    """A NUL in `model` (from a key not even allowed that model) and a NUL in the prompt of a
+    prompt-logging key: Postgres refuses both as sent; every later request is still audited."""
     restricted = await admin.key(models=("qwen3",))
+    logged = await admin.key(prompt_ttl_days=1)
     key = await admin.key()
+    nul_prompt = {**CHAT, "messages": [{"role": "user", "content": "a\x00b"}]}
     async with httpx.AsyncClient() as client:
         poisoned = await client.post(gateway.url + "/api/chat", json={**CHAT, "model": "llama3.2\x00"},
                                      headers={**auth(restricted), "X-Request-ID": "nul-model-1"})  # fmt: skip
         assert poisoned.status_code in (400, 403)
-        await asyncio.sleep(1.5)  # the poisoned record gets its own batch
+        await client.post(gateway.url + "/api/chat", json=nul_prompt,
+                          headers={**auth(logged), "X-Request-ID": "nul-prompt-1"})  # fmt: skip
+        await asyncio.sleep(1.5)  # the poisoned records get a batch of their own
         for i in range(5):
             answer = await client.post(gateway.url + "/api/chat", json=CHAT,
                                        headers={**auth(key), "X-Request-ID": f"after-nul-{i}"})  # fmt: skip
             assert answer.status_code == 200
-    deadline = time.monotonic() + 10
-    while True:
-        count = await admin.pool.fetchval("SELECT count(*) FROM request_log WHERE request_id LIKE 'after-nul-%'")
-        if count == 5 or time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.2)
-    assert count == 5
+    assert await _count(admin, "SELECT count(*) FROM request_log WHERE request_id LIKE 'after-nul-%'", 5) == 5
+    assert await _count(admin, "SELECT count(*) FROM prompt_log WHERE request_id = 'nul-prompt-1'", 1) == 1
 
 
 async def test_a_failing_background_task_is_logged_restarted_and_counted(caplog: pytest.LogCaptureFixture) -> None:
