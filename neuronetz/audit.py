@@ -31,6 +31,7 @@ import asyncpg
 import orjson
 
 from neuronetz import db
+from neuronetz.journal import Journal
 from neuronetz.logs import Throttled
 from neuronetz.tasks import Supervisor
 
@@ -56,8 +57,17 @@ REAL_MAX = 1e38  # ttfb_ms and duration_ms are `real`
 
 
 class AuditWriter:
-    def __init__(self, pool: asyncpg.Pool[Any], *, capacity: int, prompt_capacity: int, retention_days: int) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool[Any],
+        *,
+        capacity: int,
+        prompt_capacity: int,
+        retention_days: int,
+        journal: Journal | None = None,
+    ) -> None:
         self.pool = pool
+        self.journal = journal
         self.capacity = capacity
         self.prompt_capacity = prompt_capacity
         self.retention_days = retention_days
@@ -81,6 +91,8 @@ class AuditWriter:
                 self.dropped["prompt"] += 1
             return
         self.records.append(record)
+        if self.journal is not None:
+            self.journal.audit(record)
         if prompt is not None:
             # Prompt bodies are big; under pressure (the metadata queue half full) they go first.
             if len(self.prompts) >= self.prompt_capacity or len(self.records) > self.capacity // 2:
@@ -95,6 +107,7 @@ class AuditWriter:
     async def flush(self) -> bool:
         """Write everything queued; False (records kept, in order) if Postgres refused."""
         async with self.lock:
+            upto = self.journal.seq if self.journal is not None else 0  # every record up to here is queued
             while self.records or self.prompts:
                 records = [self.records.popleft() for _ in range(min(BATCH, len(self.records)))]
                 prompts = [self.prompts.popleft() for _ in range(min(BATCH, len(self.prompts)))]
@@ -113,6 +126,8 @@ class AuditWriter:
                     self.failed(error=type(exc).__name__, queued=len(self.records))
                     return False
                 self.written += written
+            if self.journal is not None:
+                self.journal.audit_done = upto
             return True
 
     async def _isolate(self, kind: str, rows: list[tuple[Any, ...]], write: Writer) -> int:

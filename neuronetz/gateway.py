@@ -9,6 +9,7 @@ pipeline itself lives in app.py.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import os
 import signal
@@ -27,6 +28,7 @@ from neuronetz.audit import AuditWriter
 from neuronetz.auth import Authenticator
 from neuronetz.backends import BackendPool, failure_reason
 from neuronetz.budgets import Ledger
+from neuronetz.journal import Journal
 from neuronetz.limits import Limiter
 from neuronetz.upstream import UpstreamTransport
 
@@ -60,7 +62,8 @@ class Gateway:
             threads=settings.auth_threads,
         )
         self.backends = BackendPool(settings.ollama_backends, http, settings.health_interval, settings.backend_cooldown)
-        self.ledger = Ledger(pool)
+        self.journal = Journal(redis, pool, settings.redis_prefix)
+        self.ledger = Ledger(pool, journal=self.journal)
         self.limiter = Limiter(
             redis,
             self.ledger,
@@ -74,6 +77,7 @@ class Gateway:
             capacity=settings.audit_queue,
             prompt_capacity=max(100, settings.audit_queue // 10),
             retention_days=settings.audit_retention_days,
+            journal=self.journal,
         )
         self.timeouts = proxy.Timeouts(
             settings.connect_timeout, settings.first_byte_timeout, settings.idle_timeout, settings.total_timeout
@@ -109,6 +113,10 @@ class Gateway:
         self.ledger.start()
         self.limiter.start()
         self.audit.start()
+        # A dead worker's journal is handed to this worker's own writers (and so its journal).
+        self.journal.start(
+            lambda u: self.ledger.record(u[0], u[1], u[3], u[4], dt.date.fromisoformat(u[2])), self.audit.submit
+        )
         self.tasks.start("backends.health", self.backends.run)
         self.tasks.start("gateway.env_file", self._watch_env_file)
         self.tasks.start("gateway.metrics", self._publish_metrics)
@@ -119,6 +127,7 @@ class Gateway:
         await self.limiter.stop()
         await self.ledger.stop()
         await self.audit.stop()
+        await self.journal.stop()
         await self.auth.stop()
         await self.http.aclose()
         await self.redis.aclose()
