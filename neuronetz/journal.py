@@ -59,6 +59,7 @@ class Journal:
         self.replay_audit: Callable[[tuple[Any, ...]], None] | None = None
         self._buffer: list[tuple[int, bytes, bytes]] = []
         self._sender: asyncio.Task[None] | None = None
+        self.connected_since: float | None = None  # loop time of the first heartbeat of an unbroken run
         self.tasks = Supervisor()
         self.failed = Throttled(log, "journal append failed: a crash now would lose these records")
 
@@ -107,8 +108,10 @@ class Journal:
                     if done:
                         pipe.xtrim(self.stream(self.worker), minid=f"{done + 1}-0")
                     await pipe.execute()
+                if self.connected_since is None:
+                    self.connected_since = asyncio.get_running_loop().time()
             except db.REDIS_ERRORS:
-                pass  # the limiter and writers already say that Redis is down
+                self.connected_since = None  # the limiter and writers already say that Redis is down
             await asyncio.sleep(HEARTBEAT_INTERVAL)
 
     async def _replay_dead(self) -> None:
@@ -120,7 +123,16 @@ class Journal:
                 log.warning("journal replay failed; will retry", extra={"fields": {"error": type(exc).__name__}})
 
     async def replay_dead(self) -> int:
-        """Take over the journals of dead workers; returns how many entries were handed on."""
+        """Take over the journals of dead workers; returns how many entries were handed on.
+
+        Only after this worker's own heartbeats have succeeded for longer than a heartbeat
+        lives: after Redis was away (restarted with its data), every worker's heartbeat has
+        expired, and the live ones must get the time to renew theirs before anyone is taken
+        for dead."""
+        if self.connected_since is None:
+            return 0
+        if asyncio.get_running_loop().time() - self.connected_since < HEARTBEAT_TTL_MS / 1000 + HEARTBEAT_INTERVAL:
+            return 0
         handed = 0
         for raw in await self.redis.smembers(self.prefix + "journals"):
             worker = raw.decode() if isinstance(raw, bytes) else raw
