@@ -40,6 +40,9 @@ HEARTBEAT_TTL_MS = 10_000  # a worker silent this long is taken for dead (its ev
 HEARTBEAT_INTERVAL = 2.0
 REPLAY_INTERVAL = 2.0
 REPLAY_BATCH = 2000
+# Entries one worker's journal keeps at most (about 40 MB of Redis): during a long Postgres
+# outage the oldest go first, so Redis cannot fill up; the writers still hold them in memory.
+MAX_ENTRIES = 100_000
 
 USAGE = b"u"
 AUDIT = b"a"
@@ -90,7 +93,8 @@ class Journal:
             try:
                 async with self.redis.pipeline(transaction=False) as pipe:
                     for seq, kind, payload in batch:
-                        pipe.xadd(self.stream(self.worker), {b"k": kind, b"v": payload}, id=f"{seq}-1")
+                        pipe.xadd(self.stream(self.worker), {b"k": kind, b"v": payload}, id=f"{seq}-1",
+                                  maxlen=MAX_ENTRIES, approximate=True)  # fmt: skip
                     await pipe.execute()
             except db.REDIS_ERRORS as exc:
                 self.failed(error=type(exc).__name__, records=len(batch))

@@ -142,7 +142,7 @@ async def test_a_full_queue_drops_prompts_before_metadata_and_counts_both() -> N
 async def test_sigterm_with_80_requests_in_flight_writes_80_records(
     gateway_env: dict[str, str], emulator: Emulator, admin: Admin
 ) -> None:
-    emulator.configure(token_delay_ms=150, tokens=10)
+    emulator.configure(token_delay_ms=400, tokens=10)  # 4 s each: long enough to see all 80 at once
     key = await admin.key()
     with GatewayProcess(gateway_env) as process:
         async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=100)) as client:
