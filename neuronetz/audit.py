@@ -296,6 +296,10 @@ async def maintenance(pool: asyncpg.Pool[Any], retention_days: int, today: dt.da
                     await connection.execute(f'DROP TABLE "{row["name"]}"')
                     done["dropped"] += 1
             done["prompts_deleted"] = await purge_prompts(connection)
+            # Progress rows of workers that died with Redis's data (no journal left to replay
+            # them): a live worker's row is rewritten whenever it writes usage, and one idle
+            # for a week has an empty journal, so nothing depends on the row any more.
+            await connection.execute("DELETE FROM journal_progress WHERE updated_at < now() - interval '7 days'")
         finally:
             await connection.execute("SELECT pg_advisory_unlock($1)", MAINTENANCE_LOCK)
     return done
