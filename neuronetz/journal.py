@@ -2,8 +2,8 @@
 Postgres has them, so that a worker killed without warning (SIGKILL, OOM) loses none of them.
 
 Each worker numbers what it hands to its ledger and audit writer (1, 2, 3, ...) and appends it
-to a Redis stream of its own, `<prefix>journal:<worker>`, with that number as the entry id.
-Appends leave in one pipeline per turn of the event loop, like settlements. The writers report
+to a Redis stream of its own, `<prefix>journal:<worker>`: what comes up in one turn of the
+event loop is one entry (one XADD, off the request path), whose id is its last number. The writers report
 how far they got (`ledger_done`, `audit_done`; the ledger also records its number in
 `journal_progress`, in the same transaction as the usage); everything below both marks is
 trimmed from the stream every second.
@@ -40,12 +40,12 @@ HEARTBEAT_TTL_MS = 10_000  # a worker silent this long is taken for dead (its ev
 HEARTBEAT_INTERVAL = 2.0
 REPLAY_INTERVAL = 2.0
 REPLAY_BATCH = 2000
-# Entries one worker's journal keeps at most (about 40 MB of Redis): during a long Postgres
-# outage the oldest go first, so Redis cannot fill up; the writers still hold them in memory.
-MAX_ENTRIES = 100_000
+# Entries (loop turns' worth of records) one worker's journal keeps at most: during a long
+# Postgres outage the oldest go first, so Redis cannot fill up; the writers still hold them.
+MAX_ENTRIES = 20_000
 
-USAGE = b"u"
-AUDIT = b"a"
+USAGE = "u"
+AUDIT = "a"
 
 
 class Journal:
@@ -60,7 +60,7 @@ class Journal:
         # Where a dead worker's entries go (this worker's ledger and audit writer), from `start`.
         self.replay_usage: Callable[[list[Any]], None] | None = None  # [key, tenant, day, prompt, completion]
         self.replay_audit: Callable[[tuple[Any, ...]], None] | None = None
-        self._buffer: list[tuple[int, bytes, bytes]] = []
+        self._buffer: list[tuple[int, str, Any]] = []
         self._sender: asyncio.Task[None] | None = None
         self.connected_since: float | None = None  # loop time of the first heartbeat of an unbroken run
         self.tasks = Supervisor()
@@ -72,14 +72,14 @@ class Journal:
     # --- appending (the request path: O(1), never waits) -----------------------------------------
 
     def usage(self, key_id: int, tenant_id: int, day: dt.date, prompt: int, completion: int) -> int:
-        return self._append(USAGE, orjson.dumps([key_id, tenant_id, day.isoformat(), prompt, completion]))
+        return self._append(USAGE, (key_id, tenant_id, day, prompt, completion))
 
     def audit(self, record: tuple[Any, ...]) -> int:
-        return self._append(AUDIT, orjson.dumps(record, default=str))
+        return self._append(AUDIT, record)
 
-    def _append(self, kind: bytes, payload: bytes) -> int:
+    def _append(self, kind: str, value: tuple[Any, ...]) -> int:
         self.seq += 1
-        self._buffer.append((self.seq, kind, payload))
+        self._buffer.append((self.seq, kind, value))
         if self._sender is None or self._sender.done():
             self._sender = asyncio.create_task(self._send())
         return self.seq
@@ -91,11 +91,10 @@ class Journal:
         while self._buffer:
             batch, self._buffer = self._buffer, []
             try:
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for seq, kind, payload in batch:
-                        pipe.xadd(self.stream(self.worker), {b"k": kind, b"v": payload}, id=f"{seq}-1",
-                                  maxlen=MAX_ENTRIES, approximate=True)  # fmt: skip
-                    await pipe.execute()
+                # datetimes as RFC 3339 (orjson's own), addresses as text
+                payload = orjson.dumps(batch, default=str)
+                await self.redis.xadd(self.stream(self.worker), {b"v": payload}, id=f"{batch[-1][0]}-1",
+                                      maxlen=MAX_ENTRIES, approximate=True)  # fmt: skip
             except db.REDIS_ERRORS as exc:
                 self.failed(error=type(exc).__name__, records=len(batch))
 
@@ -159,17 +158,16 @@ class Journal:
         handed, start = 0, "-"
         while True:
             entries: list[Any] = await self.redis.xrange(stream, min=start, max="+", count=REPLAY_BATCH) or []
-            for entry_id, fields in entries:
-                seq = int(entry_id.split(b"-")[0])
-                value = orjson.loads(fields[b"v"])
-                if fields[b"k"] == USAGE and seq > written:
-                    self.replay_usage(value)
-                elif fields[b"k"] == AUDIT:
-                    value[0] = dt.datetime.fromisoformat(value[0])
-                    self.replay_audit(tuple(value))
-                else:
-                    continue
-                handed += 1
+            for _, fields in entries:
+                for seq, kind, value in orjson.loads(fields[b"v"]):
+                    if kind == USAGE and seq > written:
+                        self.replay_usage(value)
+                    elif kind == AUDIT:
+                        value[0] = dt.datetime.fromisoformat(value[0])
+                        self.replay_audit(tuple(value))
+                    else:
+                        continue
+                    handed += 1
             if len(entries) < REPLAY_BATCH:
                 break
             start = "(" + entries[-1][0].decode()
