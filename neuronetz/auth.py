@@ -50,6 +50,7 @@ import redis.exceptions
 from neuronetz import keys, models, tenants
 from neuronetz.errors import Forbidden, RateLimited, ServiceUnavailable, Unauthorized
 from neuronetz.limits import Limits, Subject
+from neuronetz.tasks import Supervisor
 
 log = logging.getLogger("neuronetz.auth")
 
@@ -257,7 +258,7 @@ class Authenticator:
         self.argon2_calls = 0
         self.refusals = 0
         self.last_used: dict[str, float] = {}
-        self.tasks: list[asyncio.Task[None]] = []
+        self.tasks = Supervisor()
 
     # --- the request path ---------------------------------------------------------------
 
@@ -487,11 +488,10 @@ class Authenticator:
             await self.flush_last_used()
 
     def start(self) -> None:
-        self.tasks = [asyncio.create_task(self.listen()), asyncio.create_task(self._flush_periodically())]
+        self.tasks.start("auth.listener", self.listen)
+        self.tasks.start("auth.last_used", self._flush_periodically)
 
     async def stop(self) -> None:
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.tasks.stop()
         await self.flush_last_used()
         self.executor.shutdown(wait=False, cancel_futures=True)

@@ -43,7 +43,11 @@ HELP = {
     "neuronetz_audit_queue_depth": ("gauge", "Audit records waiting to be written."),
     "neuronetz_audit_records_written_total": ("counter", "Audit records written to Postgres."),
     "neuronetz_audit_records_dropped_total": ("counter", "Audit records dropped because a queue was full, by kind."),
+    "neuronetz_audit_records_invalid_total": ("counter", "Audit records Postgres refused even repaired, by kind."),
+    "neuronetz_audit_records_repaired_total": ("counter", "Audit records written after removing NULs or clamping."),
     "neuronetz_ledger_pending": ("gauge", "Usage ledger rows waiting to be written."),
+    "neuronetz_ledger_rows_dropped_total": ("counter", "Usage ledger rows Postgres refused for their content."),
+    "neuronetz_background_task_restarts_total": ("counter", "Background tasks restarted after a failure, by task."),
     "neuronetz_workers": ("gauge", "Worker processes reporting into this scrape."),
 }
 
