@@ -26,7 +26,7 @@ from urllib.parse import quote
 
 import orjson
 
-from neuronetz import config, logs, metrics, models, proxy, tokens
+from neuronetz import config, dialects, logs, metrics, models, proxy, tokens
 from neuronetz.auth import KeyRecord, bearer_token
 from neuronetz.backends import Backend
 from neuronetz.errors import BadGateway, BadRequest, Forbidden, GatewayError, NotFound, ServiceUnavailable
@@ -72,6 +72,10 @@ ENDPOINTS = {
     "/v1/embeddings": Endpoint("/v1/embeddings", "inference"),
     "/v1/models": Endpoint("/v1/models", "listing", GET_ONLY),
     "/v1/models/{model}": Endpoint("/v1/models/", "show", GET_ONLY),
+    "/v1/responses": Endpoint("/v1/responses", "inference", generates=True),
+    "/v1/messages": Endpoint("/v1/messages", "inference", generates=True),
+    # Ollama has no such route; Anthropic clients size their requests with it (README).
+    "/v1/messages/count_tokens": Endpoint("/v1/messages/count_tokens", "count"),
 }
 
 
@@ -83,7 +87,10 @@ class App:
             Route("/readyz", GET, self.readyz, public=True),
             Route("/metrics", GET_ONLY, self.metrics, public=True),
         ]
-        handlers = {"inference": self.inference, "show": self.show, "listing": self.listing, "info": self.info}
+        handlers = {
+            "inference": self.inference, "show": self.show, "listing": self.listing, "info": self.info,
+            "count": self.count_tokens,
+        }  # fmt: skip
         for path, endpoint in ENDPOINTS.items():
             routes.append(Route(path, endpoint.methods, partial(handlers[endpoint.kind], endpoint)))
         self.router = Router(routes)
@@ -141,7 +148,11 @@ class App:
                 request.client = client_address(
                     request.client, request.headers.get(b"x-forwarded-for"), gateway.settings.trusted_proxies
                 )
-                request.key = await gateway.auth.authenticate(request.headers.get(b"authorization"), request.client)
+                headers = request.headers
+                authorization = dialects.credential(
+                    request.dialect, headers.get(b"authorization"), headers.get(b"x-api-key")
+                )
+                request.key = await gateway.auth.authenticate(authorization, request.client)
             await route.handler(request, send, exchange)
         except GatewayError as error:
             exchange.status, exchange.error_code = error.status, error.code
@@ -166,9 +177,12 @@ class App:
         model = exchange.model = _model_of(body)
         if model is not None:
             key.check_model(model)
-        openai = request.openai
-        estimate = tokens.estimate_prompt(body)
-        requested = tokens.requested_cap(body, openai, endpoint.generates)
+        openai, dialect = request.openai, request.dialect
+        if dialect is None:
+            estimate = tokens.estimate_prompt(body)
+            requested = tokens.requested_cap(body, openai, endpoint.generates)
+        else:
+            estimate, requested = dialects.estimate_prompt(body, dialect), dialects.requested_cap(body, dialect)
         admission = await gateway.limiter.admit(key.subject, estimate, requested)
         rewrite = strip_usage = False
         cap = None
@@ -176,7 +190,10 @@ class App:
             request.response_headers.extend(admission.headers)
             cap = admission.cap if endpoint.generates else None
             if cap is not None and cap != requested:
-                tokens.set_cap(body, openai, cap)
+                if dialect is None:
+                    tokens.set_cap(body, openai, cap)
+                else:
+                    dialects.set_cap(body, dialect, cap)
                 rewrite = True
         if endpoint.usage_events and body.get("stream", endpoint.stream_default) is True:
             options = body.get("stream_options")
@@ -220,6 +237,26 @@ class App:
         if model is not None:
             key.check_model(model)
         await self._forward(request, send, exchange, model, path, raw)
+
+    async def count_tokens(self, endpoint: Endpoint, request: Request, send: Send, exchange: Exchange) -> None:
+        """POST /v1/messages/count_tokens, answered here from the gateway's prompt estimate:
+        authenticated, checked against the model allow-list and counted as a request (RPM),
+        but it generates nothing, so it spends no tokens."""
+        gateway = self._gateway()
+        key = _key(request)
+        raw = await request.body(gateway.settings.max_body_bytes)
+        exchange.bytes_in = len(raw)
+        body = parse_json(raw)
+        model = exchange.model = _model_of(body)
+        if model is None:
+            raise BadRequest("The field 'model' is required.")
+        key.check_model(model)
+        admission = await gateway.limiter.admit(key.subject, 0, 0)
+        if admission is not None:
+            request.response_headers.extend(admission.headers)
+        gateway.limiter.settle(admission, key.subject, 0, 0)
+        exchange.status = 200
+        await send_json(send, request, 200, {"input_tokens": dialects.estimate_prompt(body, dialects.ANTHROPIC)})
 
     async def info(self, endpoint: Endpoint, request: Request, send: Send, exchange: Exchange) -> None:
         await self._forward(request, send, exchange, None, endpoint.upstream, None)

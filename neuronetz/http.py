@@ -16,6 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from neuronetz.dialects import ANTHROPIC
+from neuronetz.dialects import error_body as anthropic_error
+from neuronetz.dialects import of_path as dialect_of
 from neuronetz.errors import BadRequest, GatewayError, PayloadTooLarge
 from neuronetz.types import Message, Receive, Scope, Send
 
@@ -71,6 +74,7 @@ class Request:
 
     __slots__ = (
         "client",
+        "dialect",
         "headers",
         "key",
         "method",
@@ -96,6 +100,7 @@ class Request:
         client = scope.get("client")
         self.client: str = client[0] if client else ""
         self.openai = path.startswith("/v1/")
+        self.dialect = dialect_of(path)  # the agent dialects' errors and streams differ (dialects.py)
         sent_id = self.headers.get(b"x-request-id")
         self.request_id = sent_id.decode() if sent_id and _SANE_REQUEST_ID.fullmatch(sent_id) else new_request_id()
         self.response_headers: list[tuple[bytes, bytes]] = [(b"x-request-id", self.request_id.encode())]
@@ -204,4 +209,5 @@ async def send_json(send: Send, request: Request, status: int, value: Any) -> No
 
 
 async def send_error(send: Send, request: Request, error: GatewayError) -> None:
-    await send_bytes(send, request, error.status, error.body(request.openai), extra=error.headers())
+    body = anthropic_error(error) if request.dialect == ANTHROPIC else error.body(request.openai)
+    await send_bytes(send, request, error.status, body, extra=error.headers())

@@ -24,7 +24,7 @@ from typing import Any, cast
 import httpx
 import orjson
 
-from neuronetz import __version__, http
+from neuronetz import __version__, dialects, http
 from neuronetz.errors import BadGateway, GatewayError, GatewayTimeout, ServiceUnavailable
 from neuronetz.http import Request
 from neuronetz.relay import BodyRelay, NdjsonRelay, Outcome, SseRelay
@@ -32,7 +32,11 @@ from neuronetz.types import Send
 
 # Request headers a backend may see. Everything else — Authorization, Cookie, Origin (which
 # makes Ollama answer 403), Forwarded/X-Forwarded-*, hop-by-hop headers — stays here.
-FORWARDED_REQUEST_HEADERS = (b"content-type", b"accept", b"user-agent", b"x-request-id")
+# anthropic-version / anthropic-beta select behaviour on /v1/messages; x-api-key (a gateway
+# key on that route) is not here and so never forwarded.
+FORWARDED_REQUEST_HEADERS = (
+    b"content-type", b"accept", b"user-agent", b"x-request-id", b"anthropic-version", b"anthropic-beta"
+)  # fmt: skip
 USER_AGENT = f"neuronetz-gateway/{__version__}".encode()
 NDJSON = b"application/x-ndjson"
 # Ollama's final record and OpenAI's finish/usage events count as chunks too: allow for them
@@ -186,8 +190,13 @@ async def _exchange(
         content_type = response.headers.get("content-type", "application/json").encode("latin-1")
         exchange.status = status
         outcome = exchange.outcome
-        relay: NdjsonRelay | SseRelay | BodyRelay
-        if content_type.startswith(NDJSON):
+        relay: NdjsonRelay | SseRelay | BodyRelay | dialects.EventRelay
+        if request.dialect is not None:  # typed events or a whole answer of an agent dialect
+            exchange.stream = content_type.startswith(EVENT_STREAM)
+            relay = (
+                dialects.EventRelay(outcome, request.dialect) if exchange.stream else dialects.WholeRelay(outcome, True)
+            )
+        elif content_type.startswith(NDJSON):
             relay, exchange.stream = NdjsonRelay(outcome), True
         elif content_type.startswith(EVENT_STREAM):
             relay, exchange.stream = SseRelay(outcome, strip_usage), True
@@ -250,5 +259,9 @@ async def end_with_error(send: Send, request: Request, exchange: Exchange, messa
     if not exchange.started:
         return
     if exchange.stream:
-        await _body(send, exchange, error_record(request.openai, message, code))
+        dialect = request.dialect
+        record = (
+            dialects.stream_error(dialect, message, code) if dialect else error_record(request.openai, message, code)
+        )
+        await _body(send, exchange, record)
     await http.finish(send)

@@ -93,9 +93,7 @@ async def test_model_mutating_endpoints_are_403_for_every_method(
     assert forwarded(emulator) == []
 
 
-@pytest.mark.parametrize(
-    "path", ["/api/status", "/api/me", "/v1/responses", "/v1/messages", "/api/experimental/web_search", "/metricz"]
-)
+@pytest.mark.parametrize("path", ["/api/status", "/api/me", "/api/experimental/web_search", "/metricz"])
 async def test_routes_outside_the_allow_list_are_404_and_never_forwarded(
     gateway: GatewayProcess, emulator: Emulator, admin: Admin, path: str
 ) -> None:

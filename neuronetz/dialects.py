@@ -1,0 +1,327 @@
+"""The two agent dialects Ollama speaks besides its own and OpenAI's chat: the OpenAI Responses
+API (`/v1/responses`) and the Anthropic Messages API (`/v1/messages`).
+
+Everything that differs per dialect lives here, so the pipeline in app.py and the proxy stay
+dialect-blind: where the output cap is written, how the prompt is estimated, where the usage
+sits in a whole answer and in a stream of typed events (`event: NAME` + `data: JSON`), how a
+stream that the gateway must cut ends, how a refusal is worded, and where an Anthropic
+client puts its key.
+
+Wire facts, from Ollama's `middleware/openai.go`, `openai/responses.go`,
+`middleware/anthropic.go` and `anthropic/anthropic.go` and observed on Ollama 0.24:
+- Responses streams end with `response.completed` (or `response.incomplete` /
+  `response.failed`), whose `response.usage` has `input_tokens` / `output_tokens`; there is
+  no `[DONE]`. `max_output_tokens` of 0 or less means "no limit", like `num_predict`.
+- Messages streams carry only an *estimate* of the input tokens in `message_start` (2 for a
+  prompt whose real count is 25); the real counts come in the final `message_delta`, then
+  `message_stop` ends the stream. `max_tokens` is required and must be positive.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from neuronetz import tokens
+from neuronetz.auth import bearer_token
+from neuronetz.errors import BadRequest, GatewayError
+from neuronetz.relay import BodyRelay, Outcome
+
+ANTHROPIC = "anthropic"
+RESPONSES = "responses"
+# An event larger than this is passed on but not read: its usage is lost and the request is
+# settled on the estimate, rather than holding an unbounded buffer.
+MAX_EVENT_BYTES = 8 << 20
+_MAX_COUNT = 1 << 31
+
+# Events that carry one generated token each (counted while the stream runs, for the cap).
+_DELTAS = {
+    RESPONSES: frozenset(
+        {
+            b"response.output_text.delta",
+            b"response.reasoning_text.delta",
+            b"response.reasoning_summary_text.delta",
+            b"response.function_call_arguments.delta",
+        }
+    ),
+    ANTHROPIC: frozenset({b"content_block_delta"}),
+}
+_RESPONSES_TERMINAL = frozenset({b"response.completed", b"response.incomplete", b"response.failed"})
+# Anthropic's error types by status: the SDK picks its exception class by status, and
+# clients read `error.type` (https://docs.anthropic.com/en/api/errors).
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
+
+
+def of_path(path: str) -> str | None:
+    """The dialect of a normalised request path (None: Ollama's own or OpenAI's chat)."""
+    if path == "/v1/responses":
+        return RESPONSES
+    if path == "/v1/messages" or path.startswith("/v1/messages/"):
+        return ANTHROPIC
+    return None
+
+
+def error_body(error: GatewayError) -> bytes:
+    """A refusal in Anthropic's shape: `{"type":"error","error":{"type":…,"message":…}}`."""
+    kind = _ANTHROPIC_TYPES.get(error.status, "api_error")
+    return orjson.dumps({"type": "error", "error": {"type": kind, "message": error.message}})
+
+
+def credential(dialect: str | None, authorization: bytes | None, api_key: bytes | None) -> bytes | None:
+    """The Authorization header to authenticate with. Anthropic clients send the key as
+    `x-api-key` (Claude Code with ANTHROPIC_API_KEY) or as a Bearer token (with
+    ANTHROPIC_AUTH_TOKEN), some SDK versions both: the same key twice is fine, two different
+    keys are refused, since the gateway could not say which one the caller meant to spend."""
+    if dialect != ANTHROPIC or api_key is None:
+        return authorization
+    key = api_key.strip()
+    if authorization is not None:
+        bearer = bearer_token(authorization)
+        if bearer is None or bearer.encode() != key:
+            raise BadRequest("The request carries two different API keys (x-api-key and Authorization); send one.")
+    return b"Bearer " + key
+
+
+# --- the output cap and the prompt estimate ---------------------------------------------------------
+
+
+def _positive(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def requested_cap(body: dict[str, Any], dialect: str) -> int | None:
+    """The client's output cap: `max_output_tokens` (0 or less: no cap) or `max_tokens`."""
+    return _positive(body.get("max_output_tokens" if dialect == RESPONSES else "max_tokens"))
+
+
+def set_cap(body: dict[str, Any], dialect: str, cap: int) -> None:
+    """Write the gateway's cap. On /v1/messages only a valid `max_tokens` is shortened: one
+    that is missing or not positive is Ollama's to refuse (400), and nothing is generated."""
+    if dialect == RESPONSES:
+        body["max_output_tokens"] = cap
+    elif _positive(body.get("max_tokens")) is not None:
+        body["max_tokens"] = cap
+
+
+def _parts(content: Any) -> Any:
+    """Content blocks of either dialect as the chat content parts tokens.estimate_prompt reads:
+    text stays text, images become image parts, tool calls and results count as their text."""
+    if not isinstance(content, list):
+        return content
+    parts: list[Any] = []
+    for block in content:
+        if not isinstance(block, dict):
+            parts.append(block)
+        elif block.get("type") in ("image", "input_image"):
+            parts.append({"type": "image_url"})
+        elif isinstance(block.get("text"), str):
+            parts.append({"type": "text", "text": block["text"]})
+        elif block.get("type") == "tool_result":
+            parts.extend(_flat(_parts(block.get("content"))))
+        elif "input" in block:
+            parts.append(orjson.dumps(block["input"]).decode())
+    return parts
+
+
+def _flat(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value] if isinstance(value, str) else []
+
+
+def estimate_prompt(body: dict[str, Any], dialect: str) -> int:
+    """The prompt estimate, with the dialect's fields mapped onto chat's."""
+    if dialect == RESPONSES:
+        items = body.get("input")
+        messages = []
+        if isinstance(items, list):
+            for item in items:
+                if isinstance(item, dict):
+                    content = item.get("content", item.get("output", item.get("arguments")))
+                    messages.append({"content": _parts(content)})
+        chat = {"system": body.get("instructions"), "messages": messages, "tools": body.get("tools")}
+        if isinstance(items, str):
+            chat["prompt"] = items
+    else:
+        raw = body.get("messages")
+        messages = (
+            [{"content": _parts(m.get("content"))} for m in raw if isinstance(m, dict)] if isinstance(raw, list) else []
+        )
+        chat = {"system": _parts(body.get("system")), "messages": messages, "tools": body.get("tools")}
+    return tokens.estimate_prompt(chat)
+
+
+# --- reading the answer ------------------------------------------------------------------------------
+
+
+def _count(value: Any) -> int | None:
+    """A token counter from the backend, if it is one (a non-negative int in range)."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < _MAX_COUNT:
+        return value
+    return None
+
+
+def _take_usage(usage: Any, outcome: Outcome) -> None:
+    if not isinstance(usage, dict):
+        return
+    prompt, completion = _count(usage.get("input_tokens")), _count(usage.get("output_tokens"))
+    if completion is not None:
+        outcome.usage.completion_tokens = completion
+    if prompt is not None and completion is not None:
+        outcome.usage.prompt_tokens = prompt
+        outcome.usage.exact = True
+
+
+def _error_message(record: dict[str, Any]) -> str | None:
+    error = record.get("error")
+    if isinstance(error, dict):
+        return str(error.get("message") or error.get("type") or "error")
+    if error:
+        return str(error)
+    if record.get("type") == "error":  # a Responses `error` event: code and message at the top
+        return str(record.get("message") or "error")
+    return None
+
+
+def _answer_text(record: dict[str, Any]) -> str:
+    """The text of a whole answer: Responses' `output[].content[]`, Messages' `content[]`."""
+    blocks: list[Any] = []
+    output = record.get("output")
+    if isinstance(output, list):
+        for item in output:
+            if isinstance(item, dict) and isinstance(item.get("content"), list):
+                blocks.extend(item["content"])
+    elif isinstance(record.get("content"), list):
+        blocks = record["content"]
+    return "".join(b["text"] for b in blocks if isinstance(b, dict) and isinstance(b.get("text"), str))
+
+
+class WholeRelay(BodyRelay):
+    """A whole (non-streaming) answer of either dialect: passed through, read at the end."""
+
+    def close(self) -> None:
+        outcome = self.outcome
+        outcome.finished = True
+        try:
+            record = orjson.loads(b"".join(self.parts))
+        except orjson.JSONDecodeError:
+            return
+        if not isinstance(record, dict):
+            return
+        message = _error_message(record)
+        if message is not None:
+            outcome.error = message
+            return
+        _take_usage(record.get("usage"), outcome)
+        if outcome.text is not None:
+            outcome.text.append(_answer_text(record))
+
+
+class EventRelay:
+    """A stream of typed SSE events (`event: NAME\\ndata: JSON\\n\\n`), passed on unchanged.
+
+    Token-carrying events are counted by name without parsing them; only the events that
+    carry usage, end the stream or report an error are parsed. Buffering is one event, kept
+    as a list of pieces and joined once when its end arrives, so a large event costs linear
+    time; an event past MAX_EVENT_BYTES is not read at all."""
+
+    def __init__(self, outcome: Outcome, dialect: str) -> None:
+        self.outcome = outcome
+        self.dialect = dialect
+        self.deltas = _DELTAS[dialect]
+        self.pieces: list[bytes] = []
+        self.size = 0
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = chunk.replace(b"\r\n", b"\n") if b"\r" in chunk else chunk
+        if self.pieces and self.pieces[-1].endswith(b"\n") and data.startswith(b"\n"):
+            self._end(b"")  # the blank line that ends the event straddles two chunks
+            data = data[1:]
+        events = data.split(b"\n\n")
+        for event in events[:-1]:
+            self._end(event)
+        if events[-1]:
+            self.size += len(events[-1])
+            self.pieces.append(events[-1])
+        return chunk
+
+    def _end(self, last: bytes) -> None:
+        oversize = self.size + len(last) > MAX_EVENT_BYTES
+        event = b"".join([*self.pieces, last]) if self.pieces else last
+        self.pieces, self.size = [], 0
+        if not oversize and event:
+            self._event(event.rstrip(b"\n"))
+
+    def _event(self, event: bytes) -> None:
+        outcome = self.outcome
+        name = b""
+        data: list[bytes] = []
+        for line in event.split(b"\n"):
+            if line.startswith(b"event:"):
+                name = line[6:].strip()
+            elif line.startswith(b"data:"):
+                data.append(line[5:].lstrip(b" "))
+        if name in self.deltas:
+            outcome.usage.completion_tokens += 1
+            if outcome.text is None:
+                return
+        try:
+            record = orjson.loads(b"\n".join(data))
+        except orjson.JSONDecodeError:
+            return
+        if not isinstance(record, dict):
+            return
+        if name == b"error":
+            outcome.error = _error_message(record) or "error"
+        elif self.dialect == RESPONSES:
+            self._responses(name, record)
+        else:
+            self._messages(name, record)
+
+    def _responses(self, name: bytes, record: dict[str, Any]) -> None:
+        outcome = self.outcome
+        if name in _RESPONSES_TERMINAL:
+            response = record.get("response")
+            if isinstance(response, dict):
+                _take_usage(response.get("usage"), outcome)
+                if name == b"response.failed":
+                    outcome.error = _error_message(response) or "the response failed"
+            outcome.finished = True
+        elif name == b"response.output_text.delta" and outcome.text is not None:
+            delta = record.get("delta")
+            if isinstance(delta, str):
+                outcome.text.append(delta)
+
+    def _messages(self, name: bytes, record: dict[str, Any]) -> None:
+        outcome = self.outcome
+        if name == b"message_delta":
+            _take_usage(record.get("usage"), outcome)  # the real counts; message_start's are a guess
+        elif name == b"message_stop":
+            outcome.finished = True
+        elif name == b"content_block_delta" and outcome.text is not None:
+            delta = record.get("delta")
+            if isinstance(delta, dict) and isinstance(delta.get("text"), str):
+                outcome.text.append(delta["text"])
+
+
+def stream_error(dialect: str, message: str, code: str) -> bytes:
+    """The event that ends a stream the gateway cut (cap reached, backend failed), in the
+    dialect's own terms, so the SDK raises instead of waiting for an end that never comes:
+    Anthropic's `error` event, and the Responses API's `error` event (which also carries an
+    `error` object: the openai SDK raises on any event whose data has one)."""
+    body: dict[str, Any]
+    if dialect == ANTHROPIC:
+        body = {"type": "error", "error": {"type": "api_error", "message": message}}
+    else:
+        details = {"message": message, "type": "api_error", "code": code, "param": None}
+        body = {"type": "error", "code": code, "message": message, "param": None, "error": details}
+    return b"event: error\ndata: " + orjson.dumps(body) + b"\n\n"

@@ -1,0 +1,336 @@
+"""Coding agents through the gateway: `/v1/responses` (the openai SDK) and `/v1/messages` (the
+official anthropic SDK), governed like every other generating route."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import anthropic
+import httpx
+import openai
+import orjson
+import pytest
+
+from tests.emulator import Emulator
+from tests.support import Admin, GatewayProcess, auth, forwarded
+
+MESSAGE: dict[str, Any] = {"model": "tiny", "max_tokens": 5, "messages": [{"role": "user", "content": "hello there"}]}
+RESPONSE = {"model": "tiny", "input": "hello there", "max_output_tokens": 5}
+Clients = list[anthropic.Anthropic | openai.OpenAI]
+
+
+@pytest.fixture
+def clients() -> Iterator[Clients]:
+    made: Clients = []
+    yield made
+    for client in made:
+        client.close()
+
+
+@pytest.fixture
+def claude(gateway: GatewayProcess, clients: Clients) -> Callable[..., Any]:
+    """An anthropic client with the key as `x-api-key` (api_key=) or as a Bearer token (auth_token=)."""
+
+    def make(**credentials: str) -> Any:  # the SDK's overloads want literal arguments; tests pass dicts
+        client = anthropic.Anthropic(base_url=gateway.url, max_retries=0, **credentials)  # type: ignore[arg-type]
+        clients.append(client)
+        return client
+
+    return make
+
+
+@pytest.fixture
+def compatible(gateway: GatewayProcess, clients: Clients) -> Callable[[str], openai.OpenAI]:
+    def make(key: str) -> openai.OpenAI:
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0)
+        clients.append(client)
+        return client
+
+    return make
+
+
+async def audit_row(admin: Admin, request_id: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 10
+    while True:
+        row = await admin.pool.fetchrow("SELECT * FROM request_log WHERE request_id = $1", request_id)
+        if row is not None:
+            return dict(row)
+        assert time.monotonic() < deadline, f"no audit row for {request_id}"
+        await asyncio.sleep(0.1)
+
+
+def events(body: bytes) -> list[tuple[str, dict[str, Any]]]:
+    """(name, data) of each SSE event in a whole stream body."""
+    parsed = []
+    for block in body.decode().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
+        if "event" in lines:
+            parsed.append((lines["event"], orjson.loads(lines["data"])))
+    return parsed
+
+
+async def ready_budget(client: httpx.AsyncClient, url: str, key: str) -> None:
+    """The first budgeted request of a tenant may meet a counter rebuild (503 for a moment)."""
+    deadline = time.monotonic() + 10
+    while True:
+        body = {"model": "tiny", "prompt": "hi", "stream": False, "options": {"num_predict": 1}}
+        response = await client.post(url + "/api/generate", headers=auth(key), json=body)
+        if response.status_code != 503 or time.monotonic() > deadline:
+            return
+        await asyncio.sleep(0.2)
+
+
+# --- /v1/responses ------------------------------------------------------------------------------------
+
+
+async def test_openai_sdk_responses_create_and_stream_settle_the_real_usage(
+    compatible: Callable[[str], openai.OpenAI], admin: Admin
+) -> None:
+    key = await admin.key(models=("tiny",), prompt_ttl_days=1)
+    client = compatible(key)
+
+    def calls() -> tuple[Any, list[Any]]:
+        whole = client.responses.create(model="tiny", input="hello there", max_output_tokens=4)
+        streamed = list(client.responses.create(model="tiny", input="hello there", stream=True))
+        return whole, streamed
+
+    whole, streamed = await asyncio.to_thread(calls)
+    assert whole.output_text == "Lorem ipsum dolor sit"
+    assert (whole.usage.input_tokens, whole.usage.output_tokens) == (3, 4)
+    assert [e.type for e in streamed][-1] == "response.completed"
+    assert streamed[-1].response.usage.output_tokens == 10
+    rows = await admin.pool.fetch("SELECT * FROM request_log WHERE key_prefix = $1", key[:11])
+    deadline = time.monotonic() + 10
+    while len(rows) < 2 and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+        rows = await admin.pool.fetch("SELECT * FROM request_log WHERE key_prefix = $1 ORDER BY created_at", key[:11])
+    assert sorted((r["route"], r["status"], r["stream"], r["prompt_tokens"], r["completion_tokens"]) for r in rows) == [
+        ("/v1/responses", 200, False, 3, 4),
+        ("/v1/responses", 200, True, 3, 10),
+    ]
+    prompts = await admin.pool.fetch("SELECT response FROM prompt_log WHERE key_prefix = $1", key[:11])
+    assert sorted(p["response"] for p in prompts)[0] == "Lorem ipsum dolor sit"
+
+
+@pytest.mark.parametrize("given", [None, 0, -1, 1000])
+async def test_responses_output_cap_is_written_where_the_budget_needs_one(
+    gateway: GatewayProcess, emulator: Emulator, admin: Admin, given: int | None
+) -> None:
+    emulator.configure(tokens=50)
+    key = await admin.key(total_tokens=40)
+    body: dict[str, Any] = {"model": "tiny", "input": "hi"}
+    if given is not None:
+        body["max_output_tokens"] = given
+    async with httpx.AsyncClient() as client:
+        await ready_budget(client, gateway.url, key)  # 2 tokens
+        emulator.clear_requests()
+        response = await client.post(gateway.url + "/v1/responses", json=body, headers=auth(key))
+    assert response.status_code == 200
+    sent = forwarded(emulator, "/v1/responses")[0].json()
+    # 38 left, the prompt estimated at 1: 0 and below mean "no cap" and are replaced too.
+    assert sent["max_output_tokens"] == 37
+    assert response.json()["usage"]["output_tokens"] == 37
+
+
+async def test_a_responses_stream_past_the_cap_ends_with_an_error_event_the_sdk_raises(
+    gateway: GatewayProcess, emulator: Emulator, admin: Admin, compatible: Callable[[str], openai.OpenAI]
+) -> None:
+    first, second = await admin.key(total_tokens=40), await admin.key(total_tokens=40)
+    async with httpx.AsyncClient() as client:
+        await ready_budget(client, gateway.url, first)
+        await ready_budget(client, gateway.url, second)
+        emulator.configure(tokens=60, ignore_output_cap=True)  # a backend that does not stop at the cap
+        response = await client.post(gateway.url + "/v1/responses", json={**RESPONSE, "stream": True},
+                                     headers=auth(first))  # fmt: skip
+    received = events(response.content)
+    assert received[-1][0] == "error"
+    assert received[-1][1]["code"] == "max_tokens_reached"
+    assert "response.completed" not in [name for name, _ in received]
+
+    def stream() -> None:
+        for _ in compatible(second).responses.create(model="tiny", input="hi", stream=True):
+            pass
+
+    with pytest.raises(openai.APIError, match="output token limit"):
+        await asyncio.to_thread(stream)
+
+
+async def test_responses_refusals_are_in_the_openai_dialect(gateway: GatewayProcess, admin: Admin) -> None:
+    key = await admin.key(models=("llama3.2",))
+    async with httpx.AsyncClient() as client:
+        unknown = await client.post(gateway.url + "/v1/responses", json=RESPONSE, headers=auth("nz_nope"))
+        refused = await client.post(gateway.url + "/v1/responses", json=RESPONSE, headers=auth(key))
+    assert unknown.status_code == 401
+    assert unknown.json()["error"]["type"] == "authentication_error"
+    assert refused.status_code == 403
+    assert refused.json()["error"]["code"] == "model_not_allowed"
+
+
+# --- /v1/messages --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["api_key", "auth_token"])
+async def test_anthropic_sdk_create_and_stream_with_either_header(
+    claude: Callable[..., Any], emulator: Emulator, admin: Admin, how: str
+) -> None:
+    key = await admin.key(models=("tiny",))
+    client = claude(**{how: key})
+
+    def calls() -> tuple[Any, Any, list[str]]:
+        whole = client.messages.create(**MESSAGE)
+        with client.messages.stream(**MESSAGE) as stream:
+            texts = list(stream.text_stream)
+            final = stream.get_final_message()
+        return whole, final, texts
+
+    whole, final, texts = await asyncio.to_thread(calls)
+    assert whole.content[0].text == "Lorem ipsum dolor sit amet"
+    assert whole.stop_reason == "max_tokens"
+    assert "".join(texts) == "Lorem ipsum dolor sit amet"
+    # The real prompt count from message_delta, not message_start's estimate.
+    assert (final.usage.input_tokens, final.usage.output_tokens) == (3, 5)
+    sent = forwarded(emulator, "/v1/messages")
+    assert sent
+    assert all(r.header("x-api-key") is None and r.header("authorization") is None for r in sent)
+
+
+async def test_messages_settle_on_message_delta_not_the_message_start_estimate(
+    gateway: GatewayProcess, admin: Admin
+) -> None:
+    key = await admin.key()
+    body = {**MESSAGE, "stream": True, "messages": [{"role": "user", "content": "one two three four five six"}]}
+    async with httpx.AsyncClient() as client:
+        response = await client.post(gateway.url + "/v1/messages", json=body,
+                                     headers={"x-api-key": key, "x-request-id": "agents-settle-1"})  # fmt: skip
+    received = dict(events(response.content))
+    assert received["message_start"]["message"]["usage"]["input_tokens"] == 6  # the backend's guess
+    real = received["message_delta"]["usage"]["input_tokens"]
+    assert real != 6
+    row = await audit_row(admin, "agents-settle-1")
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (real, 5)
+
+
+async def test_claude_code_request_shape_passes_with_its_headers(
+    gateway: GatewayProcess, emulator: Emulator, admin: Admin
+) -> None:
+    key = await admin.key()
+    tools = [{"name": f"tool{i}", "description": "d", "input_schema": {"type": "object"}} for i in range(30)]
+    body = {"model": "llama3.2", "max_tokens": 32000, "stream": True, "tools": tools,
+            "system": [{"type": "text", "text": "You are Claude Code."}],
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "list the files"}]}]}  # fmt: skip
+    headers = {"x-api-key": key, "anthropic-version": "2023-06-01", "anthropic-beta": "claude-code-20250219"}
+    async with httpx.AsyncClient() as client:
+        response = await client.post(gateway.url + "/v1/messages?beta=true", json=body, headers=headers)
+    assert response.status_code == 200
+    assert events(response.content)[-1][0] == "message_stop"
+    sent = forwarded(emulator, "/v1/messages")[0]
+    assert sent.header("anthropic-version") == "2023-06-01"
+    assert sent.header("anthropic-beta") == "claude-code-20250219"
+    assert sent.header("x-api-key") is None
+    assert sent.json()["max_tokens"] == 32000  # no limit applies to this key: left alone
+
+
+async def test_anthropic_sdk_errors_map_to_its_exception_classes(claude: Callable[..., Any], admin: Admin) -> None:
+    key = await admin.key(models=("tiny", "missing"), rpm=2)
+    client = claude(api_key=key)
+
+    def calls() -> list[anthropic.APIStatusError]:
+        caught: list[anthropic.APIStatusError] = []
+        makers: list[Callable[[], Any]] = [
+            lambda: claude(api_key="nz_aaaaaaaa" + "b" * 40).messages.create(**MESSAGE),
+            lambda: client.messages.create(**{**MESSAGE, "model": "llama3.2"}),
+            lambda: client.messages.create(**{**MESSAGE, "model": "missing"}),
+            lambda: client.messages.create(**MESSAGE),
+            lambda: client.messages.create(**MESSAGE),
+        ]
+        for make in makers:
+            try:
+                make()
+            except anthropic.APIStatusError as exc:
+                caught.append(exc)
+        return caught
+
+    caught = await asyncio.to_thread(calls)
+    assert [type(e) for e in caught] == [
+        anthropic.AuthenticationError,
+        anthropic.PermissionDeniedError,
+        anthropic.NotFoundError,
+        anthropic.RateLimitError,
+    ]
+    for error in caught:
+        assert isinstance(error, anthropic.APIStatusError)
+        assert error.body["type"] == "error"  # type: ignore[index]
+    assert caught[-1].response.headers["retry-after"]
+    assert caught[-1].body["error"]["type"] == "rate_limit_error"  # type: ignore[index]
+
+
+async def test_two_different_keys_are_refused_and_the_same_key_twice_is_not(
+    gateway: GatewayProcess, admin: Admin
+) -> None:
+    key, other = await admin.key(), await admin.key()
+    async with httpx.AsyncClient() as client:
+        mixed = await client.post(gateway.url + "/v1/messages", json=MESSAGE, headers={"x-api-key": key, **auth(other)})
+        same = await client.post(gateway.url + "/v1/messages", json=MESSAGE, headers={"x-api-key": key, **auth(key)})
+        chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
+        elsewhere = await client.post(gateway.url + "/v1/chat/completions", headers={"x-api-key": key}, json=chat)
+        unknown = await client.post(gateway.url + "/v1/messages/batches", json=MESSAGE, headers={"x-api-key": key})
+    assert mixed.status_code == 400
+    assert mixed.json()["error"]["type"] == "invalid_request_error"
+    assert same.status_code == 200
+    assert elsewhere.status_code == 401  # x-api-key is Anthropic's header, only for its route
+    assert unknown.status_code == 404
+    assert unknown.json() == {
+        "type": "error",
+        "error": {"type": "not_found_error", "message": unknown.json()["error"]["message"]},
+    }
+
+
+async def test_messages_cap_is_shortened_and_a_stream_past_it_ends_with_an_error_event(
+    gateway: GatewayProcess, emulator: Emulator, admin: Admin, claude: Callable[..., Any]
+) -> None:
+    emulator.configure(tokens=50)
+    key = await admin.key(total_tokens=40)
+    async with httpx.AsyncClient() as client:
+        await ready_budget(client, gateway.url, key)
+        emulator.clear_requests()
+        whole = await client.post(gateway.url + "/v1/messages", json={**MESSAGE, "max_tokens": 1000},
+                                  headers={"x-api-key": key})  # fmt: skip
+    assert forwarded(emulator, "/v1/messages")[0].json()["max_tokens"] == 31  # 38 left, prompt estimated at 7
+    assert whole.json()["usage"]["output_tokens"] == 31
+    key = await admin.key(total_tokens=40)
+    async with httpx.AsyncClient() as client:
+        await ready_budget(client, gateway.url, key)
+    emulator.configure(tokens=60, ignore_output_cap=True)  # a backend that does not stop at the cap
+    sdk = claude(api_key=key)
+
+    def stream() -> None:
+        with sdk.messages.stream(**MESSAGE) as events_:
+            for _ in events_:
+                pass
+
+    with pytest.raises(anthropic.APIStatusError, match="output token limit"):
+        await asyncio.to_thread(stream)
+
+
+async def test_count_tokens_answers_the_estimate_and_counts_only_as_a_request(
+    gateway: GatewayProcess, emulator: Emulator, admin: Admin, claude: Callable[..., Any]
+) -> None:
+    key = await admin.key(rpm=2)
+    client = claude(api_key=key)
+
+    def calls() -> list[Any]:
+        results: list[Any] = []
+        for _ in range(3):
+            try:
+                results.append(client.messages.count_tokens(model="tiny", messages=MESSAGE["messages"]))
+            except anthropic.RateLimitError as exc:
+                results.append(exc)
+        return results
+
+    first, second, third = await asyncio.to_thread(calls)
+    assert first.input_tokens == second.input_tokens == 7  # "hello there": 3 tokens + 4 for the message
+    assert isinstance(third, anthropic.RateLimitError)
+    assert forwarded(emulator) == []
