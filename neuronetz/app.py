@@ -33,7 +33,7 @@ from neuronetz.errors import BadGateway, BadRequest, Forbidden, GatewayError, No
 from neuronetz.gateway import Gateway
 from neuronetz.http import ClientDisconnected, Request, client_address, parse_json, send_bytes, send_error, send_json
 from neuronetz.proxy import BackendUnreachable, Exchange
-from neuronetz.router import Route, Router, is_blocked, normalize_path
+from neuronetz.router import Route, Router, is_account, is_blocked, normalize_path
 from neuronetz.types import Receive, Scope, Send
 
 log = logging.getLogger("neuronetz.app")
@@ -58,10 +58,10 @@ class Endpoint:
 
 # Default deny: these and nothing else are forwarded (ollama-api.md §1 for methods).
 ENDPOINTS = {
-    "/": Endpoint("/", "info", GET),
     "/api/version": Endpoint("/api/version", "info", GET),
     "/api/tags": Endpoint("/api/tags", "listing", GET),
     "/api/ps": Endpoint("/api/ps", "listing", GET_ONLY),
+    "/api/status": Endpoint("/api/status", "status", GET_ONLY),  # answered by the gateway: its own policy
     "/api/show": Endpoint("/api/show", "show"),
     "/api/generate": Endpoint("/api/generate", "inference", stream_default=True, generates=True),
     "/api/chat": Endpoint("/api/chat", "inference", stream_default=True, generates=True),
@@ -83,13 +83,14 @@ class App:
     def __init__(self) -> None:
         self.gateway: Gateway | None = None
         routes = [
+            Route("/", GET, self.root, public=True),
             Route("/healthz", GET, self.healthz, public=True),
             Route("/readyz", GET, self.readyz, public=True),
             Route("/metrics", GET_ONLY, self.metrics, public=True),
         ]
         handlers = {
             "inference": self.inference, "show": self.show, "listing": self.listing, "info": self.info,
-            "count": self.count_tokens,
+            "count": self.count_tokens, "status": self.status,
         }  # fmt: skip
         for path, endpoint in ENDPOINTS.items():
             routes.append(Route(path, endpoint.methods, partial(handlers[endpoint.kind], endpoint)))
@@ -142,6 +143,11 @@ class App:
                     "This endpoint changes the models on the server and is blocked by the gateway.",
                     code="endpoint_blocked",
                 )
+            if is_account(path):
+                raise Forbidden(
+                    "This endpoint acts for the server owner's ollama.com account and is blocked by the gateway.",
+                    code="endpoint_blocked",
+                )
             route, request.param = self.router.resolve(path, request.method)
             if not route.public:
                 gateway = self._gateway()
@@ -183,8 +189,13 @@ class App:
             requested = tokens.requested_cap(body, openai, endpoint.generates)
         else:
             estimate, requested = dialects.estimate_prompt(body, dialect), dialects.requested_cap(body, dialect)
+        removed = [] if dialect is None or key.allow_cloud else dialects.remove_server_tools(body)
+        if removed:
+            # Removed, not refused: Codex declares web_search on every request.
+            exchange.removed_tools = ",".join(removed)
+            request.response_headers.append((dialects.REMOVED_TOOLS_HEADER, exchange.removed_tools.encode()))
         admission = await gateway.limiter.admit(key.subject, estimate, requested)
-        rewrite = strip_usage = False
+        rewrite, strip_usage = bool(removed), False
         cap = None
         if admission is not None:
             request.response_headers.extend(admission.headers)
@@ -361,7 +372,18 @@ class App:
                 task.uncancel()
                 exchange.disconnected = True
 
+    async def status(self, endpoint: Endpoint, request: Request, send: Send, exchange: Exchange) -> None:
+        """GET /api/status in Ollama's shape, but the gateway's policy for this key: whether it
+        may use cloud models, not whether the backend is signed in to ollama.com."""
+        exchange.status = 200
+        await send_json(send, request, 200, {"cloud": {"disabled": not _key(request).allow_cloud, "source": "gateway"}})
+
     # --- public routes ------------------------------------------------------------------------
+
+    async def root(self, request: Request, send: Send, exchange: Exchange) -> None:
+        """`GET /` and `HEAD /` as Ollama answers them, without a key: clients probe it to find
+        out whether an Ollama is there, and the answer says nothing more than that."""
+        await send_bytes(send, request, 200, b"Ollama is running", content_type=b"text/plain; charset=utf-8")
 
     async def healthz(self, request: Request, send: Send, exchange: Exchange) -> None:
         await send_json(send, request, 200, {"status": "ok"})
@@ -449,7 +471,7 @@ class App:
             created, request.request_id, key.tenant_id if key else None, key.prefix if key else None,
             _inet(request.client), request.method, route.path, exchange.model, exchange.backend, status,
             exchange.error_code, exchange.stream, usage.prompt_tokens, usage.completion_tokens, exchange.bytes_in,
-            exchange.bytes_out, ttfb, duration * 1000, exchange.disconnected,
+            exchange.bytes_out, ttfb, duration * 1000, exchange.disconnected, exchange.removed_tools,
         )  # fmt: skip
         prompt = None
         if key is not None and key.log_prompts and key.prompt_ttl_days and exchange.prompt is not None:

@@ -63,6 +63,14 @@ _ANTHROPIC_TYPES = {
 }
 
 
+# Server-side tools: the backend runs them itself and reaches the internet on its owner's
+# ollama.com account (the Responses API's built-in `web_search`, Anthropic's versioned
+# `web_search_…` / `web_fetch_…` tool types). Client tools (`function`, `custom`, Anthropic
+# tools without a type) are the client's to run and stay.
+_SERVER_TOOLS = ("web_search", "web_fetch")
+REMOVED_TOOLS_HEADER = b"x-neuronetz-removed-tools"
+
+
 def of_path(path: str) -> str | None:
     """The dialect of a normalised request path (None: Ollama's own or OpenAI's chat)."""
     if path == "/v1/responses":
@@ -91,6 +99,23 @@ def credential(dialect: str | None, authorization: bytes | None, api_key: bytes 
         if bearer is None or bearer.encode() != key:
             raise BadRequest("The request carries two different API keys (x-api-key and Authorization); send one.")
     return b"Bearer " + key
+
+
+def remove_server_tools(body: dict[str, Any]) -> list[str]:
+    """Take the server-side tools out of `body["tools"]`; returns their types, in order."""
+    tools = body.get("tools")
+    if not isinstance(tools, list):
+        return []
+    kept, removed = [], []
+    for tool in tools:
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if isinstance(kind, str) and kind.startswith(_SERVER_TOOLS):
+            removed.append(kind)
+        else:
+            kept.append(tool)
+    if removed:
+        body["tools"] = kept
+    return removed
 
 
 # --- the output cap and the prompt estimate ---------------------------------------------------------

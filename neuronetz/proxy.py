@@ -87,6 +87,7 @@ class Exchange:
     bytes_out: int = 0
     disconnected: bool = False
     prompt: dict[str, Any] | None = None  # kept only for keys that log prompts
+    removed_tools: str | None = None  # server-side tools taken out of the request (dialects.py)
     outcome: Outcome = field(default_factory=Outcome)
 
 

@@ -334,3 +334,102 @@ async def test_count_tokens_answers_the_estimate_and_counts_only_as_a_request(
     assert first.input_tokens == second.input_tokens == 7  # "hello there": 3 tokens + 4 for the message
     assert isinstance(third, anthropic.RateLimitError)
     assert forwarded(emulator) == []
+
+
+# --- the rest of Ollama's surface ----------------------------------------------------------------------
+
+ACCOUNT = ["/api/me", "/api/signout", "/api/user/keys/c3NoLWVk", "/api/experimental/web_search",
+           "/api/experimental/web_fetch", "/API/Me/", "//api/experimental/%77eb_fetch"]  # fmt: skip
+
+
+@pytest.mark.parametrize("path", ACCOUNT)
+@pytest.mark.parametrize("method", ["GET", "POST", "DELETE", "HEAD"])
+async def test_account_endpoints_are_403_for_every_method_before_authentication(
+    gateway: GatewayProcess, emulator: Emulator, path: str, method: str
+) -> None:
+    async with httpx.AsyncClient() as client:
+        response = await client.request(method, gateway.url + path, content=b'{"query":"x"}')
+    assert response.status_code == 403
+    if method != "HEAD":
+        assert "ollama.com account" in response.json()["error"]
+    assert forwarded(emulator) == []
+
+
+async def test_root_heads_and_status_are_answered_like_ollama(
+    gateway: GatewayProcess, emulator: Emulator, admin: Admin
+) -> None:
+    key, cloudy = await admin.key(), await admin.key(allow_cloud=True)
+    async with httpx.AsyncClient() as client:
+        root = await client.get(gateway.url + "/")
+        head = await client.head(gateway.url + "/")
+        version = await client.head(gateway.url + "/api/version", headers=auth(key))
+        tags = await client.head(gateway.url + "/api/tags", headers=auth(key))
+        status = await client.get(gateway.url + "/api/status", headers=auth(key))
+        allowed = await client.get(gateway.url + "/api/status", headers=auth(cloudy))
+        anonymous = await client.get(gateway.url + "/api/status")
+    async with httpx.AsyncClient() as client:  # its own connection: the refused upload is left unread
+        audio = await client.post(gateway.url + "/v1/audio/transcriptions", headers=auth(key),
+                                  files={"file": ("a.wav", b"RIFF")}, data={"model": "whisper"})  # fmt: skip
+    assert (root.status_code, root.text, root.headers["content-type"]) == (
+        200, "Ollama is running", "text/plain; charset=utf-8",
+    )  # fmt: skip
+    assert (head.status_code, head.content) == (200, b"")
+    assert (version.status_code, tags.status_code, tags.content) == (200, 200, b"")
+    assert status.json() == {"cloud": {"disabled": True, "source": "gateway"}}
+    assert allowed.json() == {"cloud": {"disabled": False, "source": "gateway"}}
+    assert anonymous.status_code == 401
+    assert audio.status_code == 404
+    assert audio.json()["error"]["type"] == "not_found_error"
+    assert {r.path for r in forwarded(emulator)} == {"/api/version", "/api/tags"}  # neither / nor /api/status
+
+
+async def test_cloud_models_are_refused_in_each_dialect_and_hidden_unless_allowed(
+    gateway: GatewayProcess, emulator: Emulator, admin: Admin
+) -> None:
+    emulator.add_model("gpt-oss:20b-cloud")
+    emulator.add_model("kimi-k2:cloud")
+    plain = await admin.key()
+    open_tenant = await admin.tenant(allow_cloud=True)
+    inherits, denied = await admin.key(open_tenant), await admin.key(open_tenant, allow_cloud=False)
+    chat = {"model": "gpt-oss:20b-cloud", "messages": [{"role": "user", "content": "hi"}], "stream": False}
+    async with httpx.AsyncClient() as client:
+        native = await client.post(gateway.url + "/api/chat", json=chat, headers=auth(plain))
+        compatible = await client.post(gateway.url + "/v1/chat/completions", json=chat, headers=auth(plain))
+        messages = await client.post(gateway.url + "/v1/messages", json={**MESSAGE, "model": "kimi-k2:cloud"},
+                                     headers={"x-api-key": plain})  # fmt: skip
+        hidden = await client.get(gateway.url + "/api/tags", headers=auth(plain))
+        listed = await client.get(gateway.url + "/v1/models", headers=auth(inherits))
+        served = await client.post(gateway.url + "/api/chat", json=chat, headers=auth(inherits))
+        overridden = await client.post(gateway.url + "/api/chat", json=chat, headers=auth(denied))
+    assert (native.status_code, compatible.status_code, messages.status_code) == (403, 403, 403)
+    assert "cloud model" in native.json()["error"]
+    assert compatible.json()["error"]["code"] == "cloud_not_allowed"
+    assert messages.json()["error"]["type"] == "permission_error"
+    assert not [m for m in hidden.json()["models"] if "cloud" in m["name"]]
+    assert {"gpt-oss:20b-cloud", "kimi-k2:cloud"} <= {m["id"] for m in listed.json()["data"]}
+    assert served.status_code == 200
+    assert overridden.status_code == 403
+    assert [r.json()["model"] for r in forwarded(emulator, "/api/chat")] == ["gpt-oss:20b-cloud"]
+
+
+async def test_server_side_tools_are_removed_said_so_and_audited_unless_allowed(
+    gateway: GatewayProcess, emulator: Emulator, admin: Admin
+) -> None:
+    plain, cloudy = await admin.key(), await admin.key(allow_cloud=True)
+    function = {"type": "function", "name": "ls", "description": "list files", "parameters": {"type": "object"}}
+    body = {"model": "llama3.2", "input": "hi", "tools": [{"type": "web_search"}, function]}
+    async with httpx.AsyncClient() as client:
+        stripped = await client.post(gateway.url + "/v1/responses", json=body,
+                                     headers={**auth(plain), "x-request-id": "agents-tools-1"})  # fmt: skip
+        kept = await client.post(gateway.url + "/v1/responses", json=body, headers=auth(cloudy))
+        anthropic_tool = {**MESSAGE, "tools": [{"type": "web_search_20250305", "name": "web_search"}]}
+        claude = await client.post(gateway.url + "/v1/messages", json=anthropic_tool, headers={"x-api-key": plain})
+    assert stripped.status_code == 200, stripped.text
+    assert stripped.headers["x-neuronetz-removed-tools"] == "web_search"
+    assert "x-neuronetz-removed-tools" not in kept.headers
+    assert claude.headers["x-neuronetz-removed-tools"] == "web_search_20250305"
+    sent = [r.json()["tools"] for r in forwarded(emulator, "/v1/responses")]
+    assert sent == [[function], [{"type": "web_search"}, function]]
+    assert forwarded(emulator, "/v1/messages")[0].json()["tools"] == []
+    row = await audit_row(admin, "agents-tools-1")
+    assert row["removed_tools"] == "web_search"

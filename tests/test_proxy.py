@@ -45,10 +45,10 @@ def traced(key: str) -> tuple[str, dict[str, str]]:
 
 
 FORWARDED = [
-    ("GET", "/", None),
-    ("HEAD", "/", None),
     ("GET", "/api/version", None),
+    ("HEAD", "/api/version", None),
     ("GET", "/api/tags", None),
+    ("HEAD", "/api/tags", None),
     ("GET", "/api/ps", None),
     ("POST", "/api/show", {"model": "tiny"}),
     ("POST", "/api/generate", {"model": "tiny", "prompt": "hi", "stream": False}),
@@ -60,6 +60,8 @@ FORWARDED = [
     ("POST", "/v1/embeddings", {"model": "nomic-embed-text", "input": "hi"}),
     ("GET", "/v1/models", None),
     ("GET", "/v1/models/tiny", None),
+    ("POST", "/v1/responses", {"model": "tiny", "input": "hi"}),
+    ("POST", "/v1/messages", {"model": "tiny", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]}),
 ]
 
 
@@ -93,7 +95,9 @@ async def test_model_mutating_endpoints_are_403_for_every_method(
     assert forwarded(emulator) == []
 
 
-@pytest.mark.parametrize("path", ["/api/status", "/api/me", "/api/experimental/web_search", "/metricz"])
+@pytest.mark.parametrize(
+    "path", ["/api/experimental/model-recommendations", "/v1/audio/transcriptions", "/api/signin", "/metricz"]
+)
 async def test_routes_outside_the_allow_list_are_404_and_never_forwarded(
     gateway: GatewayProcess, emulator: Emulator, admin: Admin, path: str
 ) -> None:
@@ -135,7 +139,8 @@ def _disguise(draw: st.DrawFn, path: str) -> bytes:
 @st.composite
 def disguised_blocked_paths(draw: st.DrawFn) -> bytes:
     blocked = draw(st.sampled_from(["/api/pull", "/api/push", "/api/create", "/api/copy", "/api/delete",
-                                    "/api/blobs/sha256:00ff"]))  # fmt: skip
+                                    "/api/blobs/sha256:00ff", "/api/me", "/api/signout", "/api/user/keys/abc",
+                                    "/api/experimental/web_search", "/api/experimental/web_fetch"]))  # fmt: skip
     return _disguise(draw, blocked)
 
 
