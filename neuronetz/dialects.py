@@ -164,25 +164,22 @@ def _flat(value: Any) -> list[Any]:
 
 
 def estimate_prompt(body: dict[str, Any], dialect: str) -> int:
-    """The prompt estimate, with the dialect's fields mapped onto chat's."""
+    """The prompt estimate, with the dialect's fields mapped onto chat messages. Ollama turns
+    each of them — a plain-string `input`, `instructions`, `system` — into a chat message with
+    its template around it, so each counts as one (an estimate below the real count would let
+    a burst overspend a budget by the difference on every request)."""
     if dialect == RESPONSES:
-        items = body.get("input")
-        messages = []
-        if isinstance(items, list):
-            for item in items:
-                if isinstance(item, dict):
-                    content = item.get("content", item.get("output", item.get("arguments")))
-                    messages.append({"content": _parts(content)})
-        chat = {"system": body.get("instructions"), "messages": messages, "tools": body.get("tools")}
+        first, items = body.get("instructions"), body.get("input")
         if isinstance(items, str):
-            chat["prompt"] = items
+            items = [{"content": items}]
     else:
-        raw = body.get("messages")
-        messages = (
-            [{"content": _parts(m.get("content"))} for m in raw if isinstance(m, dict)] if isinstance(raw, list) else []
-        )
-        chat = {"system": _parts(body.get("system")), "messages": messages, "tools": body.get("tools")}
-    return tokens.estimate_prompt(chat)
+        first, items = body.get("system"), body.get("messages")
+    messages = [{"content": _parts(first)}] if first else []
+    for item in items if isinstance(items, list) else []:
+        if isinstance(item, dict):
+            content = item.get("content", item.get("output", item.get("arguments")))
+            messages.append({"content": _parts(content)})
+    return tokens.estimate_prompt({"messages": messages, "tools": body.get("tools")})
 
 
 # --- reading the answer ------------------------------------------------------------------------------

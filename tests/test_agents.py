@@ -130,9 +130,9 @@ async def test_responses_output_cap_is_written_where_the_budget_needs_one(
         response = await client.post(gateway.url + "/v1/responses", json=body, headers=auth(key))
     assert response.status_code == 200
     sent = forwarded(emulator, "/v1/responses")[0].json()
-    # 38 left, the prompt estimated at 1: 0 and below mean "no cap" and are replaced too.
-    assert sent["max_output_tokens"] == 37
-    assert response.json()["usage"]["output_tokens"] == 37
+    # 38 left, the prompt ("hi" as one message) estimated at 5: 0 and below mean "no cap" and are replaced too.
+    assert sent["max_output_tokens"] == 33
+    assert response.json()["usage"]["output_tokens"] == 33
 
 
 async def test_a_responses_stream_past_the_cap_ends_with_an_error_event_the_sdk_raises(
@@ -367,9 +367,11 @@ async def test_root_heads_and_status_are_answered_like_ollama(
         status = await client.get(gateway.url + "/api/status", headers=auth(key))
         allowed = await client.get(gateway.url + "/api/status", headers=auth(cloudy))
         anonymous = await client.get(gateway.url + "/api/status")
-    async with httpx.AsyncClient() as client:  # its own connection: the refused upload is left unread
-        audio = await client.post(gateway.url + "/v1/audio/transcriptions", headers=auth(key),
-                                  files={"file": ("a.wav", b"RIFF")}, data={"model": "whisper"})  # fmt: skip
+    # The upload in one write: the gateway answers an unknown route without reading the body.
+    form = b'--b\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper\r\n--b--\r\n'
+    async with httpx.AsyncClient() as client:
+        audio = await client.post(gateway.url + "/v1/audio/transcriptions", content=form,
+                                  headers={**auth(key), "content-type": "multipart/form-data; boundary=b"})  # fmt: skip
     assert (root.status_code, root.text, root.headers["content-type"]) == (
         200, "Ollama is running", "text/plain; charset=utf-8",
     )  # fmt: skip
@@ -433,3 +435,49 @@ async def test_server_side_tools_are_removed_said_so_and_audited_unless_allowed(
     assert forwarded(emulator, "/v1/messages")[0].json()["tools"] == []
     row = await audit_row(admin, "agents-tools-1")
     assert row["removed_tools"] == "web_search"
+
+
+def _served(path: str, response: httpx.Response) -> int:
+    """Tokens an answer of either dialect reports, streamed or whole."""
+    if response.headers["content-type"].startswith("text/event-stream"):
+        received = dict(events(response.content))
+        usage = received["response.completed"]["response"]["usage"] if path == "/v1/responses" else (
+            received["message_delta"]["usage"]
+        )  # fmt: skip
+    else:
+        usage = response.json()["usage"]
+    return int(usage["input_tokens"]) + int(usage["output_tokens"])
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/responses", {"model": "tiny", "input": "hi", "max_output_tokens": 8}),
+        ("/v1/messages", {**MESSAGE, "max_tokens": 8}),
+    ],
+)
+async def test_a_burst_on_an_agent_route_never_overspends_a_budget(
+    gateway: GatewayProcess, emulator: Emulator, admin: Admin, path: str, body: dict[str, Any]
+) -> None:
+    emulator.configure(token_delay_ms=20, tokens=8)
+    key = await admin.key(daily_tokens=200)
+    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=100)) as client:
+        await ready_budget(client, gateway.url, key)  # spends 1 + 1 tokens
+        answers = await asyncio.gather(
+            *(client.post(gateway.url + path, json={**body, "stream": i % 2 == 0}, headers={"x-api-key": key,
+              **auth(key)}) for i in range(40))
+        )  # fmt: skip
+    statuses = [a.status_code for a in answers]
+    served = sum(_served(path, a) for a in answers if a.status_code == 200)
+    assert set(statuses) == {200, 429}
+    assert 100 <= served <= 198, (served, statuses)
+    deadline = time.monotonic() + 10
+    while True:  # the ledger is written every second
+        usage = await admin.pool.fetchval(
+            "SELECT sum(prompt_tokens + completion_tokens) FROM usage_daily u JOIN api_keys k ON k.id = u.key_id "
+            "WHERE k.prefix = $1", key[:11],
+        )  # fmt: skip
+        if usage == served + 2 or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.2)
+    assert usage == served + 2
