@@ -189,7 +189,7 @@ class App:
             requested = tokens.requested_cap(body, openai, endpoint.generates)
         else:
             estimate, requested = dialects.estimate_prompt(body, dialect), dialects.requested_cap(body, dialect)
-        removed = [] if dialect is None or key.allow_cloud else dialects.remove_server_tools(body)
+        removed = [] if key.allow_cloud or not endpoint.generates else dialects.remove_server_tools(body)
         if removed:
             # Removed, not refused: Codex declares web_search on every request.
             exchange.removed_tools = ",".join(removed)

@@ -66,7 +66,8 @@ _ANTHROPIC_TYPES = {
 # Server-side tools: the backend runs them itself and reaches the internet on its owner's
 # ollama.com account (the Responses API's built-in `web_search`, Anthropic's versioned
 # `web_search_…` / `web_fetch_…` tool types). Client tools (`function`, `custom`, Anthropic
-# tools without a type) are the client's to run and stay.
+# tools without a type) are the client's to run and stay. Checked on every generating route,
+# not only these two: a tool type no dialect defines there is removed all the same.
 _SERVER_TOOLS = ("web_search", "web_fetch")
 REMOVED_TOOLS_HEADER = b"x-neuronetz-removed-tools"
 

@@ -426,6 +426,8 @@ async def test_server_side_tools_are_removed_said_so_and_audited_unless_allowed(
         kept = await client.post(gateway.url + "/v1/responses", json=body, headers=auth(cloudy))
         anthropic_tool = {**MESSAGE, "tools": [{"type": "web_search_20250305", "name": "web_search"}]}
         claude = await client.post(gateway.url + "/v1/messages", json=anthropic_tool, headers={"x-api-key": plain})
+        chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "web_fetch"}]}
+        native = await client.post(gateway.url + "/api/chat", json=chat, headers=auth(plain))
     assert stripped.status_code == 200, stripped.text
     assert stripped.headers["x-neuronetz-removed-tools"] == "web_search"
     assert "x-neuronetz-removed-tools" not in kept.headers
@@ -433,6 +435,8 @@ async def test_server_side_tools_are_removed_said_so_and_audited_unless_allowed(
     sent = [r.json()["tools"] for r in forwarded(emulator, "/v1/responses")]
     assert sent == [[function], [{"type": "web_search"}, function]]
     assert forwarded(emulator, "/v1/messages")[0].json()["tools"] == []
+    assert native.headers["x-neuronetz-removed-tools"] == "web_fetch"
+    assert forwarded(emulator, "/api/chat")[0].json()["tools"] == []
     row = await audit_row(admin, "agents-tools-1")
     assert row["removed_tools"] == "web_search"
 

@@ -182,6 +182,7 @@ async def test_headers_are_rebuilt_for_the_backend(gateway: GatewayProcess, emul
         "X-Forwarded-For": "198.51.100.9",
         "Connection": "keep-alive, x-custom",
         "X-Custom": "drop me",
+        "X-Api-Key": "nz_notforwarded",
     }
     raw = orjson.dumps({**CHAT, "stream": False, "options": {"seed": 7}})
     async with httpx.AsyncClient() as client:
@@ -190,7 +191,7 @@ async def test_headers_are_rebuilt_for_the_backend(gateway: GatewayProcess, emul
     (seen,) = forwarded(emulator, "/api/chat")
     assert seen.header("host") == emulator.url.removeprefix("http://")
     assert seen.header("user-agent") == "ollama-python/0.6.3"
-    for dropped in ("authorization", "cookie", "origin", "x-forwarded-for", "x-custom", "connection"):
+    for dropped in ("authorization", "cookie", "origin", "x-forwarded-for", "x-custom", "connection", "x-api-key"):
         assert seen.header(dropped) is None, dropped
     assert seen.body == raw  # forwarded unchanged: nothing needed rewriting
 
