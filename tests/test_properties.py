@@ -70,7 +70,10 @@ def bodies(draw: st.DrawFn, route: str) -> bytes:
     hostile = draw(st.booleans())
     if hostile and draw(st.integers(min_value=0, max_value=9)) == 0:
         return draw(st.binary(max_size=40))  # not JSON at all, or not an object
-    value = (lambda good: good | junk) if hostile else (lambda good: good)
+
+    def value(good: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+        return good | junk if hostile else good
+
     cap = caps if hostile else valid_caps
     body: dict[str, Any] = {"model": draw(value(st.just("tiny")))}
     if route.endswith("chat") or route == "/v1/chat/completions":
@@ -253,6 +256,11 @@ async def check_invariants(admin: Admin, redis_url: str, prefix: str, run: Run) 
                         assert len(held) <= 1, f"{name!r} still reserves {held}"
 
         await eventually(released)
+        for key in keys:
+            key_id, tenant = await key_ids(admin, key)
+            counted = await client.get(f"{prefix}{{t{tenant}}}:used:k{key_id}:all")
+            if counted is not None:  # a budgeted key's counter: Redis agrees with the books
+                assert int(counted) == audit_sums[key[:11]], f"key {key[:11]}: Redis counts {int(counted)}"
     finally:
         await client.aclose()
     return audit_sums
