@@ -285,8 +285,8 @@ def report(soak: Soak, audit: dict[str, tuple[int, int, str]], ledger: dict[str,
     print("\nRequests")
     print(f"  sent {len(sent)}, finished {len(finished)}, abandoned by the client {len(abandoned)}, "
           f"cut (connection broke) {len(broken)}")  # fmt: skip
-    print(f"  audit rows {rows} (sent - audit rows = {len(sent) - rows}: refused before authentication, in flight when the "
-          "worker died)")  # fmt: skip
+    print(f"  audit rows {rows} (sent - audit rows = {len(sent) - rows}: refused before authentication, "
+          "in flight when the worker died)")  # fmt: skip
     examples = [(s.request_id, round(s.started, 1), s.status) for s in missing[:5]]
     print(f"  finished requests missing from the audit: {len(missing)} (target 0)"
           + (f", e.g. {examples}" if missing else ""))  # fmt: skip
