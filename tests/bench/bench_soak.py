@@ -322,7 +322,8 @@ def report(soak: Soak, audit: dict[str, tuple[int, int, str]], ledger: dict[str,
         by_tenant = dict(sorted(Counter(s.tenant for s in window).items()))
         target = f" (target {RECOVERY_TARGET:.1f} s)" if fault.name.startswith("Redis") else ""
         print(f"  {fault.name} at {fault.start:.0f} s, undone after {fault.restored - fault.start:.1f} s {fault.note}")
-        print(f"    errors by tenant {by_tenant}; recovered {recovery:.2f} s after{target}")
+        print(f"    errors by tenant {by_tenant}: {len(window) - len(after)} began before it was undone, "
+              f"{len(after)} after; recovered {recovery:.2f} s after{target}")  # fmt: skip
         for error, count in errors.items():
             print(f"      {count:6d}  {error}")
 
