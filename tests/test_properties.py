@@ -90,6 +90,9 @@ def bodies(draw: st.DrawFn, route: str) -> bytes:
             body["max_tokens"] = draw(cap)
         if route == "/v1/chat/completions" and draw(st.booleans()):
             body["stream_options"] = draw(value(st.just({"include_usage": True})))
+        if route == "/v1/chat/completions" and draw(st.integers(min_value=0, max_value=3)) == 0:
+            # OpenAI's newer name for the cap, which Ollama ignores: no way around a budget.
+            body["max_completion_tokens"] = draw(cap)
     elif draw(st.booleans()):
         body["options"] = draw(value(st.fixed_dictionaries({"num_predict": cap})))
     if route == "/api/generate" and draw(st.integers(min_value=0, max_value=5)) == 0:
