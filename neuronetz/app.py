@@ -193,16 +193,23 @@ class App:
             else:
                 self._record(request, route, exchange)
 
-    async def inference(self, endpoint: Endpoint, request: Request, send: Send, exchange: Exchange) -> None:
-        gateway = self._gateway()
-        key = _key(request)
-        settings = gateway.settings
+    async def _read(self, endpoint: Endpoint, request: Request, exchange: Exchange) -> tuple[bytes, dict[str, Any]]:
+        """The request body, read within its route's bounds and parsed, and its model checked
+        against the key's allow-list (a body without a model is the backend's to answer)."""
+        settings = self._gateway().settings
         raw = await request.body(_body_limit(settings, endpoint), self.readers)
         exchange.bytes_in = len(raw)
         body = parse_json(raw, settings.max_json_elements)
         model = exchange.model = _model_of(body)
         if model is not None:
-            key.check_model(model)
+            _key(request).check_model(model)
+        return raw, body
+
+    async def inference(self, endpoint: Endpoint, request: Request, send: Send, exchange: Exchange) -> None:
+        gateway = self._gateway()
+        key = _key(request)
+        raw, body = await self._read(endpoint, request, exchange)
+        model = exchange.model
         openai, dialect = request.openai, request.dialect
         if dialect is None:
             estimate = tokens.estimate_prompt(body)
@@ -256,21 +263,15 @@ class App:
             gateway.limiter.settle(admission, key.subject, prompt, completion)
 
     async def show(self, endpoint: Endpoint, request: Request, send: Send, exchange: Exchange) -> None:
-        gateway = self._gateway()
-        key = _key(request)
+        raw: bytes | None
         if request.param is not None:  # /v1/models/{model}
-            model: str | None = request.param
-            path, raw = endpoint.upstream + quote(request.param, safe=":/"), None
+            exchange.model, raw = request.param, None
+            _key(request).check_model(request.param)
+            path = endpoint.upstream + quote(request.param, safe=":/")
         else:
-            settings = gateway.settings
-            raw = await request.body(_body_limit(settings, endpoint), self.readers)
-            exchange.bytes_in = len(raw)
-            model = _model_of(parse_json(raw, settings.max_json_elements))
+            raw, _ = await self._read(endpoint, request, exchange)
             path = endpoint.upstream
-        exchange.model = model
-        if model is not None:
-            key.check_model(model)
-        await self._forward(request, send, exchange, model, path, raw)
+        await self._forward(request, send, exchange, exchange.model, path, raw)
 
     async def count_tokens(self, endpoint: Endpoint, request: Request, send: Send, exchange: Exchange) -> None:
         """POST /v1/messages/count_tokens, answered here from the gateway's prompt estimate:
@@ -278,14 +279,9 @@ class App:
         but it generates nothing, so it spends no tokens."""
         gateway = self._gateway()
         key = _key(request)
-        settings = gateway.settings
-        raw = await request.body(_body_limit(settings, endpoint), self.readers)
-        exchange.bytes_in = len(raw)
-        body = parse_json(raw, settings.max_json_elements)
-        model = exchange.model = _model_of(body)
-        if model is None:
+        _, body = await self._read(endpoint, request, exchange)
+        if exchange.model is None:
             raise BadRequest("The field 'model' is required.")
-        key.check_model(model)
         admission = await gateway.limiter.admit(key.subject, 0, 0)
         if admission is not None:
             request.response_headers.extend(admission.headers)

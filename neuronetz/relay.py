@@ -140,11 +140,8 @@ class NdjsonRelay:
         if b'"done":false' in line and not line.startswith(b'{"error"') and outcome.text is None:
             outcome.usage.completion_tokens += 1
             return
-        try:
-            record = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            return
-        if not isinstance(record, dict):
+        record = json_object(line)
+        if record is None:
             return
         if "error" in record:
             outcome.error = _error_message(record["error"])
@@ -196,11 +193,8 @@ class SseRelay:
         if b'"usage"' not in data and b'"error"' not in data and outcome.text is None:
             outcome.usage.completion_tokens += 1
             return event + b"\n\n"
-        try:
-            record = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            return event + b"\n\n"
-        if not isinstance(record, dict):
+        record = json_object(data)
+        if record is None:
             return event + b"\n\n"
         if record.get("error"):
             outcome.error = _error_message(record["error"])
@@ -259,13 +253,12 @@ class BodyRelay:
             outcome.usage.completion_tokens = min(math.ceil(self.size / BYTES_PER_TOKEN), MAX_TOKENS)
 
     def _read(self, body: bytes) -> None:
+        record = json_object(body)
+        if record is not None:
+            self._take(record)
+
+    def _take(self, record: dict[str, Any]) -> None:
         outcome = self.outcome
-        try:
-            record = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            return
-        if not isinstance(record, dict):
-            return
         if "error" in record:
             outcome.error = _error_message(record["error"])
             outcome.refused = True
@@ -277,6 +270,16 @@ class BodyRelay:
             text = _answer_text(record)
             if text:
                 outcome.text.append(text)
+
+
+def json_object(data: bytes) -> dict[str, Any] | None:
+    """The JSON object in `data`; None for anything else (malformed, or another JSON type),
+    which the relays pass on without reading."""
+    try:
+        record = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def _error_message(error: Any) -> str:
