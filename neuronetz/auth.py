@@ -74,6 +74,7 @@ class KeyRecord:
     log_prompts: bool
     prompt_ttl_days: int | None
     subject: Subject  # the key's and the tenant's own limits, for the limiter
+    weight: int = 1  # the tenant's share in the queue for backend slots (fair.py)
 
     def usable(self, now: float) -> bool:
         return not self.revoked and (self.expires_at is None or now < self.expires_at)
@@ -101,6 +102,7 @@ def record_from_row(row: Any) -> KeyRecord:
         log_prompts=row["log_prompts"],
         prompt_ttl_days=row["prompt_ttl_days"],
         subject=Subject(row["id"], row["tenant_id"], Limits.from_row(row), Limits.from_row(row, prefix="t_")),
+        weight=row.get("t_weight", 1),
     )
 
 

@@ -206,6 +206,28 @@ def add_limit_flags(parser: argparse.ArgumentParser) -> None:
         )
 
 
+def add_weight_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--weight",
+        metavar="W",
+        type=bounded_weight,
+        help="the tenant's share of busy backends (1-1000, default 1): 3 gets three times the slots of 1",
+    )
+
+
+def bounded_weight(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--weight must be a whole number, got {raw!r}") from None
+    if not 1 <= value <= MAX_WEIGHT:
+        raise argparse.ArgumentTypeError(f"--weight must be between 1 and {MAX_WEIGHT}, got {value}")
+    return value
+
+
+MAX_WEIGHT = 1000  # the tenants.weight column's CHECK
+
+
 def limits_from(args: argparse.Namespace) -> Limits:
     return Limits(**{name: getattr(args, name) for name in LIMIT_NAMES if name in args})
 
@@ -267,15 +289,22 @@ async def with_database(args: argparse.Namespace, work: Callable[[Any], Coroutin
 
 
 def cmd_create_tenant(args: argparse.Namespace) -> int:
-    tenant = run_async(with_database(args, lambda c: tenants.create_tenant(c, args.name, limits_from(args))))
-    print(f"created tenant {tenant.name} ({describe_limits(tenant.limits, 'unlimited')})")
+    tenant = run_async(
+        with_database(args, lambda c: tenants.create_tenant(c, args.name, limits_from(args), args.weight or 1))
+    )
+    print(f"created tenant {tenant.name} ({describe_limits(tenant.limits, 'unlimited')}; weight {tenant.weight})")
     return 0
 
 
 def cmd_list_tenants(args: argparse.Namespace) -> int:
     found = run_async(with_database(args, tenants.list_tenants))
     if args.json:
-        print_json([{"name": t.name, "keys": t.keys, "created_at": t.created_at, **t.limits.as_dict()} for t in found])
+        print_json(
+            [
+                {"name": t.name, "keys": t.keys, "created_at": t.created_at, "weight": t.weight, **t.limits.as_dict()}
+                for t in found
+            ]
+        )
     else:
         print_table(
             ["TENANT", "KEYS", "CREATED", "LIMITS"],
@@ -364,6 +393,10 @@ def cmd_revoke_key(args: argparse.Namespace) -> int:
 
 def cmd_set_limits(args: argparse.Namespace) -> int:
     changes: dict[str, Any] = limit_changes(args)
+    if args.weight is not None:
+        if args.tenant is None:
+            raise CliError("--weight applies to tenants: use --tenant.")
+        changes["weight"] = args.weight
     if args.tenant is not None:
         for flag in ("models", "log_prompts", "no_log_prompts", "prompt_ttl_days"):
             if getattr(args, flag) not in (None, False):
@@ -371,7 +404,7 @@ def cmd_set_limits(args: argparse.Namespace) -> int:
         if not changes:
             raise CliError("Nothing to change: give at least one limit flag, e.g. --rpm 60.")
         tenant = run_async(with_database(args, lambda c: tenants.update_tenant(c, args.tenant, changes)))
-        print(f"tenant {tenant.name}: {describe_limits(tenant.limits, 'unlimited')}")
+        print(f"tenant {tenant.name}: {describe_limits(tenant.limits, 'unlimited')}; weight {tenant.weight}")
         return 0
     if args.models is not None:
         models_ = parse_models(args.models)
@@ -461,8 +494,12 @@ def cmd_list_backends(args: argparse.Namespace) -> int:
     for row in rows:
         state = row.get("state") or {}
         health = "-" if not state else "up" if state.get("ok") else f"down ({state.get('error', 'unavailable')})"
-        table.append([row["url"], health, str(state.get("version") or "-"), ",".join(state.get("models") or []) or "-"])
-    print_table(["BACKEND", "HEALTH", "VERSION", "MODELS"], table)
+        slots = settings.slots_by_backend.get(row["url"])
+        slots = settings.backend_slots if slots is None else slots
+        use = f"{state['in_flight']}/{slots or '-'}" if "in_flight" in state else f"-/{slots or '-'}"
+        loaded, listed = ",".join(state.get("loaded") or []) or "-", ",".join(state.get("models") or []) or "-"
+        table.append([row["url"], health, str(state.get("version") or "-"), use, loaded, listed])
+    print_table(["BACKEND", "HEALTH", "VERSION", "IN USE/SLOTS", "LOADED", "MODELS"], table)
     return 0
 
 
@@ -673,6 +710,7 @@ def build_parser() -> argparse.ArgumentParser:
     create_tenant = command("create-tenant", cmd_create_tenant, "create a tenant, optionally with limits")
     create_tenant.add_argument("--name", required=True, help="unique tenant name (letters, digits, . _ -)")
     add_limit_flags(create_tenant)
+    add_weight_flag(create_tenant)
     list_tenants = command("list-tenants", cmd_list_tenants, "list tenants with their limits")
     list_tenants.add_argument("--json", action="store_true", help="print one JSON array")
 
@@ -700,6 +738,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_prompt_flags(set_limits)
     set_limits.add_argument("--no-log-prompts", action="store_true", help="stop logging this key's prompts")
     add_limit_flags(set_limits)
+    add_weight_flag(set_limits)
 
     for name, add in (("add-backend", True), ("remove-backend", False)):
         verb = "add an Ollama base URL to" if add else "remove an Ollama base URL from"

@@ -44,6 +44,9 @@ HELP = {
     "neuronetz_audit_records_written_total": ("counter", "Audit records written to Postgres."),
     "neuronetz_audit_records_dropped_total": ("counter", "Audit records dropped because a queue was full, by kind."),
     "neuronetz_ledger_pending": ("gauge", "Usage ledger rows waiting to be written."),
+    "neuronetz_queue_waiting": ("gauge", "Requests waiting for a backend slot, by tenant."),
+    "neuronetz_queue_wait_seconds": ("histogram", "Time requests waited for a backend slot, by tenant."),
+    "neuronetz_backend_slots_in_use": ("gauge", "Backend slots this instance's requests hold, by backend, model."),
     "neuronetz_workers": ("gauge", "Worker processes reporting into this scrape."),
 }
 

@@ -33,6 +33,7 @@ class Tenant:
     limits: Limits
     created_at: dt.datetime
     keys: int = 0
+    weight: int = 1  # share of backend slots while several tenants wait (fair.py)
 
 
 @dataclass(frozen=True)
@@ -61,16 +62,19 @@ class KeyInfo:
 
 
 def _tenant(row: Any) -> Tenant:
-    return Tenant(row["id"], row["name"], Limits.from_row(row), row["created_at"], row.get("keys", 0))
+    return Tenant(
+        row["id"], row["name"], Limits.from_row(row), row["created_at"], row.get("keys", 0), row.get("weight", 1)
+    )
 
 
-async def create_tenant(db: Connection, name: str, limits: Limits) -> Tenant:
+async def create_tenant(db: Connection, name: str, limits: Limits, weight: int = 1) -> Tenant:
     try:
         row = await db.fetchrow(
-            "INSERT INTO tenants (name, rpm, tpm, max_concurrent, daily_tokens, monthly_tokens, total_tokens) "
-            "VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING *",
+            "INSERT INTO tenants (name, rpm, tpm, max_concurrent, daily_tokens, monthly_tokens, total_tokens, weight) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING *",
             name,
             *limits.as_dict().values(),
+            weight,
         )
     except asyncpg.UniqueViolationError:
         raise AdminError(f"A tenant named {name!r} already exists.") from None
@@ -196,6 +200,10 @@ async def revoke_key(db: Connection, prefix: str) -> tuple[KeyInfo, bool]:
 async def update_tenant(db: Connection, name: str, changes: dict[str, Any]) -> Tenant:
     """Apply `changes` (limit name → value, None clears the limit back to unlimited)."""
     owner = await tenant_id(db, name)
+    changes = dict(changes)
+    weight = changes.pop("weight", None)
+    if weight is not None:
+        await db.execute("UPDATE tenants SET weight = $2 WHERE id = $1", owner, weight)
     if changes:
         await _update(db, "tenants", owner, changes)
     row = await db.fetchrow("SELECT * FROM tenants WHERE id = $1", owner)
@@ -266,7 +274,8 @@ FETCH_KEY = """
 SELECT k.id, k.prefix, k.name, k.secret_hash, k.expires_at, k.revoked_at, k.allowed_models, k.log_prompts,
        k.prompt_ttl_days, k.rpm, k.tpm, k.max_concurrent, k.daily_tokens, k.monthly_tokens, k.total_tokens,
        t.id AS tenant_id, t.name AS tenant_name, t.rpm AS t_rpm, t.tpm AS t_tpm, t.max_concurrent AS t_max_concurrent,
-       t.daily_tokens AS t_daily_tokens, t.monthly_tokens AS t_monthly_tokens, t.total_tokens AS t_total_tokens
+       t.daily_tokens AS t_daily_tokens, t.monthly_tokens AS t_monthly_tokens, t.total_tokens AS t_total_tokens,
+       t.weight AS t_weight
 FROM api_keys k JOIN tenants t ON t.id = k.tenant_id
 WHERE k.prefix = $1
 """
