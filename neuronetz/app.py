@@ -383,7 +383,8 @@ class App:
         )
         registry.observe("neuronetz_request_duration_seconds", duration, metrics.labels(route=route.path))
         if exchange.forwarded_at is not None:
-            registry.observe("neuronetz_gateway_overhead_seconds", exchange.forwarded_at - exchange.started_at)
+            waited = (exchange.queue_wait_ms or 0.0) / 1000  # waiting for a slot is not overhead
+            registry.observe("neuronetz_gateway_overhead_seconds", exchange.forwarded_at - exchange.started_at - waited)
             if exchange.upstream_head_at is not None:
                 registry.observe(
                     "neuronetz_upstream_first_byte_seconds", exchange.upstream_head_at - exchange.forwarded_at

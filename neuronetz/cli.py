@@ -35,6 +35,7 @@ from neuronetz import (
     logs,
     migrate,
     models,
+    slots,
     tenants,
 )
 from neuronetz.limits import BUDGET_NAMES, LIMIT_NAMES, Limits
@@ -494,9 +495,9 @@ def cmd_list_backends(args: argparse.Namespace) -> int:
     for row in rows:
         state = row.get("state") or {}
         health = "-" if not state else "up" if state.get("ok") else f"down ({state.get('error', 'unavailable')})"
-        slots = settings.slots_by_backend.get(row["url"])
-        slots = settings.backend_slots if slots is None else slots
-        use = f"{state['in_flight']}/{slots or '-'}" if "in_flight" in state else f"-/{slots or '-'}"
+        own = settings.slots_by_backend.get(row["url"])
+        capacity = (settings.backend_slots if own is None else own) or "-"
+        use = f"{state['in_flight']}/{capacity}" if "in_flight" in state else f"-/{capacity}"
         loaded, listed = ",".join(state.get("loaded") or []) or "-", ",".join(state.get("models") or []) or "-"
         table.append([row["url"], health, str(state.get("version") or "-"), use, loaded, listed])
     print_table(["BACKEND", "HEALTH", "VERSION", "IN USE/SLOTS", "LOADED", "MODELS"], table)
@@ -542,7 +543,9 @@ def cmd_usage(args: argparse.Namespace) -> int:
         limits_of = {k.prefix: k for k in await tenants.list_keys(connection, args.tenant)}
         tenant_limits = {t.name: t.limits for t in await tenants.list_tenants(connection)}
         flights = await _in_flight(settings, report)
+        queued = await _waiting(settings)
         for row in report:
+            row["waiting_tenant"] = queued.get(row["tenant_id"], 0)
             key = limits_of[row["prefix"]]
             row["key_limits"] = key.limits.as_dict()
             row["tenant_limits"] = tenant_limits[row["tenant"]].as_dict()
@@ -556,6 +559,8 @@ def cmd_usage(args: argparse.Namespace) -> int:
     table = []
     for row in report:
         flight = "-" if row["in_flight_key"] is None else f"{row['in_flight_key']}/{row['in_flight_tenant']}"
+        if row["waiting_tenant"]:
+            flight += f" (tenant: {row['waiting_tenant']} waiting)"
         table.append([
             row["tenant"], row["prefix"], row["name"],
             f"{row['requests_today']} / {_against(row, 'tokens_today', 'daily_tokens')}",
@@ -588,6 +593,17 @@ async def _in_flight(settings: config.Settings, report: list[dict[str, Any]]) ->
             )
             for row in report
         }
+    except limits.REDIS_ERRORS:
+        return {}
+    finally:
+        await client.aclose()
+
+
+async def _waiting(settings: config.Settings) -> dict[int, int]:
+    """Requests waiting for a backend slot right now, per tenant id; empty if Redis is away."""
+    client = aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=2)
+    try:
+        return await slots.waiting(client, settings.redis_prefix)
     except limits.REDIS_ERRORS:
         return {}
     finally:

@@ -143,20 +143,21 @@ class Scheduler:
         candidates = [b for b in self.pool.backends if b not in exclude and b.available(now) and b.may_have(name)]
         if not candidates or all(b.slots == 0 for b in candidates):
             return None
-        tenant, key_id = str(key.tenant_id), str(key.key_id)
         lease = os.urandom(9).hex()
         started = time.monotonic()
         self.waiting[key.tenant] = self.waiting.get(key.tenant, 0) + 1
         try:
-            slot = await self._acquire(key, name, lease, tenant, key_id, started)
+            slot = await self._acquire(key, name, exclude, lease, started)
         finally:
             self.waiting[key.tenant] -= 1
         slot.backend.loaded |= {name}  # the model is in memory there now (or will be shortly)
         self.registry.observe("neuronetz_queue_wait_seconds", slot.waited, metrics.labels(tenant=key.tenant))
         return slot
 
-    async def _acquire(self, key: KeyRecord, name: str, lease: str, tenant: str, key_id: str, started: float) -> Slot:
-        base = self.base(name)
+    async def _acquire(
+        self, key: KeyRecord, name: str, exclude: frozenset[Backend], lease: str, started: float
+    ) -> Slot:
+        base, tenant, key_id = self.base(name), str(key.tenant_id), str(key.key_id)
         deadline = started + self.max_wait
         grant: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self.grants[lease] = grant
@@ -167,13 +168,13 @@ class Scheduler:
                     reply = await self.script(
                         keys=[base],
                         args=["acquire", self.channel, lease, tenant, key_id, key.weight, WAITER_TTL_MS,
-                              self.lease_ttl_ms, self.max_depth, *self._candidates(name)],
+                              self.lease_ttl_ms, self.max_depth, *self._candidates(name, exclude)],
                     )  # fmt: skip
                 except REDIS_ERRORS as exc:
                     if joined:
                         self._release_later(base, lease, tenant, key_id, "", name)
                     log.warning("slots kept per replica: Redis unreachable", extra={"fields": {"error": repr(exc)}})
-                    return await self._acquire_locally(key, name, lease, started, deadline)
+                    return await self._acquire_locally(key, name, exclude, lease, started, deadline)
                 joined = True
                 status = int(reply[0])
                 if status == 0:
@@ -206,18 +207,21 @@ class Scheduler:
                 return backend
         return Backend(url)  # removed meanwhile: requests in flight finish where they are
 
-    def _candidates(self, name: str) -> list[str | int]:
+    def _candidates(self, name: str, exclude: frozenset[Backend] = frozenset()) -> list[str | int]:
+        """The backends that may serve `name` as the script takes them: url, slots, warm or cold."""
         now = time.monotonic()
         args: list[str | int] = []
         for b in self.pool.backends:
-            if b.available(now) and b.may_have(name):
+            if b not in exclude and b.available(now) and b.may_have(name):
                 args += [b.url, b.slots, WARM if name in b.loaded else COLD]
         return args
 
-    async def _acquire_locally(self, key: KeyRecord, name: str, lease: str, started: float, deadline: float) -> Slot:
+    async def _acquire_locally(
+        self, key: KeyRecord, name: str, exclude: frozenset[Backend], lease: str, started: float, deadline: float
+    ) -> Slot:
         while True:
             now = time.monotonic()
-            candidates = [b for b in self.pool.backends if b.available(now) and b.may_have(name)]
+            candidates = [b for b in self.pool.backends if b not in exclude and b.available(now) and b.may_have(name)]
             free = [b for b in candidates if self.local.free(b, name)]
             if free:
                 best = min(free, key=lambda b: (WARM if name in b.loaded else COLD, -self._room(b, name)))

@@ -20,10 +20,12 @@ import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
 
-from neuronetz import backends, config, models, tenants
-from neuronetz.limits import Limits
+from neuronetz import backends, config, metrics, models, tenants
+from neuronetz.auth import KeyRecord
+from neuronetz.limits import Limits, Subject
+from neuronetz.slots import Scheduler
 from tests.emulator import Emulator
-from tests.support import Admin, GatewayProcess, auth, forwarded
+from tests.support import Admin, GatewayProcess, auth, forwarded, free_port
 
 SCRIPT = (Path(__file__).resolve().parent.parent / "neuronetz" / "slots.lua").read_text()
 CHANNEL = "test-grants"
@@ -404,3 +406,33 @@ async def test_waiting_is_bounded_in_the_callers_dialect(
             for task in waiters:
                 task.cancel()
             await asyncio.gather(*waiters, return_exceptions=True)
+
+
+# --- without Redis ----------------------------------------------------------------------------------
+
+
+async def test_without_redis_each_replica_keeps_slots_of_its_own() -> None:
+    unreachable = aioredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=1)
+    async with httpx.AsyncClient() as http:
+        pool = backends.BackendPool(["http://gpu:11434"], http, interval=60, cooldown=1, slots=1)
+        scheduler = Scheduler(unreachable, pool, metrics.Registry(), prefix="nzt:", lease_ttl=60, max_wait=30,
+                              max_depth=10)  # fmt: skip
+        key = KeyRecord(1, "nz_aaaaaaaa", "k", 1, "t", None, False, None, False, None,
+                        Subject(1, 1, Limits(), Limits()))  # fmt: skip
+        first = await scheduler.acquire(key, "tiny", frozenset())
+        assert first is not None
+        assert first.base == ""
+        second = asyncio.create_task(scheduler.acquire(key, "tiny", frozenset()))
+        await asyncio.sleep(0)
+        for _ in range(100):  # it tries Redis first, then waits locally
+            if scheduler.local.waiting.get("tiny:latest"):
+                break
+            await asyncio.sleep(0.01)
+        assert not second.done()  # bounded: the one slot is taken
+        scheduler.release(first)
+        granted = await asyncio.wait_for(second, 5)
+        assert granted is not None
+        assert granted.backend is first.backend
+        scheduler.release(granted)
+        assert scheduler.local.used == {("http://gpu:11434", "tiny:latest"): 0}
+    await unreachable.aclose()

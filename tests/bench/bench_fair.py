@@ -105,8 +105,8 @@ async def drive(loads: list[tuple[Load, int, Sequence[str]]], emulator: Service,
         load.recording = True
     measured = time.monotonic()
     await sample(emulator, stop, samples)
-    await asyncio.gather(*tasks)
-    return time.monotonic() - measured, samples
+    await asyncio.gather(*tasks)  # answers after `stop` are not counted
+    return stop - measured, samples
 
 
 def quantile(values: list[float], q: float) -> float:
