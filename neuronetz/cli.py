@@ -229,6 +229,11 @@ def bounded_weight(raw: str) -> int:
 MAX_WEIGHT = 1000  # the tenants.weight column's CHECK
 
 
+def _weight(weight: int) -> str:
+    """A tenant's weight for a summary line; the default of 1 goes without saying."""
+    return "" if weight == 1 else f"; weight {weight}"
+
+
 def limits_from(args: argparse.Namespace) -> Limits:
     return Limits(**{name: getattr(args, name) for name in LIMIT_NAMES if name in args})
 
@@ -293,7 +298,7 @@ def cmd_create_tenant(args: argparse.Namespace) -> int:
     tenant = run_async(
         with_database(args, lambda c: tenants.create_tenant(c, args.name, limits_from(args), args.weight or 1))
     )
-    print(f"created tenant {tenant.name} ({describe_limits(tenant.limits, 'unlimited')}; weight {tenant.weight})")
+    print(f"created tenant {tenant.name} ({describe_limits(tenant.limits, 'unlimited')}{_weight(tenant.weight)})")
     return 0
 
 
@@ -405,7 +410,7 @@ def cmd_set_limits(args: argparse.Namespace) -> int:
         if not changes:
             raise CliError("Nothing to change: give at least one limit flag, e.g. --rpm 60.")
         tenant = run_async(with_database(args, lambda c: tenants.update_tenant(c, args.tenant, changes)))
-        print(f"tenant {tenant.name}: {describe_limits(tenant.limits, 'unlimited')}; weight {tenant.weight}")
+        print(f"tenant {tenant.name}: {describe_limits(tenant.limits, 'unlimited')}{_weight(tenant.weight)}")
         return 0
     if args.models is not None:
         models_ = parse_models(args.models)

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import secrets
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
@@ -25,7 +29,7 @@ from neuronetz.auth import KeyRecord
 from neuronetz.limits import Limits, Subject
 from neuronetz.slots import Scheduler
 from tests.emulator import Emulator
-from tests.support import Admin, GatewayProcess, auth, forwarded, free_port
+from tests.support import ROOT, Admin, GatewayProcess, auth, forwarded, free_port
 
 SCRIPT = (Path(__file__).resolve().parent.parent / "neuronetz" / "slots.lua").read_text()
 CHANNEL = "test-grants"
@@ -80,6 +84,27 @@ async def test_weight_is_stored_with_the_tenant(admin: Admin) -> None:
     assert created.weight == 3
     updated = await tenants.update_tenant(admin.pool, name, {"weight": 5, "rpm": 10})
     assert (updated.weight, updated.limits.rpm) == (5, 10)
+
+
+def test_weight_on_the_command_line(database_url: str) -> None:
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "neuronetz", *args], cwd=ROOT, capture_output=True, text=True, timeout=60,
+            env={**os.environ, "DATABASE_URL": database_url, "NO_COLOR": "1"},
+        )  # fmt: skip
+
+    name = f"t-{secrets.token_hex(4)}"
+    created = run("create-tenant", "--name", name, "--weight", "3")
+    assert created.stdout == f"created tenant {name} (unlimited; weight 3)\n", created
+    changed = run("set-limits", "--tenant", name, "--weight", "1")
+    assert changed.stdout == f"tenant {name}: unlimited\n", changed
+    listed = orjson.loads(run("list-tenants", "--json").stdout)
+    assert next(t for t in listed if t["name"] == name)["weight"] == 1
+    for bad in ("0", "1001", "x"):
+        refused = run("create-tenant", "--name", name + "b", "--weight", bad)
+        assert refused.returncode == 1
+        assert "--weight must be" in refused.stderr
+        assert "Traceback" not in refused.stderr
 
 
 # --- the queue's order, on the script --------------------------------------------------------------
