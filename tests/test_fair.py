@@ -433,6 +433,42 @@ async def test_waiting_is_bounded_in_the_callers_dialect(
             await asyncio.gather(*waiters, return_exceptions=True)
 
 
+@pytest.fixture(scope="module")
+def second() -> Iterator[Emulator]:
+    with Emulator() as emu:
+        yield emu
+
+
+async def test_a_warm_backend_is_preferred_until_its_slots_are_full(
+    gateway_env: dict[str, str], emulator: Emulator, second: Emulator, admin: Admin
+) -> None:
+    second.reset()
+    key = await admin.key()
+    # The cold backend first: without the preference, ties would go to it.
+    env = {**gateway_env, "OLLAMA_BACKENDS": f"{second.url},{emulator.url}", "GATEWAY_BACKEND_SLOTS": "2"}
+    with GatewayProcess(env) as process:
+        async with httpx.AsyncClient(timeout=30) as client:
+            await client.post(emulator.url + "/api/generate", json={**STREAM, "stream": False})  # loads tiny there
+
+            async def seen_loaded() -> bool:
+                each = (await client.get(process.url + "/readyz")).json()["backends"]["each"]
+                return "tiny:latest" in each[emulator.url]["loaded"]
+
+            await until(seen_loaded, "a health check reads /api/ps")
+            for _ in range(8):  # one at a time: the warm backend always has a free slot
+                answer = await client.post(process.url + "/api/generate", json={**STREAM, "stream": False},
+                                           headers=auth(key))  # fmt: skip
+                assert answer.status_code == 200
+            assert forwarded(second, "/api/generate") == []  # no cold start
+            emulator.configure(tokens=20, token_delay_ms=50)
+            answers = await asyncio.gather(
+                *(client.post(process.url + "/api/generate", json={**STREAM, "stream": False}, headers=auth(key))
+                  for _ in range(4))
+            )  # fmt: skip
+            assert [a.status_code for a in answers] == [200] * 4
+            assert len(forwarded(second, "/api/generate")) >= 1  # warm slots full: the cold one serves
+
+
 # --- without Redis ----------------------------------------------------------------------------------
 
 
