@@ -30,8 +30,8 @@
 -- acquire: ARGV[3] waiter, [4] tenant, [5] key, [6] weight, [7] waiter ttl ms, [8] lease ttl
 --          ms, [9] max depth per tenant, [10...] candidates
 --          -> {1, backend} a slot is held; {2, depth} waiting; {0, "queue_full"}
--- release: ARGV[3] waiter, [4] tenant, [5] key, [6] backend or "", [7] lease ttl ms,
---          [8...] candidates. Leaves the queue, drops a grant and the slot. -> {granted count}
+-- release: ARGV[3] waiter, [4] tenant, [5] key, [6] backend or "" (then any candidate's),
+--          [7] lease ttl ms, [8...] candidates. Leaves the queue, drops a grant and the slot. -> {1}
 -- renew:   ARGV[3] lease ttl ms, [4...] pairs (waiter, backend) -> {renewed count}
 
 local base = KEYS[1]
@@ -196,10 +196,15 @@ if action == "release" then
         redis.call("DEL", base .. "g:" .. w)
         redis.call("ZREM", base .. "s:" .. granted, w)
     end
+    local cands = candidates(8)
     if backend ~= "" then
         redis.call("ZREM", base .. "s:" .. backend, w)
+    else -- a waiter that left may have been given a slot by a reply it never read
+        for _, c in ipairs(cands) do
+            redis.call("ZREM", base .. "s:" .. c[1], w)
+        end
     end
-    dispatch(candidates(8), lease_ttl, nil)
+    dispatch(cands, lease_ttl, nil)
     return {1}
 end
 

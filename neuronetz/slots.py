@@ -161,7 +161,7 @@ class Scheduler:
         deadline = started + self.max_wait
         grant: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self.grants[lease] = grant
-        joined = False
+        joined = True  # from the first call on: a cancelled call may have joined (or got a slot) in Redis
         try:
             while True:
                 try:
@@ -171,13 +171,13 @@ class Scheduler:
                               self.lease_ttl_ms, self.max_depth, *self._candidates(name, exclude)],
                     )  # fmt: skip
                 except REDIS_ERRORS as exc:
-                    if joined:
-                        self._release_later(base, lease, tenant, key_id, "", name)
+                    self._release_later(base, lease, tenant, key_id, "", name)
+                    joined = False
                     log.warning("slots kept per replica: Redis unreachable", extra={"fields": {"error": repr(exc)}})
                     return await self._acquire_locally(key, name, exclude, lease, started, deadline)
-                joined = True
                 status = int(reply[0])
                 if status == 0:
+                    joined = False
                     raise RateLimited(
                         f"Too many requests of this tenant are waiting for {name} ({self.max_depth}); retry later.",
                         code="queue_full",
@@ -198,7 +198,7 @@ class Scheduler:
                 return slot
         finally:
             self.grants.pop(lease, None)
-            if joined:  # left the queue: timed out, refused, cancelled (the client went away)
+            if joined:  # left the queue: timed out or cancelled (the client went away)
                 self._release_later(base, lease, tenant, key_id, "", name)
 
     def _backend(self, url: str) -> Backend:
