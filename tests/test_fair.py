@@ -29,7 +29,7 @@ from neuronetz.auth import KeyRecord
 from neuronetz.limits import Limits, Subject
 from neuronetz.slots import Scheduler
 from tests.emulator import Emulator
-from tests.support import ROOT, Admin, GatewayProcess, auth, forwarded, free_port
+from tests.support import METRICS_TOKEN, ROOT, Admin, GatewayProcess, auth, forwarded, free_port, metric
 
 SCRIPT = (Path(__file__).resolve().parent.parent / "neuronetz" / "slots.lua").read_text()
 CHANNEL = "test-grants"
@@ -339,6 +339,8 @@ async def test_the_backend_never_gets_more_than_its_slots(fair: GatewayProcess, 
     assert emulator.stats().peak_generations == 2  # all slots used, never more
     assert all(a.headers.get("x-queue-wait-ms", "").isdigit() for a in answers)
     assert max(int(a.headers["x-queue-wait-ms"]) for a in answers) > 0  # some waited in the gateway
+    logged = [orjson.loads(line) for line in fair.log().splitlines() if '"queue_wait_ms"' in line]
+    assert any(entry["queue_wait_ms"] for entry in logged)
 
 
 async def test_a_waiter_that_leaves_holds_nothing(fair: GatewayProcess, emulator: Emulator, admin: Admin,
@@ -431,6 +433,11 @@ async def test_waiting_is_bounded_in_the_callers_dialect(
             for task in waiters:
                 task.cancel()
             await asyncio.gather(*waiters, return_exceptions=True)
+        # Counted by reason; the waits are in the histogram.
+        text = (await client.get(fair.url + "/metrics", headers=auth(METRICS_TOKEN))).text
+        assert metric(text, "neuronetz_refusals_total", reason="queue_full") >= 1
+        impatient_text = (await client.get(impatient.url + "/metrics", headers=auth(METRICS_TOKEN))).text
+        assert metric(impatient_text, "neuronetz_refusals_total", reason="queue_timeout") >= 1
 
 
 @pytest.fixture(scope="module")
