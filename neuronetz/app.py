@@ -26,14 +26,14 @@ from urllib.parse import quote
 
 import orjson
 
-from neuronetz import config, logs, metrics, models, proxy, tokens
+from neuronetz import config, dialects, logs, metrics, models, proxy, tokens
 from neuronetz.auth import KeyRecord, bearer_token
 from neuronetz.backends import Backend
-from neuronetz.errors import BadGateway, BadRequest, Forbidden, GatewayError, NotFound, ServiceUnavailable
+from neuronetz.errors import ANTHROPIC, BadGateway, BadRequest, Forbidden, GatewayError, NotFound, ServiceUnavailable
 from neuronetz.gateway import Gateway
-from neuronetz.http import ClientDisconnected, Request, client_address, parse_json, send_bytes, send_error, send_json
+from neuronetz.http import BodyReaders, Request, client_address, parse_json, send_bytes, send_error, send_json
 from neuronetz.proxy import BackendUnreachable, Exchange
-from neuronetz.router import Route, Router, is_blocked, normalize_path
+from neuronetz.router import Route, Router, is_account, is_blocked, normalize_path
 from neuronetz.types import Receive, Scope, Send
 
 log = logging.getLogger("neuronetz.app")
@@ -54,36 +54,50 @@ class Endpoint:
     stream_default: bool = False  # native generation streams unless told otherwise
     generates: bool = False  # produces completion tokens (not an embedding)
     usage_events: bool = False  # an OpenAI stream that can carry a usage event
+    images: bool = False  # may carry base64 images: GATEWAY_MAX_BODY_BYTES, else the text limit
 
 
-# Default deny: these and nothing else are forwarded (ollama-api.md §1 for methods).
+# Default deny: these and nothing else are forwarded (Ollama's server/routes.go for methods).
+# Images travel only in generate/chat bodies (`images`, `image_url` parts); every other body
+# is text, and gets the far smaller GATEWAY_MAX_TEXT_BODY_BYTES.
 ENDPOINTS = {
-    "/": Endpoint("/", "info", GET),
     "/api/version": Endpoint("/api/version", "info", GET),
     "/api/tags": Endpoint("/api/tags", "listing", GET),
     "/api/ps": Endpoint("/api/ps", "listing", GET_ONLY),
+    "/api/status": Endpoint("/api/status", "status", GET_ONLY),  # answered by the gateway: its own policy
     "/api/show": Endpoint("/api/show", "show"),
-    "/api/generate": Endpoint("/api/generate", "inference", stream_default=True, generates=True),
-    "/api/chat": Endpoint("/api/chat", "inference", stream_default=True, generates=True),
+    "/api/generate": Endpoint("/api/generate", "inference", stream_default=True, generates=True, images=True),
+    "/api/chat": Endpoint("/api/chat", "inference", stream_default=True, generates=True, images=True),
     "/api/embed": Endpoint("/api/embed", "inference"),
     "/api/embeddings": Endpoint("/api/embeddings", "inference"),
-    "/v1/chat/completions": Endpoint("/v1/chat/completions", "inference", generates=True, usage_events=True),
+    "/v1/chat/completions": Endpoint(
+        "/v1/chat/completions", "inference", generates=True, usage_events=True, images=True
+    ),
     "/v1/completions": Endpoint("/v1/completions", "inference", generates=True, usage_events=True),
     "/v1/embeddings": Endpoint("/v1/embeddings", "inference"),
     "/v1/models": Endpoint("/v1/models", "listing", GET_ONLY),
     "/v1/models/{model}": Endpoint("/v1/models/", "show", GET_ONLY),
+    "/v1/responses": Endpoint("/v1/responses", "inference", generates=True),
+    "/v1/messages": Endpoint("/v1/messages", "inference", generates=True),
+    # Ollama has no such route; Anthropic clients size their requests with it (README).
+    "/v1/messages/count_tokens": Endpoint("/v1/messages/count_tokens", "count"),
 }
 
 
 class App:
     def __init__(self) -> None:
         self.gateway: Gateway | None = None
+        self.readers = BodyReaders(1, 1.0)  # replaced by the configured bounds in `attach`
         routes = [
+            Route("/", GET, self.root, public=True),
             Route("/healthz", GET, self.healthz, public=True),
             Route("/readyz", GET, self.readyz, public=True),
             Route("/metrics", GET_ONLY, self.metrics, public=True),
         ]
-        handlers = {"inference": self.inference, "show": self.show, "listing": self.listing, "info": self.info}
+        handlers = {
+            "inference": self.inference, "show": self.show, "listing": self.listing, "info": self.info,
+            "count": self.count_tokens, "status": self.status,
+        }  # fmt: skip
         for path, endpoint in ENDPOINTS.items():
             routes.append(Route(path, endpoint.methods, partial(handlers[endpoint.kind], endpoint)))
         self.router = Router(routes)
@@ -101,7 +115,7 @@ class App:
         except Exception as exc:
             await send({"type": "lifespan.startup.failed", "message": f"neuronetz could not start: {exc}"})
             return
-        self.gateway = gateway
+        self.attach(gateway)
         log.info("worker started", extra={"fields": {"backends": list(gateway.backends.urls)}})
         await send({"type": "lifespan.startup.complete"})
         await receive()  # lifespan.shutdown: Granian sends it once in-flight requests are done
@@ -109,6 +123,11 @@ class App:
         await gateway.close()
         log.info("worker stopped")
         await send({"type": "lifespan.shutdown.complete"})
+
+    def attach(self, gateway: Gateway) -> None:
+        """Serve with `gateway` (the lifespan's, or a test's)."""
+        self.gateway = gateway
+        self.readers = BodyReaders(gateway.settings.max_body_readers, gateway.settings.body_timeout)
 
     def _gateway(self) -> Gateway:
         if self.gateway is None:
@@ -135,20 +154,36 @@ class App:
                     "This endpoint changes the models on the server and is blocked by the gateway.",
                     code="endpoint_blocked",
                 )
+            if is_account(path):
+                raise Forbidden(
+                    "This endpoint acts for the server owner's ollama.com account and is blocked by the gateway.",
+                    code="endpoint_blocked",
+                )
             route, request.param = self.router.resolve(path, request.method)
             if not route.public:
                 gateway = self._gateway()
                 request.client = client_address(
                     request.client, request.headers.get(b"x-forwarded-for"), gateway.settings.trusted_proxies
                 )
-                request.key = await gateway.auth.authenticate(request.headers.get(b"authorization"), request.client)
+                authorization = dialects.credential(
+                    request.dialect, request.single_header(b"authorization"), request.single_header(b"x-api-key")
+                )
+                request.key = await gateway.auth.authenticate(authorization, request.client)
             await route.handler(request, send, exchange)
         except GatewayError as error:
             exchange.status, exchange.error_code = error.status, error.code
             if not exchange.started:
                 await send_error(send, request, error)
-        except ClientDisconnected:
-            exchange.disconnected = True
+        except Exception:
+            # A bug (Starlette's ServerErrorMiddleware is the model): the client still gets an
+            # answer in its dialect with its request id, the log one traceback, the audit a row.
+            log.exception("unexpected error", extra={"fields": {"request_id": request.request_id}})
+            message = "The gateway failed unexpectedly; the error is logged under this request id."
+            if exchange.started:
+                await proxy.end_with_error(send, request, exchange, message, "internal_error")
+            else:
+                await send_error(send, request, GatewayError(message))
+            exchange.status, exchange.error_code = 500, "internal_error"
         finally:
             if route is not None and route.public:
                 pass  # health checks and scrapes are not requests worth recording
@@ -160,23 +195,35 @@ class App:
     async def inference(self, endpoint: Endpoint, request: Request, send: Send, exchange: Exchange) -> None:
         gateway = self._gateway()
         key = _key(request)
-        raw = await request.body(gateway.settings.max_body_bytes)
+        settings = gateway.settings
+        raw = await request.body(_body_limit(settings, endpoint), self.readers)
         exchange.bytes_in = len(raw)
-        body = parse_json(raw)
+        body = parse_json(raw, settings.max_json_elements)
         model = exchange.model = _model_of(body)
         if model is not None:
             key.check_model(model)
-        openai = request.openai
-        estimate = tokens.estimate_prompt(body)
-        requested = tokens.requested_cap(body, openai, endpoint.generates)
+        openai, dialect = request.openai, request.dialect
+        if dialect is None:
+            estimate = tokens.estimate_prompt(body)
+            requested = tokens.requested_cap(body, openai, endpoint.generates)
+        else:
+            estimate, requested = dialects.estimate_prompt(body, dialect), dialects.requested_cap(body, dialect)
+        removed = [] if key.allow_cloud or not endpoint.generates else dialects.remove_server_tools(body)
+        if removed:
+            # Removed, not refused: Codex declares web_search on every request.
+            exchange.removed_tools = ",".join(removed)
+            request.response_headers.append((dialects.REMOVED_TOOLS_HEADER, exchange.removed_tools.encode()))
         admission = await gateway.limiter.admit(key.subject, estimate, requested)
-        rewrite = strip_usage = False
+        rewrite, strip_usage = bool(removed), False
         cap = None
         if admission is not None:
             request.response_headers.extend(admission.headers)
             cap = admission.cap if endpoint.generates else None
             if cap is not None and cap != requested:
-                tokens.set_cap(body, openai, cap)
+                if dialect is None:
+                    tokens.set_cap(body, openai, cap)
+                else:
+                    dialects.set_cap(body, dialect, cap)
                 rewrite = True
         if endpoint.usage_events and body.get("stream", endpoint.stream_default) is True:
             options = body.get("stream_options")
@@ -197,9 +244,11 @@ class App:
             usage = exchange.outcome.usage
             if exchange.backend is None:  # nothing reached a backend: nothing to charge
                 prompt, completion = 0, 0
-            elif usage.exact:
+            elif usage.exact or exchange.outcome.refused:
+                # Counted by the backend; or refused by it (an error status or a whole error body),
+                # which costs only what it reported (usually nothing), never the estimate.
                 prompt, completion = usage.prompt_tokens, usage.completion_tokens
-            else:  # cut short (disconnect, failure): the estimate and the tokens seen so far
+            else:  # cut short (disconnect, failure, unreadable counters): the estimate and the tokens seen
                 prompt, completion = estimate, usage.completion_tokens
                 usage.prompt_tokens = estimate
             # Synchronous (queued for the next Redis pipeline): a cancelled request settles too.
@@ -212,14 +261,35 @@ class App:
             model: str | None = request.param
             path, raw = endpoint.upstream + quote(request.param, safe=":/"), None
         else:
-            raw = await request.body(gateway.settings.max_body_bytes)
+            settings = gateway.settings
+            raw = await request.body(_body_limit(settings, endpoint), self.readers)
             exchange.bytes_in = len(raw)
-            model = _model_of(parse_json(raw))
+            model = _model_of(parse_json(raw, settings.max_json_elements))
             path = endpoint.upstream
         exchange.model = model
         if model is not None:
             key.check_model(model)
         await self._forward(request, send, exchange, model, path, raw)
+
+    async def count_tokens(self, endpoint: Endpoint, request: Request, send: Send, exchange: Exchange) -> None:
+        """POST /v1/messages/count_tokens, answered here from the gateway's prompt estimate:
+        authenticated, checked against the model allow-list and counted as a request (RPM),
+        but it generates nothing, so it spends no tokens."""
+        gateway = self._gateway()
+        key = _key(request)
+        raw = await request.body(gateway.settings.max_body_bytes)
+        exchange.bytes_in = len(raw)
+        body = parse_json(raw)
+        model = exchange.model = _model_of(body)
+        if model is None:
+            raise BadRequest("The field 'model' is required.")
+        key.check_model(model)
+        admission = await gateway.limiter.admit(key.subject, 0, 0)
+        if admission is not None:
+            request.response_headers.extend(admission.headers)
+        gateway.limiter.settle(admission, key.subject, 0, 0)
+        exchange.status = 200
+        await send_json(send, request, 200, {"input_tokens": dialects.estimate_prompt(body, ANTHROPIC)})
 
     async def info(self, endpoint: Endpoint, request: Request, send: Send, exchange: Exchange) -> None:
         await self._forward(request, send, exchange, None, endpoint.upstream, None)
@@ -251,7 +321,7 @@ class App:
     ) -> None:
         """Proxy to a backend chosen for `model`, trying the next one while nothing reached the
         previous. The client going away cancels the upstream request: Granian reports a
-        disconnect only through receive() (measurements.md), so a watcher task listens. It
+        disconnect only through receive(), so a watcher task listens. It
         starts WATCH_AFTER into the request: most answers are done by then, and a client that
         left earlier is still noticed at once when it starts, well within 100 ms."""
         gateway = self._gateway()
@@ -296,7 +366,7 @@ class App:
                 try:
                     await proxy.forward(
                         gateway.transport, backend.url, backend.host, path, request, body, send, exchange,
-                        gateway.timeouts, strip_usage=strip_usage, cap=cap,
+                        gateway.timeouts, gateway.settings.max_record_bytes, strip_usage=strip_usage, cap=cap,
                     )  # fmt: skip
                 except BackendUnreachable as exc:
                     exchange.backend = None
@@ -334,30 +404,54 @@ class App:
                 task.uncancel()
                 exchange.disconnected = True
 
+    async def status(self, endpoint: Endpoint, request: Request, send: Send, exchange: Exchange) -> None:
+        """GET /api/status in Ollama's shape, but the gateway's policy for this key: whether it
+        may use cloud models, not whether the backend is signed in to ollama.com."""
+        exchange.status = 200
+        await send_json(send, request, 200, {"cloud": {"disabled": not _key(request).allow_cloud, "source": "gateway"}})
+
     # --- public routes ------------------------------------------------------------------------
+
+    async def root(self, request: Request, send: Send, exchange: Exchange) -> None:
+        """`GET /` and `HEAD /` as Ollama answers them, without a key: clients probe it to find
+        out whether an Ollama is there, and the answer says nothing more than that."""
+        await send_bytes(send, request, 200, b"Ollama is running", content_type=b"text/plain; charset=utf-8")
 
     async def healthz(self, request: Request, send: Send, exchange: Exchange) -> None:
         await send_json(send, request, 200, {"status": "ok"})
 
     async def readyz(self, request: Request, send: Send, exchange: Exchange) -> None:
+        """Ready or not, with the names of the failing checks. The detail — backend URLs,
+        versions, model lists, requests in flight — maps the internal network, so only a
+        caller with the metrics token sees it; a failure's detail also goes to the log."""
         if self.gateway is None:
             await send_json(send, request, 503, {"status": "starting"})
             return
         checks = await self.gateway.readiness()
-        ready = all(check["ok"] for check in checks.values())
-        await send_json(send, request, 200 if ready else 503, {"status": "ready" if ready else "not ready", **checks})
+        failing = [name for name, check in checks.items() if not check["ok"]]
+        status = 503 if failing else 200
+        if failing:
+            log.warning("not ready", extra={"fields": {"failing": failing, "checks": checks}})
+        if self._metrics_token_presented(self.gateway, request):
+            await send_json(send, request, status, {"status": "not ready" if failing else "ready", **checks})
+        else:
+            await send_json(send, request, status, {"status": "not ready" if failing else "ready", "failing": failing})
 
     async def metrics(self, request: Request, send: Send, exchange: Exchange) -> None:
         """Prometheus text for this instance (all its workers). Requires GATEWAY_METRICS_TOKEN
         as a bearer token; without one configured, the route does not exist."""
         gateway = self._gateway()
-        expected = gateway.settings.metrics_token
-        if not expected:
+        if not gateway.settings.metrics_token:
             raise NotFound("There is no route /metrics on this gateway (set GATEWAY_METRICS_TOKEN to enable it).")
-        presented = bearer_token(request.headers.get(b"authorization")) or ""
-        if not hmac.compare_digest(presented.encode(), expected.encode()):
+        if not self._metrics_token_presented(gateway, request):
             raise Forbidden("GET /metrics needs `Authorization: Bearer <GATEWAY_METRICS_TOKEN>`.", code="forbidden")
         await send_bytes(send, request, 200, gateway.metrics_text(), content_type=PROMETHEUS)
+
+    @staticmethod
+    def _metrics_token_presented(gateway: Gateway, request: Request) -> bool:
+        expected = gateway.settings.metrics_token
+        presented = bearer_token(request.single_header(b"authorization")) or ""
+        return bool(expected) and hmac.compare_digest(presented.encode(), expected.encode())
 
     # --- recording ----------------------------------------------------------------------------
 
@@ -397,7 +491,7 @@ class App:
                          model=model_label))  # fmt: skip
         if exchange.error_code in ("rate_limit_exceeded", "budget_exceeded", "queue_full", "queue_timeout"):
             registry.inc("neuronetz_refusals_total", key=metrics.labels(reason=exchange.error_code))
-        key = request.key
+        key = request.key if isinstance(request.key, KeyRecord) else None
         ttfb = (exchange.first_byte_at - exchange.started_at) * 1000 if exchange.first_byte_at is not None else None
         created = dt.datetime.fromtimestamp(time.time() - duration, dt.UTC)
         logs.request_line(
@@ -424,7 +518,7 @@ class App:
             created, request.request_id, key.tenant_id if key else None, key.prefix if key else None,
             _inet(request.client), request.method, route.path, exchange.model, exchange.backend, status,
             exchange.error_code, exchange.stream, usage.prompt_tokens, usage.completion_tokens, exchange.bytes_in,
-            exchange.bytes_out, ttfb, duration * 1000, exchange.disconnected,
+            exchange.bytes_out, ttfb, duration * 1000, exchange.disconnected, exchange.removed_tools,
         )  # fmt: skip
         prompt = None
         if key is not None and key.log_prompts and key.prompt_ttl_days and exchange.prompt is not None:
@@ -446,10 +540,17 @@ class App:
         return name if known else "other"
 
 
+def _body_limit(settings: config.Settings, endpoint: Endpoint) -> int:
+    if endpoint.images:
+        return settings.max_body_bytes
+    return min(settings.max_body_bytes, settings.max_text_body_bytes)
+
+
 def _key(request: Request) -> KeyRecord:
-    if request.key is None:  # routes without a key are marked public; reaching this is a bug
+    key = request.key
+    if not isinstance(key, KeyRecord):  # routes without a key are marked public; reaching this is a bug
         raise RuntimeError("an authenticated route ran without a key")
-    return request.key
+    return key
 
 
 def _model_of(body: dict[str, Any]) -> str | None:
@@ -458,6 +559,10 @@ def _model_of(body: dict[str, Any]) -> str | None:
         return None  # the backend answers a missing model in its own words (400 or 404)
     if not isinstance(model, str):
         raise BadRequest("The field 'model' must be a string.")
+    # No model name holds a control character, and the name goes into log lines, metrics
+    # labels and Postgres text columns (which refuse U+0000): refused here, before anything.
+    if not model.isprintable():
+        raise BadRequest("The field 'model' contains control characters.")
     return model
 
 

@@ -5,7 +5,11 @@ Records leave the request path through bounded in-memory queues and are written 
 duplicates a row) at least every second. If Postgres is unavailable, the batch waits and is
 retried with backoff while new records keep queueing. When a queue is full the newest
 record is dropped and counted — prompt bodies first: a full metadata queue sheds prompts
-before it sheds metadata. Budgets never depend on this path: their ledger is budgets.py's.
+before it sheds metadata. A batch Postgres refuses for its content (a NUL in a string, a
+number out of a column's range) is split until the offending rows are found: each is written
+repaired (NULs removed, numbers clamped) or, failing that, dropped and counted, with one
+error line naming its request id; the rest of the batch is written as usual. Budgets never
+depend on this path: their ledger is budgets.py's.
 On shutdown everything queued is written before the worker exits.
 
 Growth: `request_log` is partitioned by month; the gateway keeps the next months'
@@ -16,43 +20,67 @@ rows are deleted every few minutes. Both run on one replica at a time (advisory 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 from collections import deque
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
+import orjson
+
+from neuronetz import db
+from neuronetz.journal import Journal
+from neuronetz.logs import Throttled
+from neuronetz.tasks import Supervisor
 
 log = logging.getLogger("neuronetz.audit")
 
 COLUMNS = (
     "created_at", "request_id", "tenant_id", "key_prefix", "client_addr", "method", "route", "model", "backend",
     "status", "error_code", "stream", "prompt_tokens", "completion_tokens", "bytes_in", "bytes_out", "ttfb_ms",
-    "duration_ms", "disconnected",
+    "duration_ms", "disconnected", "removed_tools",
 )  # fmt: skip
-PROMPT_COLUMNS = ("created_at", "request_id", "tenant_id", "key_prefix", "model", "expires_at", "request", "response")
 FLUSH_INTERVAL = 1.0
 BATCH = 2000
 MAINTENANCE_INTERVAL = 600.0
 PARTITIONS_AHEAD = 2
 MAINTENANCE_LOCK = 0x6E7A2D6175646974  # "nz-audit"
-_DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
+INT4 = 2**31 - 1
+INT8 = 2**63 - 1
+# What a column accepts, for repairing a refused row: request_log's integer columns by position.
+BOUNDS = {COLUMNS.index(name): bound for name, bound in (
+    ("status", 32767), ("prompt_tokens", INT4), ("completion_tokens", INT4), ("bytes_in", INT8), ("bytes_out", INT8),
+)}  # fmt: skip
+REAL_MAX = 1e38  # ttfb_ms and duration_ms are `real`
 
 
 class AuditWriter:
-    def __init__(self, pool: asyncpg.Pool[Any], *, capacity: int, prompt_capacity: int, retention_days: int) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool[Any],
+        *,
+        capacity: int,
+        prompt_capacity: int,
+        retention_days: int,
+        journal: Journal | None = None,
+    ) -> None:
         self.pool = pool
+        self.journal = journal
         self.capacity = capacity
         self.prompt_capacity = prompt_capacity
         self.retention_days = retention_days
         self.records: deque[tuple[Any, ...]] = deque()
         self.prompts: deque[tuple[Any, ...]] = deque()
         self.written = 0
-        self.dropped = {"metadata": 0, "prompt": 0}
+        self.dropped = {"metadata": 0, "prompt": 0}  # queue full
+        self.invalid = {"metadata": 0, "prompt": 0}  # refused by Postgres even when repaired
+        self.repaired = 0
         self.full = asyncio.Event()
         self.lock = asyncio.Lock()
-        self.tasks: list[asyncio.Task[None]] = []
+        self.tasks = Supervisor()
+        self.failed = Throttled(log, "audit write failed; will retry")
 
     # --- the request path: O(1), never waits ---------------------------------------------------
 
@@ -63,6 +91,8 @@ class AuditWriter:
                 self.dropped["prompt"] += 1
             return
         self.records.append(record)
+        if self.journal is not None:
+            self.journal.audit(record)
         if prompt is not None:
             # Prompt bodies are big; under pressure (the metadata queue half full) they go first.
             if len(self.prompts) >= self.prompt_capacity or len(self.records) > self.capacity // 2:
@@ -77,37 +107,83 @@ class AuditWriter:
     async def flush(self) -> bool:
         """Write everything queued; False (records kept, in order) if Postgres refused."""
         async with self.lock:
+            upto = self.journal.seq if self.journal is not None else 0  # every record up to here is queued
             while self.records or self.prompts:
                 records = [self.records.popleft() for _ in range(min(BATCH, len(self.records)))]
                 prompts = [self.prompts.popleft() for _ in range(min(BATCH, len(self.prompts)))]
                 try:
-                    await self._write(records, prompts)
-                except _DB_ERRORS as exc:
+                    try:
+                        await self._write(records, prompts)
+                        written = len(records)
+                    except db.DATA_ERRORS:
+                        # Some row is poisoned; both writes are idempotent, so a retry after a
+                        # connection error halfway through this never duplicates a row either.
+                        written = await self._isolate("metadata", records, self._write_records)
+                        await self._isolate("prompt", prompts, self._write_prompts)
+                except db.ERRORS as exc:
                     self.records.extendleft(reversed(records))
                     self.prompts.extendleft(reversed(prompts))
-                    log.warning("audit write failed; will retry", extra={"fields": {"error": type(exc).__name__,
-                                "queued": len(self.records)}})  # fmt: skip
+                    self.failed(error=type(exc).__name__, queued=len(self.records))
                     return False
-                self.written += len(records)
+                self.written += written
+            if self.journal is not None:
+                self.journal.audit_done = upto
             return True
+
+    async def _isolate(self, kind: str, rows: list[tuple[Any, ...]], write: Writer) -> int:
+        """Write `rows`, halving around the rows Postgres refuses; returns how many were written.
+        A row refused on its own gets one more try repaired, then it is dropped and counted."""
+        if not rows:
+            return 0
+        try:
+            async with self.pool.acquire() as connection, connection.transaction():
+                await write(connection, rows)
+            return len(rows)
+        except db.DATA_ERRORS as exc:
+            if len(rows) > 1:
+                half = len(rows) // 2
+                return await self._isolate(kind, rows[:half], write) + await self._isolate(kind, rows[half:], write)
+            error = exc
+        fixed = repair(rows[0])
+        if fixed != rows[0]:
+            try:
+                async with self.pool.acquire() as connection, connection.transaction():
+                    await write(connection, [fixed])
+                self.repaired += 1
+                log.warning("audit record repaired before writing", extra={"fields": {
+                            "kind": kind, "request_id": fixed[1], "error": type(error).__name__}})  # fmt: skip
+                return 1
+            except db.DATA_ERRORS as exc:
+                error = exc
+        self.invalid[kind] += 1
+        reason = f"{type(error).__name__}: {error}"
+        log.error("audit record dropped: Postgres refused it",
+                  extra={"fields": {"kind": kind, "request_id": repair(rows[0])[1], "error": reason}})  # fmt: skip
+        return 0
 
     async def _write(self, records: Sequence[tuple[Any, ...]], prompts: Sequence[tuple[Any, ...]]) -> None:
         async with self.pool.acquire() as connection, connection.transaction():
             if records:
-                await connection.execute(
-                    "CREATE TEMP TABLE IF NOT EXISTS request_log_stage "
-                    "(LIKE request_log INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
-                )
-                await connection.copy_records_to_table("request_log_stage", records=records, columns=COLUMNS)
-                await connection.execute(
-                    "INSERT INTO request_log SELECT * FROM request_log_stage ON CONFLICT DO NOTHING"
-                )
+                await self._write_records(connection, records)
             if prompts:
-                await connection.executemany(
-                    "INSERT INTO prompt_log (created_at, request_id, tenant_id, key_prefix, model, expires_at, "
-                    "request, response) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
-                    prompts,
-                )
+                await self._write_prompts(connection, prompts)
+
+    @staticmethod
+    async def _write_records(connection: Connection, records: Sequence[tuple[Any, ...]]) -> None:
+        await connection.execute(
+            "CREATE TEMP TABLE IF NOT EXISTS request_log_stage "
+            "(LIKE request_log INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+        )
+        await connection.copy_records_to_table("request_log_stage", records=records, columns=COLUMNS)
+        await connection.execute("INSERT INTO request_log SELECT * FROM request_log_stage ON CONFLICT DO NOTHING")
+
+    @staticmethod
+    async def _write_prompts(connection: Connection, prompts: Sequence[tuple[Any, ...]]) -> None:
+        await connection.executemany(
+            "INSERT INTO prompt_log (created_at, request_id, tenant_id, key_prefix, model, expires_at, "
+            "request, response) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
+            prompts,
+        )
 
     async def run(self) -> None:
         failures = 0
@@ -128,24 +204,58 @@ class AuditWriter:
         while True:
             try:
                 await maintenance(self.pool, self.retention_days)
-            except _DB_ERRORS as exc:
+            except db.ERRORS as exc:
                 log.warning("audit maintenance failed", extra={"fields": {"error": type(exc).__name__}})
             await asyncio.sleep(MAINTENANCE_INTERVAL)
 
     def start(self) -> None:
-        self.tasks = [asyncio.create_task(self.run()), asyncio.create_task(self.maintain())]
+        self.tasks.start("audit.writer", self.run)
+        self.tasks.start("audit.maintenance", self.maintain)
 
     async def stop(self, patience: float = 10.0) -> None:
         """Stop the timers and write what is queued, retrying for up to `patience` seconds."""
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.tasks.stop()
         deadline = asyncio.get_running_loop().time() + patience
         while not await self.flush():
             if asyncio.get_running_loop().time() > deadline:
                 log.error("audit records lost at shutdown", extra={"fields": {"records": len(self.records)}})
                 return
             await asyncio.sleep(0.5)
+
+
+if TYPE_CHECKING:  # asyncpg's classes are generic for the type checker only
+    Connection = asyncpg.Connection[Any] | asyncpg.pool.PoolConnectionProxy[Any]
+    Writer = Callable[[Connection, Sequence[tuple[Any, ...]]], Awaitable[None]]
+
+
+def repair(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A refused row made storable: NULs removed from strings (text and jsonb refuse U+0000,
+    raw or as the JSON escape), integers clamped to their column's range, reals to `real`'s."""
+    fixed: list[Any] = []
+    for index, value in enumerate(row):
+        if isinstance(value, str):
+            if "\\u0000" in value:
+                with contextlib.suppress(orjson.JSONDecodeError):  # if not JSON, a plain text column
+                    value = orjson.dumps(_strip(orjson.loads(value))).decode()
+            value = value.replace("\x00", "")
+        elif isinstance(value, bool) or value is None:
+            pass
+        elif isinstance(value, int):
+            value = max(0, min(value, BOUNDS.get(index, INT8)))
+        elif isinstance(value, float):
+            value = max(0.0, min(value, REAL_MAX)) if value == value else 0.0  # NaN -> 0
+        fixed.append(value)
+    return tuple(fixed)
+
+
+def _strip(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.replace("\x00", "")
+    if isinstance(value, list):
+        return [_strip(item) for item in value]
+    if isinstance(value, dict):
+        return {_strip(key): _strip(item) for key, item in value.items()}
+    return value
 
 
 # --- maintenance: partitions and expired prompts ------------------------------------------------------
@@ -186,6 +296,10 @@ async def maintenance(pool: asyncpg.Pool[Any], retention_days: int, today: dt.da
                     await connection.execute(f'DROP TABLE "{row["name"]}"')
                     done["dropped"] += 1
             done["prompts_deleted"] = await purge_prompts(connection)
+            # Progress rows of workers that died with Redis's data (no journal left to replay
+            # them): a live worker's row is rewritten whenever it writes usage, and one idle
+            # for a week has an empty journal, so nothing depends on the row any more.
+            await connection.execute("DELETE FROM journal_progress WHERE updated_at < now() - interval '7 days'")
         finally:
             await connection.execute("SELECT pg_advisory_unlock($1)", MAINTENANCE_LOCK)
     return done

@@ -20,6 +20,11 @@ for as long as that lasts.
 
 Nothing here lets anyone test a guessed key more cheaply than Argon2: Redis and the
 process only ever hold HMACs under a secret that lives in neither Redis nor Postgres.
+
+Refusals cost O(1) and memory stays bounded whatever a flood does: failures are counted per
+client address (IPv6 per /64) and per key prefix in LRU tables of fixed size, refused keys
+are remembered in a table of their own that cannot push verified keys out, and while
+Postgres is unreachable lookups back off instead of each request trying it again.
 """
 
 from __future__ import annotations
@@ -32,8 +37,10 @@ import hmac
 import logging
 import os
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from ipaddress import IPv6Address, ip_address
 from typing import Any, NoReturn
 
 import asyncpg
@@ -43,6 +50,7 @@ import redis.exceptions
 from neuronetz import keys, models, tenants
 from neuronetz.errors import Forbidden, RateLimited, ServiceUnavailable, Unauthorized
 from neuronetz.limits import Limits, Subject
+from neuronetz.tasks import Supervisor
 
 log = logging.getLogger("neuronetz.auth")
 
@@ -57,6 +65,14 @@ STALE_IF_ERROR = 300.0
 VERIFIED_TTL = 86400  # seconds Redis remembers that a key matched a hash
 MAX_PENDING_VERIFICATIONS = 32
 LAST_USED_INTERVAL = 60.0
+# Table sizes: enough for every key and every client a worker plausibly sees, small enough
+# that a flood of made-up keys or addresses cannot grow a worker past a few tens of MB.
+MAX_CACHED_KEYS = 100_000
+MAX_REFUSED_KEYS = 20_000
+MAX_TRACKED_CLIENTS = 65_536
+# While Postgres cannot be reached, key lookups wait this long between attempts (doubling
+# from the first to the last): every other request fails fast or is served stale-if-error.
+DB_BACKOFF = (0.25, 5.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,15 +90,24 @@ class KeyRecord:
     log_prompts: bool
     prompt_ttl_days: int | None
     subject: Subject  # the key's and the tenant's own limits, for the limiter
-    weight: int = 1  # the tenant's share in the queue for backend slots (fair.py)
+    allow_cloud: bool = False  # cloud models and server-side tools (the key's setting, else the tenant's)
+    weight: int = 1  # the tenant's share in the queue for backend slots (slots.py)
 
     def usable(self, now: float) -> bool:
         return not self.revoked and (self.expires_at is None or now < self.expires_at)
 
     def allows(self, model: str) -> bool:
+        if not self.allow_cloud and models.is_cloud(model):
+            return False
         return self.allowed_models is None or models.normalize(model) in self.allowed_models
 
     def check_model(self, model: str) -> None:
+        if not self.allow_cloud and models.is_cloud(model):
+            raise Forbidden(
+                f"{model!r} is a cloud model, which runs on the server owner's ollama.com account; this API key "
+                "may not use cloud models (ask the operator for --allow-cloud).",
+                code="cloud_not_allowed",
+            )
         if not self.allows(model):
             raise Forbidden(f"This API key may not use the model {model!r}.", code="model_not_allowed")
 
@@ -102,6 +127,7 @@ def record_from_row(row: Any) -> KeyRecord:
         log_prompts=row["log_prompts"],
         prompt_ttl_days=row["prompt_ttl_days"],
         subject=Subject(row["id"], row["tenant_id"], Limits.from_row(row), Limits.from_row(row, prefix="t_")),
+        allow_cloud=row["allow_cloud"],
         weight=row.get("t_weight", 1),
     )
 
@@ -129,27 +155,80 @@ class _Entry:
     stale_until: float  # usable past freshness only while Postgres is unreachable
 
 
+def client_group(address: str) -> str:
+    """The unit failures are counted in: an IPv4 address, or an IPv6 /64 — one subscriber
+    usually holds a whole /64 (RFC 6177), so counting single IPv6 addresses would give one
+    client 2^64 fresh allowances. IPv4-mapped IPv6 addresses count as their IPv4 address.
+
+    >>> client_group("2001:db8:1:2:aaaa::1")
+    '2001:db8:1:2::/64'
+    """
+    if ":" not in address:
+        return address
+    try:
+        ip = ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return f"{IPv6Address(int(ip) >> 64 << 64)}/64"
+    return address
+
+
 class FailureLimiter:
-    """Counts refused authentications per client address in a fixed one-minute window;
-    past the limit, that address's cache misses are refused before any work is done.
-    Per worker process on purpose: it protects this process's CPU from floods of keys."""
+    """Counts refused authentications per name (a client group, a key prefix) in a fixed
+    one-minute window; past the limit, that name's cache misses are refused before any work.
+    Per worker process on purpose: it protects this process's CPU from floods of keys.
 
-    def __init__(self, per_minute: int) -> None:
+    O(1) per call and bounded: the table is an LRU of `max_names` entries ordered by last
+    failure, so a flood of new names evicts the names that failed longest ago."""
+
+    def __init__(self, per_minute: int, what: str, max_names: int = MAX_TRACKED_CLIENTS) -> None:
         self.per_minute = per_minute
-        self.windows: dict[str, tuple[float, int]] = {}
+        self.what = what
+        self.max_names = max_names
+        self.windows: OrderedDict[str, tuple[float, int]] = OrderedDict()
 
-    def check(self, address: str, now: float) -> None:
-        start, count = self.windows.get(address, (now, 0))
-        if now - start < 60.0 and count >= self.per_minute:
-            raise RateLimited("Too many failed authentications from this address.", retry_after=60.0 - (now - start))
+    def check(self, name: str, now: float) -> None:
+        window = self.windows.get(name)
+        if window is not None and now - window[0] < 60.0 and window[1] >= self.per_minute:
+            # Waiting does not mend a wrong key, and openai-node sleeps any Retry-After: let
+            # SDKs raise at once instead of retrying.
+            raise RateLimited(
+                f"Too many failed authentications {self.what}; retry later.",
+                retry_after=60.0 - (now - window[0]),
+                should_retry=False,
+            )
 
-    def failed(self, address: str, now: float) -> None:
-        start, count = self.windows.get(address, (now, 0))
+    def failed(self, name: str, now: float) -> None:
+        start, count = self.windows.pop(name, (now, 0))
         if now - start >= 60.0:
             start, count = now, 0
-        self.windows[address] = (start, count + 1)
-        if len(self.windows) > 100_000:  # bound memory under a spoofed-address flood
-            self.windows = {a: w for a, w in self.windows.items() if now - w[0] < 60.0}
+        self.windows[name] = (start, count + 1)  # (re)inserted last: the most recent failure
+        if len(self.windows) > self.max_names:
+            self.windows.popitem(last=False)
+
+
+class _Throttled:
+    """A warning that would otherwise repeat on every request while a dependency is down:
+    logged at once, then at most every `interval` seconds with the count held back."""
+
+    def __init__(self, message: str, interval: float = 5.0) -> None:
+        self.message = message
+        self.interval = interval
+        self.held = 0
+        self.last = -float("inf")
+
+    def __call__(self, **fields: Any) -> None:
+        now = time.monotonic()
+        if now - self.last < self.interval:
+            self.held += 1
+            return
+        if self.held:
+            fields["repeated"] = self.held
+        self.held, self.last = 0, now
+        log.warning(self.message, extra={"fields": fields})
 
 
 class Authenticator:
@@ -173,9 +252,16 @@ class Authenticator:
         self.secret = secret.encode() if secret else os.urandom(32)
         self.redis_prefix = redis_prefix
         self.cache_ttl = cache_ttl
-        self.failures = FailureLimiter(failures_per_minute)
+        self.failures = FailureLimiter(failures_per_minute, "from this address")
+        # Wrong secrets for one existing prefix each cost an Argon2 run, whichever address
+        # sends them: counted per prefix too, so rotating addresses cannot fill the pool.
+        self.prefix_failures = FailureLimiter(failures_per_minute, "for this key")
         self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="argon2")
-        self.cache: dict[bytes, _Entry] = {}
+        self.cache: dict[bytes, _Entry] = {}  # verified keys, oldest first
+        self.refused: dict[bytes, _Entry] = {}  # refused keys, apart: they cannot evict the verified
+        self.db_backoff = 0.0
+        self.db_retry_at = 0.0
+        self.db_unreachable = _Throttled("key lookup failed: Postgres unreachable")
         self.inflight: dict[bytes, asyncio.Future[KeyRecord | None]] = {}
         self.generation = 0  # bumped by tenant changes and listener (re)connects
         self.key_generations: dict[str, int] = {}
@@ -184,7 +270,7 @@ class Authenticator:
         self.argon2_calls = 0
         self.refusals = 0
         self.last_used: dict[str, float] = {}
-        self.tasks: list[asyncio.Task[None]] = []
+        self.tasks = Supervisor()
 
     # --- the request path ---------------------------------------------------------------
 
@@ -192,7 +278,7 @@ class Authenticator:
         """The record of the key in `authorization`; Unauthorized (401) otherwise."""
         key = bearer_token(authorization)
         if key is None:
-            self._refuse(client, time.monotonic())
+            self._refuse(client_group(client), time.monotonic())
         digest = hmac.digest(self.secret, key.encode(), "sha256")
         now = time.monotonic()
         wall = time.time()
@@ -201,7 +287,10 @@ class Authenticator:
             self.last_used[entry.record.prefix] = wall
             return entry.record  # the hot path: one HMAC, one dict lookup, no I/O
         # Anything else is work or a refusal: an address past its failure limit gets 429 first.
-        self.failures.check(client, now)
+        group = client_group(client)
+        self.failures.check(group, now)
+        if entry is None:
+            entry = self.refused.get(digest)
         if entry is not None and entry.fresh_until > now:
             record = entry.record
         else:
@@ -212,14 +301,14 @@ class Authenticator:
                     raise
                 record = entry.record
         if record is None or not record.usable(wall):
-            self._refuse(client, time.monotonic())
+            self._refuse(group, time.monotonic())
         self.last_used[record.prefix] = wall
         return record
 
-    def _refuse(self, client: str, now: float) -> NoReturn:
-        self.failures.check(client, now)
+    def _refuse(self, group: str, now: float) -> NoReturn:
+        self.failures.check(group, now)
         self.refusals += 1
-        self.failures.failed(client, now)
+        self.failures.failed(group, now)
         raise Unauthorized(UNAUTHORIZED)
 
     async def _resolve(self, key: str, digest: bytes) -> KeyRecord | None:
@@ -246,11 +335,7 @@ class Authenticator:
             self._remember(digest, None, "", self.generation, 0)
             return None
         generation, key_generation = self.generation, self.key_generations.get(prefix, 0)
-        try:
-            row = await tenants.fetch_key(self.pool, prefix)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-            log.warning("key lookup failed", extra={"fields": {"prefix": prefix, "error": type(exc).__name__}})
-            raise ServiceUnavailable("The key store is unavailable; retry shortly.", retry_after=1) from None
+        row = await self._fetch(prefix)
         # An unknown prefix is refused without Argon2: prefixes are public, and hashing a
         # dummy would let anyone burn this CPU with random keys.
         record = None
@@ -258,6 +343,29 @@ class Authenticator:
             record = record_from_row(row)
         self._remember(digest, record, prefix, generation, key_generation)
         return record
+
+    async def _fetch(self, prefix: str) -> Any:
+        """The key's row. While Postgres is unreachable, one lookup tries it after each backoff
+        interval and the others fail at once (the caller serves cached keys stale-if-error),
+        instead of every request paying a failed connection and a log line."""
+        now = time.monotonic()
+        unavailable = ServiceUnavailable("The key store is unavailable; retry shortly.", retry_after=1)
+        if now < self.db_retry_at:
+            raise unavailable
+        if self.db_backoff:
+            self.db_retry_at = now + self.db_backoff  # this lookup probes; the others wait for it
+        try:
+            row = await tenants.fetch_key(self.pool, prefix)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            low, high = DB_BACKOFF
+            self.db_backoff = min(high, max(low, self.db_backoff * 2))
+            self.db_retry_at = time.monotonic() + self.db_backoff
+            self.db_unreachable(error=type(exc).__name__, retry_in=self.db_backoff)
+            raise unavailable from None
+        if self.db_backoff:
+            log.info("key lookups reach Postgres again")
+            self.db_backoff = self.db_retry_at = 0.0
+        return row
 
     async def _verified(self, key: str, digest: bytes, prefix: str, key_hash: str) -> bool:
         fingerprint = hashlib.sha256(key_hash.encode()).hexdigest()[:32]
@@ -269,6 +377,7 @@ class Authenticator:
                 return True
         except (redis.exceptions.RedisError, OSError):
             pass  # Redis is an optimisation here; Argon2 still decides
+        self.prefix_failures.check(prefix, time.monotonic())
         if self.pending_verifications >= MAX_PENDING_VERIFICATIONS:
             raise ServiceUnavailable("Too many keys are being verified right now; retry shortly.", retry_after=1)
         self.pending_verifications += 1
@@ -277,7 +386,9 @@ class Authenticator:
             ok = await asyncio.get_running_loop().run_in_executor(self.executor, keys.verify, key_hash, key)
         finally:
             self.pending_verifications -= 1
-        if ok:
+        if not ok:
+            self.prefix_failures.failed(prefix, time.monotonic())
+        else:
             try:
                 async with self.redis.pipeline(transaction=False) as pipe:
                     pipe.hset(redis_key, field, fingerprint)
@@ -298,7 +409,10 @@ class Authenticator:
         elif record.expires_at is not None:  # never serve a key past its expiry from cache
             ttl = min(ttl, max(0.0, record.expires_at - time.time()))
         now = time.monotonic()
-        self.cache[digest] = _Entry(record, prefix, now + ttl, now + STALE_IF_ERROR)
+        table, bound = (self.cache, MAX_CACHED_KEYS) if record is not None else (self.refused, MAX_REFUSED_KEYS)
+        if digest not in table and len(table) >= bound:
+            del table[next(iter(table))]  # the oldest entry: O(1), dicts keep insertion order
+        table[digest] = _Entry(record, prefix, now + ttl, now + STALE_IF_ERROR)
 
     # --- invalidation ---------------------------------------------------------------------
 
@@ -308,6 +422,7 @@ class Authenticator:
         if kind == "key":
             self.key_generations[value] = self.key_generations.get(value, 0) + 1
             self.cache = {d: e for d, e in self.cache.items() if e.prefix != value}
+            self.refused = {d: e for d, e in self.refused.items() if e.prefix != value}
         elif kind == "tenant":
             tenant_id = int(value)
             self.generation += 1
@@ -318,6 +433,7 @@ class Authenticator:
     def clear(self) -> None:
         self.generation += 1
         self.cache = {}
+        self.refused = {}
 
     def _expire_soon(self) -> None:
         """Invalidations can no longer arrive: nothing cached stays fresh past DEGRADED_TTL
@@ -384,11 +500,10 @@ class Authenticator:
             await self.flush_last_used()
 
     def start(self) -> None:
-        self.tasks = [asyncio.create_task(self.listen()), asyncio.create_task(self._flush_periodically())]
+        self.tasks.start("auth.listener", self.listen)
+        self.tasks.start("auth.last_used", self._flush_periodically)
 
     async def stop(self) -> None:
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.tasks.stop()
         await self.flush_last_used()
         self.executor.shutdown(wait=False, cancel_futures=True)

@@ -36,8 +36,18 @@ CHECK_TIMEOUT = 2.0
 # The gateway's own requests to backends say so, e.g. in Ollama's logs and in the tests' emulator.
 CHECK_HEADERS = {"user-agent": "neuronetz-gateway (health check)"}
 LISTING_HEADERS = {"user-agent": "neuronetz-gateway (model listing)"}
-# orjson.JSONDecodeError is a ValueError, as is a JSON answer of the wrong shape.
+# orjson.JSONDecodeError is a ValueError, as is a JSON answer of the wrong shape or size.
 FETCH_ERRORS = (httpx.HTTPError, TimeoutError, ValueError)
+# The longest version or model list read from a backend. An entry of /api/tags is about 400
+# bytes, so this holds some 20,000 models; a longer answer fails the check or listing instead
+# of being read whole on every health interval.
+MAX_LISTING_BYTES = 8 * 1024 * 1024
+
+
+class ListingTooLong(ValueError):
+    """A backend's version or model list is longer than MAX_LISTING_BYTES."""
+
+
 SERVER_ERRORS_TO_BENCH = 3
 # One slow answer to a health check (a busy backend, a GC pause) must not take a backend out
 # of rotation; two in a row do. Connection failures of real requests bench it at once.
@@ -204,10 +214,16 @@ class BackendPool:
             return None
 
     async def _json(self, url: str, headers: dict[str, str]) -> dict[str, Any]:
-        """GET a JSON object from a backend; raises one of FETCH_ERRORS otherwise."""
-        response = await self.client.get(url, headers=headers)
-        response.raise_for_status()
-        document = orjson.loads(response.content)
+        """GET a JSON object of at most MAX_LISTING_BYTES from a backend; raises one of
+        FETCH_ERRORS otherwise."""
+        body = bytearray()
+        async with self.client.stream("GET", url, headers=headers) as response:
+            response.raise_for_status()
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) > MAX_LISTING_BYTES:
+                    raise ListingTooLong(f"answered more than {MAX_LISTING_BYTES} bytes")
+        document = orjson.loads(body)
         if not isinstance(document, dict):
             raise ValueError("the answer is not a JSON object")
         return document
@@ -267,6 +283,8 @@ def failure_reason(exc: BaseException) -> str:
     """A short reason for a failed check that never repeats a URL (it may carry a password)."""
     if isinstance(exc, httpx.HTTPStatusError):
         return f"answered HTTP {exc.response.status_code}"
+    if isinstance(exc, ListingTooLong):
+        return str(exc)
     if isinstance(exc, httpx.TimeoutException | TimeoutError):
         return "no answer in time"
     if isinstance(exc, httpx.ConnectError):

@@ -3,8 +3,10 @@
 Budgets are enforced in Redis (limits.lua, in the admission round trip) against counters of
 tokens used per scope and period: the UTC day, the UTC calendar month, and all time. Every
 settled request is also added to the ledger (`usage_daily`) by a per-worker accumulator that
-writes one batch at least every second, retries until Postgres takes it, and is never
-dropped: the Redis counters are a cache of the ledger.
+writes one batch at least every second and retries until Postgres is back: the Redis
+counters are a cache of the ledger. A row Postgres refuses for its content (a key deleted
+meanwhile, a sum out of range) is split from the batch, dropped and counted, so it cannot
+hold back everyone else's usage.
 
 When Redis loses its data (restart, flush, failover) the per-tenant epoch marker is gone;
 the first budgeted request of that tenant starts a rebuild and every budgeted request of the
@@ -28,12 +30,21 @@ from typing import Any
 
 import asyncpg
 
+from neuronetz import db
+from neuronetz.journal import Journal
+from neuronetz.logs import Throttled
+from neuronetz.tasks import Supervisor
+
 log = logging.getLogger("neuronetz.budgets")
 
 LEDGER_INTERVAL = 1.0
 REBUILD_WAIT = 2 * LEDGER_INTERVAL + 0.5
 PERIOD_MARGIN = 2 * 86400  # counters outlive their period by two days (clock skew, late settles)
 PERIODS = {"daily_tokens": "daily", "monthly_tokens": "monthly", "total_tokens": "total"}
+# One request's tokens as the ledger takes them: a backend's counter beyond this is nonsense,
+# and the bound keeps a day's sum far inside `bigint`.
+MAX_TOKENS = 2**40
+Row = tuple[tuple[int, dt.date], list[int]]  # (key id, day) -> [tenant, requests, prompt, completion]
 
 
 @dataclass(frozen=True)
@@ -67,44 +78,115 @@ def period(budget: str, now: float) -> Period:
 class Ledger:
     """Accumulates settled usage per (key, UTC day) and writes it to `usage_daily` in batches."""
 
-    def __init__(self, pool: asyncpg.Pool[Any], clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool[Any], clock: Callable[[], float] = time.time, journal: Journal | None = None
+    ) -> None:
         self.pool = pool
         self.clock = clock
+        self.journal = journal
         self.pending: dict[tuple[int, dt.date], list[int]] = {}  # -> [tenant, requests, prompt, completion]
         self.lock = asyncio.Lock()
-        self.task: asyncio.Task[None] | None = None
+        self.tasks = Supervisor()
+        self.dropped = 0  # rows Postgres refused for their content
+        self.failed = Throttled(log, "ledger write failed; will retry")
 
-    def record(self, key_id: int, tenant_id: int, prompt_tokens: int, completion_tokens: int) -> None:
-        day = dt.datetime.fromtimestamp(self.clock(), dt.UTC).date()
+    def record(
+        self, key_id: int, tenant_id: int, prompt_tokens: int, completion_tokens: int, day: dt.date | None = None
+    ) -> None:
+        day = day or dt.datetime.fromtimestamp(self.clock(), dt.UTC).date()
+        prompt_tokens = max(0, min(prompt_tokens, MAX_TOKENS))
+        completion_tokens = max(0, min(completion_tokens, MAX_TOKENS))
         row = self.pending.setdefault((key_id, day), [tenant_id, 0, 0, 0])
         row[1] += 1
         row[2] += prompt_tokens
         row[3] += completion_tokens
+        if self.journal is not None:
+            self.journal.usage(key_id, tenant_id, day, prompt_tokens, completion_tokens)
 
     async def flush(self) -> None:
         """Write what is pending; on failure keep it (merged with newer usage) for the next try."""
         async with self.lock:
+            upto = self.journal.seq if self.journal is not None else 0  # every usage entry up to here is pending
             if not self.pending:
+                if self.journal is not None:
+                    self.journal.ledger_done = upto
                 return
             batch, self.pending = self.pending, {}
-            try:
-                await self.pool.execute(
-                    "INSERT INTO usage_daily (key_id, day, tenant_id, requests, prompt_tokens, completion_tokens) "
-                    "SELECT * FROM unnest($1::bigint[], $2::date[], $3::bigint[], $4::bigint[], $5::bigint[], "
-                    "$6::bigint[]) ON CONFLICT (key_id, day) DO UPDATE SET "
-                    "requests = usage_daily.requests + EXCLUDED.requests, "
-                    "prompt_tokens = usage_daily.prompt_tokens + EXCLUDED.prompt_tokens, "
-                    "completion_tokens = usage_daily.completion_tokens + EXCLUDED.completion_tokens",
-                    [k for k, _ in batch],
-                    [d for _, d in batch],
-                    *([row[i] for row in batch.values()] for i in range(4)),
-                )
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-                log.warning("ledger write failed; will retry", extra={"fields": {"error": type(exc).__name__}})
-                for slot, row in batch.items():
-                    merged = self.pending.setdefault(slot, [row[0], 0, 0, 0])
-                    for i in range(1, 4):
-                        merged[i] += row[i]
+            unwritten, error = await self._write(list(batch.items()), upto)
+            if error is not None:
+                self.failed(error=type(error).__name__, rows=len(unwritten))
+            elif self.journal is not None:
+                self.journal.ledger_done = upto
+            for slot, row in unwritten:
+                merged = self.pending.setdefault(slot, [row[0], 0, 0, 0])
+                for i in range(1, 4):
+                    merged[i] += row[i]
+
+    async def _write(self, rows: list[Row], upto: int) -> tuple[list[Row], BaseException | None]:
+        """Add `rows` to the ledger, halving around rows Postgres refuses (each is dropped,
+        counted and logged), and record `upto` as this worker's journal progress. Returns the
+        rows left unwritten by a connection failure, which the caller keeps; rows written
+        before it are not among them (the ledger adds, so a row must never be written twice)."""
+        try:
+            async with self.pool.acquire() as connection, connection.transaction():
+                await self._insert(connection, rows)
+                await self._progress(connection, upto)
+        except db.DATA_ERRORS:
+            unwritten, error = await self._isolate(rows)
+            if error is None:
+                try:
+                    async with self.pool.acquire() as connection:
+                        await self._progress(connection, upto)
+                except db.ERRORS as exc:
+                    return [], exc
+            return unwritten, error
+        except db.ERRORS as exc:
+            return rows, exc
+        return [], None
+
+    async def _progress(self, connection: Any, upto: int) -> None:
+        if self.journal is not None:
+            await connection.execute(
+                "INSERT INTO journal_progress (worker, seq) VALUES ($1, $2) "
+                "ON CONFLICT (worker) DO UPDATE SET seq = EXCLUDED.seq, updated_at = now()",
+                self.journal.worker,
+                upto,
+            )
+
+    async def _insert(self, connection: Any, rows: list[Row]) -> None:
+        await connection.execute(
+            "INSERT INTO usage_daily (key_id, day, tenant_id, requests, prompt_tokens, completion_tokens) "
+            "SELECT * FROM unnest($1::bigint[], $2::date[], $3::bigint[], $4::bigint[], $5::bigint[], "
+            "$6::bigint[]) ON CONFLICT (key_id, day) DO UPDATE SET "
+            "requests = usage_daily.requests + EXCLUDED.requests, "
+            "prompt_tokens = usage_daily.prompt_tokens + EXCLUDED.prompt_tokens, "
+            "completion_tokens = usage_daily.completion_tokens + EXCLUDED.completion_tokens",
+            [key for (key, _), _ in rows],
+            [day for (_, day), _ in rows],
+            *([row[i] for _, row in rows] for i in range(4)),
+        )
+
+    async def _isolate(self, rows: list[Row]) -> tuple[list[Row], BaseException | None]:
+        """`rows` without the ones Postgres refuses, written in halves; see `_write`."""
+        try:
+            async with self.pool.acquire() as connection:
+                await self._insert(connection, rows)
+        except db.DATA_ERRORS as exc:
+            if len(rows) == 1:
+                (key_id, day), row = rows[0]
+                self.dropped += 1
+                log.error("ledger row dropped: Postgres refused it", extra={"fields": {
+                          "key_id": key_id, "day": day.isoformat(), "tenant_id": row[0], "requests": row[1],
+                          "tokens": row[2] + row[3], "error": f"{type(exc).__name__}: {exc}"}})  # fmt: skip
+                return [], None
+            half = len(rows) // 2
+            unwritten, error = await self._isolate(rows[:half])
+            if error is not None:
+                return unwritten + rows[half:], error
+            return await self._isolate(rows[half:])
+        except db.ERRORS as exc:
+            return rows, exc
+        return [], None
 
     async def run(self) -> None:
         while True:
@@ -112,14 +194,12 @@ class Ledger:
             await self.flush()
 
     def start(self) -> None:
-        self.task = asyncio.create_task(self.run())
+        self.tasks.start("ledger.writer", self.run)
 
     async def stop(self, attempts: int = 5) -> None:
         """Stop the timer and write what is left, retrying briefly: spend is never dropped
         while there is any chance to record it."""
-        if self.task is not None:
-            self.task.cancel()
-            await asyncio.gather(self.task, return_exceptions=True)
+        await self.tasks.stop()
         for attempt in range(attempts):
             await self.flush()
             if not self.pending:

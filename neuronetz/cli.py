@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import csv
 import datetime as dt
 import ipaddress
+import math
 import os
+import re
 import sys
 import time
 import urllib.error
@@ -37,8 +40,10 @@ from neuronetz import (
     models,
     slots,
     tenants,
+    usage,
 )
 from neuronetz.limits import BUDGET_NAMES, LIMIT_NAMES, Limits
+from neuronetz.tenants import LIMIT_MAX, MAX_DAYS
 
 PROG = "neuronetz-gateway"
 T = TypeVar("T")
@@ -55,7 +60,7 @@ def _colour(text: str, code: str) -> str:
 
 
 def error_line(message: str) -> None:
-    print(_colour(f"error: {message}", "31"), file=sys.stderr)
+    print(_colour(f"error: {shown(message)}", "31"), file=sys.stderr)
 
 
 def run_async(coroutine: Coroutine[Any, Any, T]) -> T:
@@ -167,18 +172,48 @@ def cmd_selfcheck(args: argparse.Namespace) -> int:
 # --- tenants and keys ---------------------------------------------------------------------
 
 
-def limit_value(name: str, minimum: int) -> Callable[[str], int | None]:
-    """argparse type for a limit flag: a whole number >= minimum, or `none` to clear it."""
+def whole(flag: str, minimum: int, maximum: int) -> Callable[[str], int]:
+    """argparse type for a whole-number flag within [minimum, maximum]: every number is checked
+    here, before it can overflow a column, a datetime or a timeout."""
+
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--{flag} takes a whole number, got {raw!r}") from None
+        if not minimum <= value <= maximum:
+            raise argparse.ArgumentTypeError(f"--{flag} must be between {minimum} and {maximum}, got {value}")
+        return value
+
+    return parse
+
+
+def limit_value(name: str, minimum: int, maximum: int) -> Callable[[str], int | None]:
+    """argparse type for a limit flag: a whole number the column can hold, or `none` to clear it."""
+    number = whole(name, minimum, maximum)
 
     def parse(raw: str) -> int | None:
         if raw.strip().lower() == "none":
             return None
         try:
-            value = int(raw)
+            return number(raw)
+        except argparse.ArgumentTypeError as exc:
+            message = str(exc).replace("takes a whole number", "takes a whole number or 'none'")
+            raise argparse.ArgumentTypeError(message) from None
+
+    return parse
+
+
+def seconds(flag: str, maximum: float) -> Callable[[str], float]:
+    """argparse type for a duration in seconds: finite, positive, at most `maximum`."""
+
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"--{name} takes a whole number or 'none', got {raw!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"--{name} must be at least {minimum}, got {value}")
+            raise argparse.ArgumentTypeError(f"--{flag} takes a number of seconds, got {raw!r}") from None
+        if not (math.isfinite(value) and 0 < value <= maximum):
+            raise argparse.ArgumentTypeError(f"--{flag} must be more than 0 and at most {maximum:g}, got {raw}")
         return value
 
     return parse
@@ -201,7 +236,7 @@ def add_limit_flags(parser: argparse.ArgumentParser) -> None:
             f"--{flag}",
             dest=name,
             metavar="N",
-            type=limit_value(flag, 0 if budget else 1),
+            type=limit_value(flag, 0 if budget else 1, LIMIT_MAX[name]),
             default=argparse.SUPPRESS,
             help=help_text,
         )
@@ -248,27 +283,23 @@ def parse_models(raw: str) -> tuple[str, ...] | None:
     names = tuple(dict.fromkeys(models.normalize(m) for m in raw.split(",") if m.strip()))
     if not names:
         raise CliError("--models needs at least one model name (or 'all').")
+    for name in names:
+        if not name.isprintable():
+            raise CliError(f"--models: {name!r} is not a model name (it has control or formatting characters).")
     return names
 
 
 def parse_expiry(args: argparse.Namespace) -> dt.datetime | None:
     now = dt.datetime.now(dt.UTC)
     if args.expires_in_days is not None:
-        if args.expires_in_days <= 0:
-            raise CliError(f"--expires-in-days must be positive, got {args.expires_in_days}.")
         return now + dt.timedelta(days=args.expires_in_days)
     if args.expires is None:
         return None
-    try:
-        moment = dt.datetime.fromisoformat(args.expires)
-    except ValueError:
-        raise CliError(
-            f"--expires must be an ISO 8601 date or time, e.g. 2027-01-31 or 2027-01-31T18:00Z; got {args.expires!r}."
-        ) from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=dt.UTC)
+    moment = parse_moment("expires", args.expires, "an ISO 8601 date or time, e.g. 2027-01-31 or 2027-01-31T18:00Z")
     if moment <= now:
         raise CliError(f"--expires {args.expires} is in the past.")
+    if moment - now > dt.timedelta(days=MAX_DAYS):
+        raise CliError(f"--expires {args.expires} is more than {MAX_DAYS} days (100 years) away.")
     return moment
 
 
@@ -278,8 +309,6 @@ def prompt_logging(args: argparse.Namespace) -> int | None:
         raise CliError("--log-prompts needs --prompt-ttl-days D: how many days prompts are kept.")
     if args.prompt_ttl_days is not None and not args.log_prompts:
         raise CliError("--prompt-ttl-days only applies together with --log-prompts.")
-    if args.prompt_ttl_days is not None and args.prompt_ttl_days <= 0:
-        raise CliError(f"--prompt-ttl-days must be positive, got {args.prompt_ttl_days}.")
     ttl: int | None = args.prompt_ttl_days
     return ttl
 
@@ -295,9 +324,14 @@ async def with_database(args: argparse.Namespace, work: Callable[[Any], Coroutin
 
 
 def cmd_create_tenant(args: argparse.Namespace) -> int:
+    allow_cloud = bool(args.allow_cloud)
     tenant = run_async(
-        with_database(args, lambda c: tenants.create_tenant(c, args.name, limits_from(args), args.weight or 1))
-    )
+        with_database(
+            args,
+            lambda c: tenants.create_tenant(c, args.name, limits_from(args), allow_cloud=allow_cloud,
+                                            weight=args.weight or 1),
+        )
+    )  # fmt: skip
     print(f"created tenant {tenant.name} ({describe_limits(tenant.limits, 'unlimited')}{_weight(tenant.weight)})")
     return 0
 
@@ -307,14 +341,18 @@ def cmd_list_tenants(args: argparse.Namespace) -> int:
     if args.json:
         print_json(
             [
-                {"name": t.name, "keys": t.keys, "created_at": t.created_at, "weight": t.weight, **t.limits.as_dict()}
+                {"name": t.name, "keys": t.keys, "created_at": t.created_at, **t.limits.as_dict(),
+                 "allow_cloud": t.allow_cloud, "weight": t.weight}
                 for t in found
             ]
-        )
+        )  # fmt: skip
     else:
         print_table(
-            ["TENANT", "KEYS", "CREATED", "LIMITS"],
-            [[t.name, str(t.keys), when(t.created_at), describe_limits(t.limits, "unlimited")] for t in found],
+            ["TENANT", "KEYS", "CREATED", "LIMITS", "CLOUD"],
+            [
+                [t.name, str(t.keys), when(t.created_at), describe_limits(t.limits, "unlimited"), cloud(t.allow_cloud)]
+                for t in found
+            ],
         )
     return 0
 
@@ -334,12 +372,29 @@ def cmd_create_key(args: argparse.Namespace) -> int:
                 models=allowed,
                 prompt_ttl_days=ttl,
                 limits=limits_from(args),
+                allow_cloud=args.allow_cloud,
             ),
         )
     )
-    print(f"created key {info.prefix} ({info.name}) for tenant {info.tenant}", file=sys.stderr)
-    print(key)
+    print(f"created key {info.prefix} ({shown(info.name)}) for tenant {info.tenant}", file=sys.stderr)
+    print_new_key(key)
+    return 0
+
+
+def print_new_key(key: str) -> None:
+    print(key)  # alone on stdout, so that `KEY=$(neuronetz-gateway create-key ...)` works
     print("Store this key now: it is shown only this once and cannot be recovered.", file=sys.stderr)
+
+
+def cmd_rotate_key(args: argparse.Namespace) -> int:
+    prefix = checked_prefix(args.prefix)
+    grace = parse_span("grace", args.grace)
+    expires = parse_expiry(args)
+    rotation = run_async(with_database(args, lambda c: tenants.rotate_key(c, prefix, grace=grace, expires_at=expires)))
+    old, new = rotation.old, rotation.new
+    print(f"rotated key {old.prefix} ({shown(old.name)}) of tenant {old.tenant}: the new key is {new.prefix}; "
+          f"{old.prefix} works until {when(old.expires_at, seconds=True)} UTC", file=sys.stderr)  # fmt: skip
+    print_new_key(rotation.key)
     return 0
 
 
@@ -356,7 +411,15 @@ def key_row(key: tenants.KeyInfo) -> dict[str, Any]:
         "log_prompts": key.log_prompts,
         "prompt_ttl_days": key.prompt_ttl_days,
         **key.limits.as_dict(),
+        "replaced_by": key.replaced_by,
+        "replaces": key.replaces,
+        "allow_cloud": key.allow_cloud,
     }
+
+
+def cloud(allowed: bool | None) -> str:
+    """A key's or tenant's cloud setting in a table (None: the key inherits the tenant's)."""
+    return "inherit" if allowed is None else "allowed" if allowed else "off"
 
 
 def cmd_list_keys(args: argparse.Namespace) -> int:
@@ -376,24 +439,39 @@ def cmd_list_keys(args: argparse.Namespace) -> int:
             ",".join(k.allowed_models) if k.allowed_models is not None else "all",
             f"{k.prompt_ttl_days}d" if k.log_prompts else "off",
             describe_limits(k.limits, "inherit"),
+            rotation_of(k),
+            cloud(k.allow_cloud),
         ]
         for k in found
     ]
     print_table(
-        ["PREFIX", "NAME", "TENANT", "STATUS", "CREATED", "EXPIRES", "LAST USED", "MODELS", "PROMPTS", "LIMITS"], rows
-    )
+        ["PREFIX", "NAME", "TENANT", "STATUS", "CREATED", "EXPIRES", "LAST USED", "MODELS", "PROMPTS", "LIMITS",
+         "ROTATION", "CLOUD"], rows,
+    )  # fmt: skip
     return 0
 
 
-def cmd_revoke_key(args: argparse.Namespace) -> int:
-    prefix = args.prefix.strip()
+def rotation_of(key: tenants.KeyInfo) -> str:
+    parts = [f"replaces {key.replaces}"] if key.replaces else []
+    parts += [f"replaced by {key.replaced_by}"] if key.replaced_by else []
+    return "; ".join(parts) or "-"
+
+
+def checked_prefix(raw: str) -> str:
+    prefix = raw.strip()
     if not keys.PREFIX_PATTERN.fullmatch(prefix):
         raise CliError(f"{prefix!r} is not a key prefix: it looks like nz_ followed by 8 lowercase letters or digits.")
+    return prefix
+
+
+def cmd_revoke_key(args: argparse.Namespace) -> int:
+    prefix = checked_prefix(args.prefix)
     info, was_active = run_async(with_database(args, lambda c: tenants.revoke_key(c, prefix)))
+    name = shown(info.name)
     if was_active:
-        print(f"revoked key {info.prefix} ({info.name}) of tenant {info.tenant}; every replica refuses it within 1 s")
+        print(f"revoked key {info.prefix} ({name}) of tenant {info.tenant}; every replica refuses it within 1 s")
     else:
-        print(f"key {info.prefix} ({info.name}) was already revoked")
+        print(f"key {info.prefix} ({name}) was already revoked")
     return 0
 
 
@@ -403,6 +481,8 @@ def cmd_set_limits(args: argparse.Namespace) -> int:
         if args.tenant is None:
             raise CliError("--weight applies to tenants: use --tenant.")
         changes["weight"] = args.weight
+    if args.allow_cloud is not None:
+        changes["allow_cloud"] = args.allow_cloud
     if args.tenant is not None:
         for flag in ("models", "log_prompts", "no_log_prompts", "prompt_ttl_days"):
             if getattr(args, flag) not in (None, False):
@@ -425,9 +505,11 @@ def cmd_set_limits(args: argparse.Namespace) -> int:
         raise CliError("Nothing to change: give at least one flag, e.g. --rpm 60 or --models llama3.2.")
     key = run_async(with_database(args, lambda c: tenants.update_key(c, args.prefix, changes)))
     print(
-        f"key {key.prefix} ({key.name}): {describe_limits(key.limits, 'inherit')}; models "
-        f"{','.join(key.allowed_models) if key.allowed_models is not None else 'all'}; prompt logging "
-        f"{f'{key.prompt_ttl_days}d' if key.log_prompts else 'off'}. Every replica applies it within 1 s."
+        shown(
+            f"key {key.prefix} ({key.name}): {describe_limits(key.limits, 'inherit')}; models "
+            f"{','.join(key.allowed_models) if key.allowed_models is not None else 'all'}; prompt logging "
+            f"{f'{key.prompt_ttl_days}d' if key.log_prompts else 'off'}. Every replica applies it within 1 s."
+        )
     )
     return 0
 
@@ -511,8 +593,10 @@ def cmd_list_backends(args: argparse.Namespace) -> int:
 
 def _gateway_view(settings: config.Settings) -> dict[str, Any] | None:
     url = f"http://{_connectable(settings.host)}:{settings.port}/readyz"
+    # /readyz shows backend detail only to the holder of the metrics token.
+    headers = {"Authorization": f"Bearer {settings.metrics_token}"} if settings.metrics_token else {}
     try:
-        with urllib.request.urlopen(url, timeout=1.5) as response:  # nosec B310
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=1.5) as response:  # nosec B310
             body = response.read()
     except urllib.error.HTTPError as exc:
         body = exc.read()
@@ -537,6 +621,11 @@ async def _probe_backends(urls: tuple[str, ...]) -> dict[str, Any]:
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
+    if args.start is not None:
+        return usage_export(args)
+    for flag, given in (("--to", args.end), ("--by", args.by), ("--csv", args.csv)):
+        if given:
+            raise CliError(f"{flag} belongs to a usage export: give the first day with --from YYYY-MM-DD.")
     settings = settings_from(args)
 
     async def work(connection: Any) -> list[dict[str, Any]]:
@@ -580,6 +669,62 @@ def cmd_usage(args: argparse.Namespace) -> int:
     return 0
 
 
+GROUPINGS = ("day", "key")
+
+
+def parse_grouping(raw: str) -> frozenset[str]:
+    """`--by day`, `--by key` or `--by day,key`."""
+    wanted = frozenset(part.strip() for part in raw.split(",") if part.strip())
+    if "model" in wanted:
+        raise argparse.ArgumentTypeError(
+            "the usage ledger does not record models, so usage cannot be split by model; "
+            "use --by day and/or --by key (`audit` shows each request's model)"
+        )
+    if not wanted or not wanted <= set(GROUPINGS):
+        raise argparse.ArgumentTypeError(f"--by takes day, key or day,key; got {raw!r}")
+    return wanted
+
+
+def parse_day(flag: str) -> Callable[[str], dt.date]:
+    def parse(raw: str) -> dt.date:
+        try:
+            return dt.date.fromisoformat(raw)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--{flag} takes a UTC day as YYYY-MM-DD, got {raw!r}") from None
+
+    return parse
+
+
+def usage_export(args: argparse.Namespace) -> int:
+    if args.csv and args.json:
+        raise CliError("--csv and --json contradict each other: choose one.")
+    start: dt.date = args.start
+    end: dt.date = args.end if args.end is not None else dt.datetime.now(dt.UTC).date()
+    if end < start:
+        raise CliError(f"The last day {end} (--to) is before the first day {start} (--from).")
+    grouping = args.by or frozenset()
+
+    async def work(connection: Any) -> list[dict[str, Any]]:
+        if args.tenant is not None:
+            await tenants.tenant_id(connection, args.tenant)
+        if args.prefix is not None:
+            await tenants.get_key(connection, args.prefix)
+        return await usage.export(
+            connection, start=start, end=end, by_day="day" in grouping, by_key="key" in grouping,
+            tenant=args.tenant, prefix=args.prefix,
+        )  # fmt: skip
+
+    rows = run_async(with_database(args, work))
+    if args.json:
+        print_json(rows)
+    elif args.csv:
+        print_csv(usage.COLUMNS, rows)
+    else:
+        print_table([c.upper() for c in usage.COLUMNS], [["" if r[c] is None else str(r[c]) for c in usage.COLUMNS]
+                                                          for r in rows])  # fmt: skip
+    return 0
+
+
 def _against(row: dict[str, Any], used: str, budget: str) -> str:
     """`used/budget` with the budget that applies (the key's own, else its tenant's)."""
     limit = row["key_limits"][budget] if row["key_limits"][budget] is not None else row["tenant_limits"][budget]
@@ -615,22 +760,51 @@ async def _waiting(settings: config.Settings) -> dict[int, int]:
         await client.aclose()
 
 
-def parse_since(raw: str) -> dt.datetime:
-    """`--since` as ISO 8601 (UTC unless it says otherwise) or a span back from now: 30m, 2h, 7d."""
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    if raw and raw[-1] in units and raw[:-1].isdigit():
-        return dt.datetime.now(dt.UTC) - dt.timedelta(seconds=int(raw[:-1]) * units[raw[-1]])
+_SPAN = re.compile(r"([0-9]{1,12})([smhd])")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def span(flag: str, raw: str) -> dt.timedelta | None:
+    """`30s`, `30m`, `2h`, `7d` as a timedelta, at most MAX_DAYS long; None if `raw` is no span."""
+    match = _SPAN.fullmatch(raw.strip())
+    if match is None:
+        return None
+    length = int(match[1]) * _UNITS[match[2]]
+    if length > MAX_DAYS * 86400:
+        raise CliError(f"--{flag} {raw} is longer than {MAX_DAYS} days (100 years).")
+    return dt.timedelta(seconds=length)
+
+
+def parse_span(flag: str, raw: str) -> dt.timedelta:
+    length = span(flag, raw)
+    if length is None:
+        raise CliError(f"--{flag} takes a span like 30s, 30m, 2h or 7d; got {raw!r}.")
+    return length
+
+
+def parse_moment(flag: str, raw: str, expected: str) -> dt.datetime:
+    """An ISO 8601 time (UTC unless it says otherwise), in UTC: a time whose offset moves it
+    out of the years 1-9999 would otherwise fail later, in the database driver."""
     try:
         moment = dt.datetime.fromisoformat(raw)
     except ValueError:
-        raise CliError(f"--since takes an ISO 8601 time or a span like 30m, 2h or 7d; got {raw!r}.") from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
+        raise CliError(f"--{flag} takes {expected}; got {raw!r}.") from None
+    try:
+        return moment.replace(tzinfo=moment.tzinfo or dt.UTC).astimezone(dt.UTC)
+    except OverflowError:
+        raise CliError(f"--{flag} {raw} is outside the years 1 to 9999 in UTC.") from None
+
+
+def parse_since(raw: str) -> dt.datetime:
+    """`--since` as ISO 8601 (UTC unless it says otherwise) or a span back from now: 30m, 2h, 7d."""
+    back = span("since", raw)
+    if back is not None:
+        return dt.datetime.now(dt.UTC) - back
+    return parse_moment("since", raw, "an ISO 8601 time or a span like 30m, 2h or 7d")
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
     since = parse_since(args.since) if args.since else None
-    if not 1 <= args.limit <= 100_000:
-        raise CliError(f"--limit must be between 1 and 100000, got {args.limit}.")
 
     async def work(connection: Any) -> list[dict[str, Any]]:
         tenant = await tenants.tenant_id(connection, args.tenant) if args.tenant is not None else None
@@ -666,8 +840,29 @@ def cmd_purge_prompts(args: argparse.Namespace) -> int:
 # --- output -------------------------------------------------------------------------------
 
 
-def when(moment: dt.datetime | None) -> str:
-    return moment.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M") if moment is not None else "-"
+def when(moment: dt.datetime | None, seconds: bool = False) -> str:
+    if moment is None:
+        return "-"
+    return moment.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S" if seconds else "%Y-%m-%d %H:%M")
+
+
+def shown(text: str) -> str:
+    """`text` with every character a terminal acts on or hides (newlines, ANSI escapes, other
+    control characters, bidirectional overrides, zero-width and other formatting characters)
+    written as a Python-style escape such as `\\n`, `\\x1b` or `\\u202e`. Names, models and
+    routes may have been stored by other tools or sent by clients: they must not be able to add
+    lines or colours to what the CLI prints."""
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+
+
+def _json_escape(char: str) -> str:
+    code = ord(char)
+    if code <= 0xFFFF:
+        return f"\\u{code:04x}"
+    code -= 0x10000  # astral characters are written as a UTF-16 surrogate pair (RFC 8259, section 7)
+    return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
 
 
 def describe_limits(limits: Limits, unset: str) -> str:
@@ -680,13 +875,29 @@ def describe_limits(limits: Limits, unset: str) -> str:
 
 
 def print_table(headers: list[str], rows: list[list[str]]) -> None:
+    rows = [[shown(cell) for cell in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
     for line in [headers, *rows]:
         print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
 
 
 def print_json(value: Any) -> None:
-    print(orjson.dumps(value, option=orjson.OPT_INDENT_2, default=str).decode())
+    """Indented JSON in which no string holds a character a terminal acts on: orjson escapes
+    C0 controls itself; the rest (DEL, C1 controls, formatting characters) become `\\uXXXX`
+    here, which denotes the same string. A raw newline left in the text is indentation."""
+    text = orjson.dumps(value, option=orjson.OPT_INDENT_2, default=str).decode()
+    print("\n".join(
+        line if line.isprintable() else "".join(c if c.isprintable() else _json_escape(c) for c in line)
+        for line in text.split("\n")
+    ))  # fmt: skip
+
+
+def print_csv(columns: tuple[str, ...], rows: list[dict[str, Any]]) -> None:
+    """RFC 4180 CSV with a header line and LF line ends; a field is quoted only when it holds a
+    comma or a quote, and escaped like a table cell, so every record is one line."""
+    writer = csv.writer(sys.stdout, lineterminator="\n")
+    writer.writerow(columns)
+    writer.writerows([["" if row[c] is None else shown(str(row[c])) for c in columns] for row in rows])
 
 
 # --- parser -----------------------------------------------------------------------------
@@ -720,36 +931,47 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = command("serve", cmd_serve, "run migrations (unless disabled) and serve the gateway on Granian")
     serve.add_argument("--host", help="address to listen on (default: GATEWAY_HOST)")
-    serve.add_argument("--port", type=int, help="port to listen on (default: GATEWAY_PORT)")
-    serve.add_argument("--workers", type=int, help="worker processes (default: GATEWAY_WORKERS)")
+    serve.add_argument("--port", type=whole("port", 1, 65535), help="port to listen on (default: GATEWAY_PORT)")
+    serve.add_argument("--workers", type=whole("workers", 1, 64), help="worker processes (default: GATEWAY_WORKERS)")
     command("migrate", cmd_migrate, "apply pending database migrations and print what was done")
     health = command("healthcheck", cmd_healthcheck, "exit 0 if the gateway's /healthz answers 200")
     health.add_argument("--url", help="the URL to check (default: http://127.0.0.1:GATEWAY_PORT/healthz)")
-    health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait (default: 3)")
+    health.add_argument("--timeout", type=seconds("timeout", 3600), default=3.0, help="seconds to wait (default: 3)")
     command("selfcheck", cmd_selfcheck, "import every dependency of the binary and print their versions")
 
     create_tenant = command("create-tenant", cmd_create_tenant, "create a tenant, optionally with limits")
     create_tenant.add_argument("--name", required=True, help="unique tenant name (letters, digits, . _ -)")
     add_limit_flags(create_tenant)
     add_weight_flag(create_tenant)
+    add_cloud_flag(create_tenant)
     list_tenants = command("list-tenants", cmd_list_tenants, "list tenants with their limits")
     list_tenants.add_argument("--json", action="store_true", help="print one JSON array")
 
     create_key = command("create-key", cmd_create_key, "create an API key and print it, exactly once")
     create_key.add_argument("--tenant", required=True, help="the tenant the key belongs to")
     create_key.add_argument("--name", required=True, help="a name for the key, unique within the tenant")
-    expiry = create_key.add_mutually_exclusive_group()
-    expiry.add_argument("--expires", metavar="ISO8601", help="expiry time, e.g. 2027-01-31 or 2027-01-31T18:00Z (UTC)")
-    expiry.add_argument("--expires-in-days", metavar="D", type=int, help="expire D days from now")
+    add_expiry_flags(create_key)
     create_key.add_argument("--models", metavar="m1,m2", help="allow only these models (default: all)")
     add_prompt_flags(create_key)
     add_limit_flags(create_key)
+    add_cloud_flag(create_key)
 
     list_keys = command("list-keys", cmd_list_keys, "list API keys (never their secrets)")
     list_keys.add_argument("--tenant", help="only this tenant's keys")
     list_keys.add_argument("--json", action="store_true", help="print one JSON array")
     revoke = command("revoke-key", cmd_revoke_key, "revoke a key; every replica refuses it within 1 s")
     revoke.add_argument("--prefix", required=True, metavar="nz_xxxxxxxx", help="the key's public prefix")
+    rotate = command(
+        "rotate-key", cmd_rotate_key, "replace a key by a new one with the same settings; the old one works for --grace"
+    )
+    rotate.add_argument("--prefix", required=True, metavar="nz_xxxxxxxx", help="the key to replace")
+    rotate.add_argument(
+        "--grace",
+        default="24h",
+        metavar="SPAN",
+        help="how long the old key keeps working: 0s, 30m, 24h, 7d (default 24h)",
+    )
+    add_expiry_flags(rotate, "(default: the old key's expiry)")
 
     set_limits = command("set-limits", cmd_set_limits, "change a tenant's or a key's limits (applied within 1 s)")
     target = set_limits.add_mutually_exclusive_group(required=True)
@@ -760,6 +982,7 @@ def build_parser() -> argparse.ArgumentParser:
     set_limits.add_argument("--no-log-prompts", action="store_true", help="stop logging this key's prompts")
     add_limit_flags(set_limits)
     add_weight_flag(set_limits)
+    add_cloud_flag(set_limits)
 
     for name, add in (("add-backend", True), ("remove-backend", False)):
         verb = "add an Ollama base URL to" if add else "remove an Ollama base URL from"
@@ -769,15 +992,28 @@ def build_parser() -> argparse.ArgumentParser:
     list_backends.add_argument("--check", action="store_true", help="probe each backend from here")
     list_backends.add_argument("--json", action="store_true", help="print one JSON array")
 
-    usage = command("usage", cmd_usage, "requests and tokens today, this month and in total, against budgets")
-    usage.add_argument("--tenant", help="only this tenant's keys")
-    usage.add_argument("--prefix", metavar="nz_xxxxxxxx", help="only this key")
-    usage.add_argument("--json", action="store_true", help="print one JSON array")
+    usage_ = command(
+        "usage",
+        cmd_usage,
+        "requests and tokens today, this month and in total, against budgets; with --from, the ledger over a range "
+        "of days per tenant (for chargeback)",
+    )
+    usage_.add_argument("--tenant", help="only this tenant's keys")
+    usage_.add_argument("--prefix", metavar="nz_xxxxxxxx", help="only this key")
+    usage_.add_argument("--json", action="store_true", help="print one JSON array")
+    usage_.add_argument("--from", dest="start", metavar="YYYY-MM-DD", type=parse_day("from"), help="first UTC day")
+    usage_.add_argument(
+        "--to", dest="end", metavar="YYYY-MM-DD", type=parse_day("to"), help="last UTC day (default: today)"
+    )
+    usage_.add_argument("--by", type=parse_grouping, metavar="day|key|day,key", help="split each tenant's usage")
+    usage_.add_argument("--csv", action="store_true", help="print CSV with a header line")
     audit_ = command("audit", cmd_audit, "recent request records, newest first")
     audit_.add_argument("--tenant", help="only this tenant")
     audit_.add_argument("--prefix", metavar="nz_xxxxxxxx", help="only this key")
     audit_.add_argument("--since", metavar="T", help="ISO 8601 time, or a span back from now: 30m, 2h, 7d")
-    audit_.add_argument("--limit", type=int, default=50, metavar="N", help="at most N records (default 50)")
+    audit_.add_argument(
+        "--limit", type=whole("limit", 1, 100_000), default=50, metavar="N", help="at most N records (default 50)"
+    )
     audit_.add_argument("--json", action="store_true", help="print one JSON array")
     command("purge-prompts", cmd_purge_prompts, "delete prompt logs past their TTL now (the gateway also does it)")
     return parser
@@ -785,17 +1021,44 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_prompt_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-prompts", action="store_true", help="log this key's prompts and answers (opt-in)")
-    parser.add_argument("--prompt-ttl-days", metavar="D", type=int, help="days logged prompts are kept")
+    parser.add_argument(
+        "--prompt-ttl-days",
+        metavar="D",
+        type=whole("prompt-ttl-days", 1, MAX_DAYS),
+        help="days logged prompts are kept",
+    )
+
+
+def add_expiry_flags(parser: argparse.ArgumentParser, default: str = "") -> None:
+    expiry = parser.add_mutually_exclusive_group()
+    expiry.add_argument(
+        "--expires",
+        metavar="ISO8601",
+        help=" ".join(filter(None, ["expiry time, e.g. 2027-01-31 or 2027-01-31T18:00Z (UTC)", default])),
+    )
+    expiry.add_argument(
+        "--expires-in-days", metavar="D", type=whole("expires-in-days", 1, MAX_DAYS), help="expire D days from now"
+    )
+
+
+def add_cloud_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--allow-cloud", action=argparse.BooleanOptionalAction, default=None,
+        help="allow Ollama cloud models (…:cloud, …-cloud) and server-side tools such as web_search, which run on "
+        "the server owner's ollama.com account (default: off; a key inherits its tenant's setting)",
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
+    for raw in argv if argv is not None else sys.argv[1:]:
+        try:
+            raw.encode()
+        except UnicodeEncodeError:  # bytes that were not UTF-8, smuggled in by surrogateescape
+            error_line(f"The argument {raw!r} is not valid UTF-8 text.")
+            return 1
     args = build_parser().parse_args(argv)
     try:
         handler: Callable[[argparse.Namespace], int] = args.handler
-        if getattr(args, "port", None) is not None and not 1 <= args.port <= 65535:
-            raise CliError(f"--port must be between 1 and 65535, got {args.port}.")
-        if getattr(args, "workers", None) is not None and not 1 <= args.workers <= 64:
-            raise CliError(f"--workers must be between 1 and 64, got {args.workers}.")
         return handler(args)
     except (
         CliError,
@@ -809,3 +1072,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the reader went away (`... | head`): nothing left to say to it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1

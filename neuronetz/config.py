@@ -211,6 +211,16 @@ VARIABLES: tuple[Variable, ...] = (
              "Apply pending migrations when `serve` starts."),
     Variable("GATEWAY_MAX_BODY_BYTES", "max_body_bytes", str(32 * 1024 * 1024), _integer(1024, 1 << 30),
              "Largest request body accepted (413 above it); base64 images need tens of MB."),
+    Variable("GATEWAY_MAX_RECORD_BYTES", "max_record_bytes", str(16 * 1024 * 1024), _integer(65536, 1 << 30),
+             "Longest backend record read: an NDJSON line, an SSE event or a whole non-streaming answer."),
+    Variable("GATEWAY_MAX_TEXT_BODY_BYTES", "max_text_body_bytes", str(4 * 1024 * 1024), _integer(1024, 1 << 30),
+             "Largest body on routes that carry no images (embeddings, /v1/completions, /api/show); 413 above it."),
+    Variable("GATEWAY_MAX_JSON_ELEMENTS", "max_json_elements", str(1 << 18), _integer(1024, 100_000_000),
+             "Most JSON values (commas and brackets) a request body may hold; bounds parse memory (413 above it)."),
+    Variable("GATEWAY_BODY_TIMEOUT", "body_timeout", "60", _seconds(1, 3600),
+             "Seconds a client has to send a whole request body (408 after it)."),
+    Variable("GATEWAY_MAX_BODY_READERS", "max_body_readers", "256", _integer(1, 100_000),
+             "Request bodies a worker receives at once; beyond it new ones get 503 at once."),
     Variable("GATEWAY_READY_TIMEOUT", "ready_timeout", "1.0", _seconds(0.05, 30),
              "Time each /readyz dependency check may take before it counts as failed."),
     Variable("GATEWAY_SHUTDOWN_TIMEOUT", "shutdown_timeout", "30", _integer(1, 3600),
@@ -276,6 +286,11 @@ class Settings:
     workers: int
     migrate_on_start: bool
     max_body_bytes: int
+    max_record_bytes: int
+    max_text_body_bytes: int
+    max_json_elements: int
+    body_timeout: float
+    max_body_readers: int
     ready_timeout: float
     shutdown_timeout: int
     db_pool_size: int

@@ -1,7 +1,8 @@
 """Postgres access: connecting (with errors a person can act on) and the connection pool.
 
 Queries live next to the code that runs them (keys.py, budgets.py, audit.py, ...) as plain
-`$1` SQL strings; this module only knows how to reach the database.
+`$1` SQL strings; this module only knows how to reach the database, and which errors mean
+that a store is unavailable (retry later) rather than that a row is bad (retrying is futile).
 """
 
 from __future__ import annotations
@@ -10,8 +11,20 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import redis.exceptions
 
 CONNECT_TIMEOUT = 5.0
+
+# Postgres could not be asked or could not answer: worth retrying once it is back.
+ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+# Postgres refused what we sent (SQLSTATE class 22 data exceptions such as a NUL in text or a
+# number out of range, class 23 constraint violations), or asyncpg could not encode a value
+# for its column (OverflowError, asyncpg's own DataError): the same rows fail every time.
+# Catch these before ERRORS, which holds some of them.
+# (asyncpg's client-side "invalid input for query argument" is a ValueError.)
+DATA_ERRORS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError, OverflowError, ValueError, TypeError)
+# The same for Redis: a refused command (RedisError), a dead socket, a timeout.
+REDIS_ERRORS = (redis.exceptions.RedisError, OSError, TimeoutError)
 
 
 class DatabaseUnavailable(Exception):
@@ -41,14 +54,11 @@ def _explain(url: str, exc: BaseException) -> DatabaseUnavailable:
     return DatabaseUnavailable(f"Cannot reach Postgres at {where} ({reason}); start it or fix DATABASE_URL.")
 
 
-_CONNECT_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
-
-
 async def connect(url: str) -> asyncpg.Connection[Any]:
     """One connection, for the CLI and the migration runner."""
     try:
         return await asyncpg.connect(url, timeout=CONNECT_TIMEOUT)
-    except _CONNECT_ERRORS as exc:
+    except ERRORS as exc:
         raise _explain(url, exc) from None
 
 
@@ -59,7 +69,7 @@ async def ensure_database(url: str) -> None:
         connection = await asyncpg.connect(url, timeout=CONNECT_TIMEOUT)
     except asyncpg.InvalidCatalogNameError:
         pass
-    except _CONNECT_ERRORS as exc:
+    except ERRORS as exc:
         raise _explain(url, exc) from None
     else:
         await connection.close()

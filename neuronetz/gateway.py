@@ -9,6 +9,7 @@ pipeline itself lives in app.py.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import os
 import signal
@@ -20,12 +21,14 @@ import hiredis
 import httpx
 import redis.asyncio as aioredis
 import redis.exceptions
+from redis.maint_notifications import MaintNotificationsConfig
 
-from neuronetz import config, db, envfile, metrics, proxy
+from neuronetz import config, db, envfile, metrics, proxy, tasks
 from neuronetz.audit import AuditWriter
 from neuronetz.auth import Authenticator
 from neuronetz.backends import BackendPool, failure_reason
 from neuronetz.budgets import Ledger
+from neuronetz.journal import Journal
 from neuronetz.limits import Limiter
 from neuronetz.slots import Scheduler
 from neuronetz.upstream import UpstreamTransport
@@ -63,7 +66,8 @@ class Gateway:
             settings.ollama_backends, http, settings.health_interval, settings.backend_cooldown,
             slots=settings.backend_slots, slots_by_backend=settings.slots_by_backend,
         )  # fmt: skip
-        self.ledger = Ledger(pool)
+        self.journal = Journal(redis, pool, settings.redis_prefix)
+        self.ledger = Ledger(pool, journal=self.journal)
         self.limiter = Limiter(
             redis,
             self.ledger,
@@ -77,6 +81,7 @@ class Gateway:
             capacity=settings.audit_queue,
             prompt_capacity=max(100, settings.audit_queue // 10),
             retention_days=settings.audit_retention_days,
+            journal=self.journal,
         )
         self.timeouts = proxy.Timeouts(
             settings.connect_timeout, settings.first_byte_timeout, settings.idle_timeout, settings.total_timeout
@@ -89,7 +94,7 @@ class Gateway:
         self.shared_metrics = metrics.Shared()
         self.in_flight: set[asyncio.Task[Any]] = set()
         self.draining = False
-        self.tasks: list[asyncio.Task[None]] = []
+        self.tasks = tasks.Supervisor()
 
     @classmethod
     async def open(cls, settings: config.Settings) -> Gateway:
@@ -117,21 +122,22 @@ class Gateway:
         self.limiter.start()
         self.slots.start()
         self.audit.start()
-        self.tasks = [
-            asyncio.create_task(self.backends.run()),
-            asyncio.create_task(self._watch_env_file()),
-            asyncio.create_task(self._publish_metrics()),
-        ]
+        # A dead worker's journal is handed to this worker's own writers (and so its journal).
+        self.journal.start(
+            lambda u: self.ledger.record(u[0], u[1], u[3], u[4], dt.date.fromisoformat(u[2])), self.audit.submit
+        )
+        self.tasks.start("backends.health", self.backends.run)
+        self.tasks.start("gateway.env_file", self._watch_env_file)
+        self.tasks.start("gateway.metrics", self._publish_metrics)
         self._hook_signals()
 
     async def close(self) -> None:
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.tasks.stop()
         await self.slots.stop()
         await self.limiter.stop()
         await self.ledger.stop()
         await self.audit.stop()
+        await self.journal.stop()
         await self.auth.stop()
         await self.http.aclose()
         await self.redis.aclose()
@@ -229,6 +235,12 @@ class Gateway:
         registry.counters["neuronetz_audit_records_written_total"][()] = float(self.audit.written)
         for kind, count in self.audit.dropped.items():
             registry.counters["neuronetz_audit_records_dropped_total"][metrics.labels(kind=kind)] = float(count)
+        for kind, count in self.audit.invalid.items():
+            registry.counters["neuronetz_audit_records_invalid_total"][metrics.labels(kind=kind)] = float(count)
+        registry.counters["neuronetz_audit_records_repaired_total"][()] = float(self.audit.repaired)
+        registry.counters["neuronetz_ledger_rows_dropped_total"][()] = float(self.ledger.dropped)
+        for task, count in tasks.RESTARTS.items():
+            registry.counters["neuronetz_background_task_restarts_total"][metrics.labels(task=task)] = float(count)
         registry.counters["neuronetz_argon2_verifications_total"][()] = float(self.auth.argon2_calls)
         registry.counters["neuronetz_auth_failures_total"][()] = float(self.auth.refusals)
         for backend in self.backends.backends:
@@ -267,7 +279,15 @@ class _PackedInC:
 
 
 def redis_client(url: str) -> aioredis.Redis:
-    pool = aioredis.ConnectionPool.from_url(url, socket_connect_timeout=2, socket_timeout=5, health_check_interval=10)
+    """The worker's Redis pool. A pooled connection that the server closed while it sat idle
+    (Redis restarted) must be replaced before a command is sent on it, or the first request
+    on each such connection fails long after Redis is back. redis-py checks for that on
+    checkout, but skips the check while "maintenance notifications" (a Redis Enterprise
+    feature) may be on, which its default "auto" means; we turn them off."""
+    pool = aioredis.ConnectionPool.from_url(
+        url, socket_connect_timeout=2, socket_timeout=5, health_check_interval=10,
+        maint_notifications_config=MaintNotificationsConfig(enabled=False),
+    )  # fmt: skip
     base = pool.connection_class
     pool.connection_class = type(f"Packed{base.__name__}", (_PackedInC, base), {})
     return aioredis.Redis(connection_pool=pool)

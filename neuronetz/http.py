@@ -9,26 +9,31 @@ the rate-limit headers), so no handler can forget them.
 
 from __future__ import annotations
 
+import asyncio
+import json
+import math
 import os
 import re
 from ipaddress import IPv4Network, IPv6Network, ip_address
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import orjson
 
-from neuronetz.errors import BadRequest, GatewayError, PayloadTooLarge
+from neuronetz.errors import (
+    ANTHROPIC,
+    BadRequest,
+    GatewayError,
+    PayloadTooLarge,
+    RequestTimeout,
+    ServiceUnavailable,
+    anthropic_body,
+    dialect_of,
+)
 from neuronetz.types import Message, Receive, Scope, Send
-
-if TYPE_CHECKING:
-    from neuronetz.auth import KeyRecord
 
 JSON = b"application/json"
 DRAIN_LIMIT = 1 << 20
 _SANE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
-
-
-class ClientDisconnected(Exception):
-    """The client went away (http.disconnect) before the request finished."""
 
 
 def client_address(peer: str, forwarded_for: bytes | None, trusted: tuple[IPv4Network | IPv6Network, ...]) -> str:
@@ -66,11 +71,34 @@ def new_request_id() -> str:
     return os.urandom(12).hex()
 
 
+class Principal(Protocol):
+    """Whoever a request authenticated as. `auth.KeyRecord` is the one implementation; the
+    request layer names only this much of it, so it does not depend on authentication."""
+
+    @property
+    def prefix(self) -> str: ...
+
+    @property
+    def tenant(self) -> str: ...
+
+
+class BodyReaders:
+    """How many requests of this worker are receiving a body right now, bounded: a slow
+    upload holds a connection, a task and a growing buffer, and counts toward no limit of its
+    key until it has arrived, so past `limit` further bodies are refused (503) at once."""
+
+    def __init__(self, limit: int, timeout: float) -> None:
+        self.limit = limit
+        self.timeout = timeout
+        self.active = 0
+
+
 class Request:
     """One HTTP request: method, normalised path, headers and a bounded body reader."""
 
     __slots__ = (
         "client",
+        "dialect",
         "headers",
         "key",
         "method",
@@ -91,23 +119,54 @@ class Request:
         self.path = path
         self.query: bytes = scope.get("query_string", b"")
         # Header names arrive lower-cased (ASGI spec); a repeated header keeps its last value,
-        # which is all the gateway ever needs (Authorization, Content-Length, X-Request-ID).
+        # which is all the gateway ever needs (Content-Length, X-Request-ID) — except for
+        # Authorization, where a repetition is refused (see `authorization`).
         self.headers: dict[bytes, bytes] = dict(scope["headers"])
         client = scope.get("client")
         self.client: str = client[0] if client else ""
         self.openai = path.startswith("/v1/")
+        self.dialect = dialect_of(path)  # the agent dialects' errors and streams differ (dialects.py)
         sent_id = self.headers.get(b"x-request-id")
         self.request_id = sent_id.decode() if sent_id and _SANE_REQUEST_ID.fullmatch(sent_id) else new_request_id()
         self.response_headers: list[tuple[bytes, bytes]] = [(b"x-request-id", self.request_id.encode())]
         self.param: str | None = None  # the route's captured parameter (/v1/models/{model})
-        self.key: KeyRecord | None = None  # set once authenticated
+        self.key: Principal | None = None  # set once authenticated
 
-    async def body(self, limit: int) -> bytes:
+    def single_header(self, name: bytes) -> bytes | None:
+        """The header `name` (lower case); BadRequest when it comes more than once. Used for
+        credentials: RFC 9110 §11.6.2 allows one, and a proxy in front that reads the first
+        while this gateway read the last would authorise one key and charge another."""
+        value = self.headers.get(name)
+        repeats = value is not None and len(self.headers) != len(self.scope["headers"])  # cheap: usually False
+        if repeats and sum(1 for found, _ in self.scope["headers"] if found == name) > 1:
+            header = name.decode().title()
+            raise BadRequest(f"The request has more than one {header} header; send exactly one.")
+        return value
+
+    async def body(self, limit: int, readers: BodyReaders | None = None) -> bytes:
         """Read the whole body, refusing (413) anything larger than `limit` bytes.
 
         A declared Content-Length over the limit is refused before a byte is read; a
         chunked body is counted as it arrives and refused as soon as it crosses the limit.
+        With `readers`, the body must arrive within its timeout (408) and at most its limit
+        of bodies are read at once in this worker (503 beyond).
         """
+        if readers is None:
+            return await self._read(limit)
+        if readers.active >= readers.limit:
+            raise ServiceUnavailable("The gateway is receiving too many request bodies; retry shortly.", retry_after=1)
+        readers.active += 1
+        try:
+            async with asyncio.timeout(readers.timeout):
+                return await self._read(limit)
+        except TimeoutError:
+            raise RequestTimeout(
+                f"The request body did not arrive within {readers.timeout:g} seconds; send it faster or in full."
+            ) from None
+        finally:
+            readers.active -= 1
+
+    async def _read(self, limit: int) -> bytes:
         declared = self.headers.get(b"content-length")
         if declared is not None:
             try:
@@ -115,15 +174,18 @@ class Request:
             except ValueError:
                 raise BadRequest("The Content-Length header is not a number.") from None
             if length > limit:
-                if length - limit <= DRAIN_LIMIT:
-                    await self._drain({"more_body": True})
+                if length - limit <= DRAIN_LIMIT:  # nothing read yet: the whole body is the remainder
+                    await self._drain({"more_body": True}, length)
                 raise PayloadTooLarge(f"The request body is larger than the {limit} bytes this gateway accepts.")
         parts: list[bytes] = []
         size = 0
         while True:
             message = await self.receive()
             if message["type"] == "http.disconnect":
-                raise ClientDisconnected
+                # Granian reports a malformed chunked body exactly like a client that hung up
+                # mid-upload. Either way the body is incomplete: a 400 reaches the client that
+                # is still there, and costs nothing when it is gone.
+                raise BadRequest("The request body ended before it was complete (or its chunked framing is malformed).")
             chunk: bytes = message.get("body", b"")
             if chunk:
                 size += len(chunk)
@@ -135,12 +197,13 @@ class Request:
                 break
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    async def _drain(self, message: Message) -> None:
-        """Read and drop up to DRAIN_LIMIT more bytes of a refused body. Most clients send their
-        whole body before they read the answer; closing on them mid-upload would turn a clear
-        413 into a connection reset. A bigger remainder is cut off (Granian closes)."""
+    async def _drain(self, message: Message, budget: int = DRAIN_LIMIT) -> None:
+        """Read and drop up to `budget` more bytes of a refused body (a body only a little over
+        its limit). Most clients send their whole body before they read the answer; closing on
+        them mid-upload would turn a clear 413 into a connection reset. A bigger remainder is
+        cut off (Granian closes)."""
         drained = 0
-        while message.get("more_body", False) and drained < DRAIN_LIMIT:
+        while message.get("more_body", False) and drained < budget:
             message = await self.receive()
             if message["type"] == "http.disconnect":
                 return
@@ -148,23 +211,105 @@ class Request:
 
     async def wait_for_disconnect(self) -> None:
         """Return when the client disconnects. Granian reports a vanished client only through
-        receive() (measurements.md), so a proxy must watch this while it forwards. An unread
+        receive(), so a proxy must watch this while it forwards. An unread
         body (GET routes) is simply drained on the way to the disconnect message."""
         while (await self.receive())["type"] != "http.disconnect":
             pass
 
 
-def parse_json(raw: bytes) -> dict[str, Any]:
-    """A request body as a JSON object; anything else is a 400 that says what was wrong."""
+def parse_json(raw: bytes, max_elements: int | None = None) -> dict[str, Any]:
+    """A request body as a JSON object; anything else is a 400 that says what was wrong.
+
+    Parsing amplifies: `[{},{},…]` costs about 25 bytes of Python objects per byte of body
+    (a 32 MiB body became 1 GB and held the event loop for seconds). So the number of values
+    is bounded before anything is parsed: every value but the first follows a `,` or opens a
+    container, and counting those bytes runs at memory speed. Commas inside strings count
+    too, which only makes the bound stricter for prose; base64 images contain none.
+    """
     if not raw:
         raise BadRequest("The request body is empty; this endpoint expects a JSON object.")
-    try:
-        value = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"The request body is not valid JSON: {exc.msg} (at character {exc.pos}).") from None
+    if max_elements is not None:
+        elements = raw.count(b",") + raw.count(b"{") + raw.count(b"[")
+        if elements > max_elements:
+            raise PayloadTooLarge(
+                f"The request body has too many JSON elements ({elements} commas and brackets; "
+                f"at most {max_elements} are accepted)."
+            )
+    value = orjson_loads(raw) if len(raw) <= ORJSON_LIMIT else _stdlib_loads(raw)
     if not isinstance(value, dict):
         raise BadRequest("The request body must be a JSON object.")
     return value
+
+
+# orjson reserves about 13 bytes per byte of input before it parses (yyjson sizes its value
+# pool for the densest document that length could hold): 416 MB for a 32 MiB image. Above
+# this size the standard library's parser, half as fast and sized by what it finds, reads
+# the body instead; below it orjson's speed wins and its reserve is small.
+ORJSON_LIMIT = 1 << 20
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def orjson_loads(raw: bytes) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"The request body is not valid JSON: {exc.msg} (at character {exc.pos}).") from None
+
+
+def _stdlib_loads(raw: bytes) -> Any:
+    """The standard parser held to orjson's rules: UTF-8 only, no NaN/Infinity, integers
+    beyond 64 bits read as floats, no lone surrogates — so whatever it returns, orjson can
+    write again (a rewritten body, a prompt log) and Postgres can store."""
+    try:
+        value = json.loads(
+            raw.decode("utf-8"), parse_constant=_no_constant, parse_int=_json_int, parse_float=_json_float
+        )
+    except json.JSONDecodeError as exc:
+        raise BadRequest(f"The request body is not valid JSON: {exc.msg} (at character {exc.pos}).") from None
+    except UnicodeDecodeError:
+        raise BadRequest("The request body is not valid JSON: it is not UTF-8 text.") from None
+    except RecursionError:
+        raise BadRequest("The request body is not valid JSON: it is nested too deeply.") from None
+    except ValueError as exc:  # from the hooks below
+        raise BadRequest(f"The request body is not valid JSON: {exc}.") from None
+    if _SURROGATE_ESCAPE.search(raw) is not None:
+        _reject_lone_surrogates(value)
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _json_int(text: str) -> int | float:
+    if len(text) <= 20:  # also keeps int() far from its 4,300-digit limit
+        value = int(text)
+        if -(1 << 63) <= value < (1 << 64):
+            return value
+    return _json_float(text)
+
+
+def _json_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError("a number is too large for a double")
+    return value
+
+
+def _reject_lone_surrogates(value: Any) -> None:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise BadRequest("The request body is not valid JSON: a \\u escape is a lone surrogate.") from None
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
 
 
 async def start(
@@ -204,4 +349,5 @@ async def send_json(send: Send, request: Request, status: int, value: Any) -> No
 
 
 async def send_error(send: Send, request: Request, error: GatewayError) -> None:
-    await send_bytes(send, request, error.status, error.body(request.openai), extra=error.headers())
+    body = anthropic_body(error) if request.dialect == ANTHROPIC else error.body(request.openai)
+    await send_bytes(send, request, error.status, body, extra=error.headers())

@@ -9,6 +9,9 @@
 --         ARGV[6] = default output cap, ARGV[7] = minimum output worth admitting
 -- settle: ARGV[4] = tokens reserved at admission, ARGV[5] = tokens actually used
 -- renew:  KEYS = lease zsets holding this lease; extends it by the lease ttl
+-- instance: KEYS[1] = this Redis's instance marker (Redis TIME in ms when a gateway first saw
+--         this Redis's data); created if missing. Returns {ms since then}: 0 means it was just
+--         created, so this Redis holds none of the counters it had before (a restart, a flush).
 -- rebuild: KEYS[1] = epoch marker, KEYS[2...] = used-tokens counters; ARGV[2] = new epoch,
 --         ARGV[3...] = (tokens, ttl_s) per counter. Adds the ledger's sums and sets the epoch,
 --         all or nothing, unless another replica finished the rebuild first.
@@ -20,7 +23,9 @@
 --                             (lease id -> tokens reserved, and their sum under "="); max_conc 0
 --                             means no concurrency limit
 --   "B", label, limit, ttl_s  KEYS: used-tokens counter of one budget period; its reservations
---                             are those of the "L" check before it (same scope)
+--                             are those of the "L" check before it (same scope). limit -1: no
+--                             budget for this period, the counter only counts (so a budget added
+--                             later starts from the spend so far)
 --
 -- admit returns {1, cap, reservation, req_limit, req_remaining, req_reset_ms,
 --                tok_limit, tok_remaining, tok_reset_ms}   (-1 where no such limit applies)
@@ -33,6 +38,11 @@ local PERIOD = 60000 -- rate limits are per minute; a whole minute's worth may b
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local mode, lease, lease_ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
+
+if mode == 'instance' then
+    redis.call('SET', KEYS[1], now, 'NX')
+    return {now - tonumber(redis.call('GET', KEYS[1]))}
+end
 
 if mode == 'renew' then
     for _, key in ipairs(KEYS) do
@@ -147,7 +157,7 @@ for _, c in ipairs(checks) do
             local first = redis.call('ZRANGE', c.key, 0, 0, 'WITHSCORES')
             return {0, 'concurrency', math.min(1000, math.max(1, tonumber(first[2]) - now)), c.label}
         end
-    elseif c.kind == 'B' then
+    elseif c.kind == 'B' and c.limit >= 0 then
         local used = tonumber(redis.call('GET', c.key) or '0')
         local spent_room = c.limit - used
         local free = spent_room - (current and scope_reserved[current] or 0)

@@ -22,6 +22,7 @@ of Redis should not become an outage of every model.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -34,15 +35,18 @@ from typing import Any, NoReturn
 import redis.asyncio as aioredis
 import redis.exceptions
 
+from neuronetz import db
 from neuronetz.budgets import PERIODS, REBUILD_WAIT, Ledger, new_epoch, period
+from neuronetz.db import REDIS_ERRORS as REDIS_ERRORS  # also what the CLI catches
 from neuronetz.errors import BudgetExceeded, RateLimited, ServiceUnavailable
+from neuronetz.logs import Throttled
+from neuronetz.tasks import Supervisor
 
 log = logging.getLogger("neuronetz.limits")
 
 # The order is the database's and the CLI's: `--rpm`, `--tpm`, `--max-concurrent`, ...
 LIMIT_NAMES = ("rpm", "tpm", "max_concurrent", "daily_tokens", "monthly_tokens", "total_tokens")
 BUDGET_NAMES = ("daily_tokens", "monthly_tokens", "total_tokens")
-REDIS_ERRORS = (redis.exceptions.RedisError, OSError, TimeoutError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +137,11 @@ class Limiter:
         self._sending: set[asyncio.Task[bool]] = set()
         self._checks: dict[tuple[Subject, int], tuple[list[str], list[str | int], list[str]]] = {}
         self.rebuilding: dict[int, asyncio.Task[None]] = {}
-        self.tasks: list[asyncio.Task[None]] = []
+        self.tasks = Supervisor()
+        self.unenforced = Throttled(log, "limits not enforced: Redis unreachable")
+        self.settle_failed = Throttled(log, "settlement failed; will retry")
+        self.renew_failed = Throttled(log, "lease renewal failed")
+        self.rebuild_failed = Throttled(log, "budget rebuild failed")
 
     # --- the keys and checks of one request -------------------------------------------------------
 
@@ -171,12 +179,14 @@ class Limiter:
                 keys += [f"{tag}lease:{sid}", f"{tag}reserved:{sid}"]
                 leases.append(f"{tag}lease:{sid}")
                 args += ["L", f"{scope}:max_concurrent", limits.max_concurrent or 0]
-            for name in BUDGET_NAMES:
-                limit = getattr(limits, name)
-                if limit is not None:
+            if subject.budgeted:
+                # Every period is counted, budget or not (-1: count only): a budget added later
+                # then starts from what was spent, as the ledger has it, not from zero.
+                for name in BUDGET_NAMES:
+                    limit = getattr(limits, name)
                     current = period(name, now)
                     keys.append(f"{tag}used:{sid}:{current.id}")
-                    args += ["B", f"{scope}:{name}", limit, current.ttl]
+                    args += ["B", f"{scope}:{name}", -1 if limit is None else limit, current.ttl]
         return keys, args, leases
 
     # --- admission and settlement ---------------------------------------------------------------
@@ -195,13 +205,15 @@ class Limiter:
         ]  # fmt: skip
         try:
             reply = await self._admit_together(keys, argv)
+            if int(reply[0]) == 0 and _text(reply[1]) == "rebuild" and await self._build_new(subject.tenant_id):
+                reply = await self._admit_together(keys, argv)
         except REDIS_ERRORS as exc:
             if subject.budgeted:
                 raise ServiceUnavailable(
                     "The budget store is unreachable: requests with a token budget are refused until it is back.",
                     retry_after=2,
                 ) from None
-            log.warning("limits not enforced: Redis unreachable", extra={"fields": {"error": type(exc).__name__}})
+            self.unenforced(error=type(exc).__name__)
             return None
         if int(reply[0]) == 0:
             self._refuse(subject, _text(reply[1]), int(reply[2]), _text(reply[3]), now)
@@ -216,9 +228,10 @@ class Limiter:
         limit = getattr(limits, name, None)
         retry = retry_ms / 1000
         if reason == "rebuild":
-            self._start_rebuild(subject.tenant_id)
             raise ServiceUnavailable(
-                "Budget counters are being rebuilt after Redis lost its data; retry shortly.", retry_after=3
+                "Budget counters are being rebuilt from the usage ledger (Redis lost its data, or Postgres "
+                "cannot be read right now); retry shortly.",
+                retry_after=3,
             )
         if reason == "rpm":
             raise RateLimited(
@@ -320,8 +333,7 @@ class Limiter:
         horizon = time.monotonic() - self.lease_ttl_ms / 1000
         kept = [item for item in settlements if item[0] > horizon]
         if settlements:
-            log.warning("settlement failed; will retry", extra={"fields": {"error": type(exc).__name__,
-                        "pending": len(kept), "given_up": len(settlements) - len(kept)}})  # fmt: skip
+            self.settle_failed(error=type(exc).__name__, pending=len(kept), given_up=len(settlements) - len(kept))
         self.settlements = kept + self.settlements
         if kept:
             asyncio.get_running_loop().call_later(0.5, self._schedule)
@@ -361,27 +373,44 @@ class Limiter:
                     await self.script(keys=zsets, args=["renew", lease, self.lease_ttl_ms], client=pipe)
                 await pipe.execute()
         except REDIS_ERRORS as exc:
-            log.warning("lease renewal failed", extra={"fields": {"error": type(exc).__name__}})
+            self.renew_failed(error=type(exc).__name__)
 
     async def _renew_periodically(self) -> None:
         while True:
             await asyncio.sleep(self.lease_ttl_ms / 3000)
             await self.renew()
 
-    def _start_rebuild(self, tenant_id: int) -> None:
+    async def since_loss(self) -> float:
+        """Seconds since a gateway first saw this Redis instance's data. A Redis that lost its
+        data (restart, flush, failover to an empty replica) has lost this marker too, so the
+        first call after the loss creates it again and answers 0."""
+        reply = await self.script(keys=[self.prefix + "instance"], args=["instance"])
+        return int(reply[0]) / 1000
+
+    async def _build_new(self, tenant_id: int) -> bool:
+        """A tenant's counters are missing. If this Redis has held its data for longer than
+        the rebuild wait, it never held this tenant's counters (a new tenant, or a first
+        budget): build them from the ledger now and say so (True). Otherwise Redis lost its
+        data moments ago, and settlements of every replica may still be on their way to the
+        ledger: start a rebuild that waits for them first, and fail closed meanwhile (False)."""
+        lost_ago = await self.since_loss()
+        if lost_ago >= REBUILD_WAIT:
+            await self.rebuild(tenant_id, wait=0.0)
+            return True
         task = self.rebuilding.get(tenant_id)
         if task is None or task.done():
-            self.rebuilding[tenant_id] = asyncio.create_task(self.rebuild(tenant_id))
+            self.rebuilding[tenant_id] = asyncio.create_task(self.rebuild(tenant_id, REBUILD_WAIT - lost_ago))
+        return False
 
-    async def rebuild(self, tenant_id: int) -> None:
-        """Re-create a tenant's budget counters from the ledger after Redis lost them."""
+    async def rebuild(self, tenant_id: int, wait: float = REBUILD_WAIT) -> None:
+        """Re-create a tenant's budget counters from the ledger, after `wait` seconds."""
         tag = self._tag(tenant_id)
         lock = tag + "rebuild"
         try:
             if not await self.redis.set(lock, "1", nx=True, px=15000):
                 return  # another replica is on it
             try:
-                await asyncio.sleep(REBUILD_WAIT)
+                await asyncio.sleep(wait)
                 await self.ledger.flush()
                 now = self.clock()
                 sums = await self.ledger.sums(tenant_id, now)
@@ -394,11 +423,11 @@ class Limiter:
                         keys.append(f"{tag}used:{sid}:{current.id}")
                         args += [values[index], current.ttl]
                 await self.script(keys=keys, args=args)
-                log.info("budget counters rebuilt", extra={"fields": {"tenant_id": tenant_id}})
+                log.info("budget counters built", extra={"fields": {"tenant_id": tenant_id, "waited_s": wait}})
             finally:
                 await self.redis.delete(lock)
-        except Exception as exc:  # the next budgeted request tries again
-            log.warning("budget rebuild failed", extra={"fields": {"tenant_id": tenant_id, "error": repr(exc)}})
+        except (*REDIS_ERRORS, *db.ERRORS) as exc:  # the next budgeted request tries again
+            self.rebuild_failed(tenant_id=tenant_id, error=repr(exc))
 
     async def in_flight(self, tenant_id: int, sid: str) -> int:
         """Requests holding a lease for a scope (`t` or `k<id>`) right now, for `usage`."""
@@ -407,8 +436,16 @@ class Limiter:
         )
         return count
 
+    async def _mark_instance(self) -> None:
+        """Create this Redis's instance marker at startup if it has none, so that on a fresh
+        install the first budgeted request does not wait for a rebuild. If Redis is down, the
+        first budgeted request after it is back creates it, and waits (it may be a loss)."""
+        with contextlib.suppress(*REDIS_ERRORS):
+            await self.since_loss()
+
     def start(self) -> None:
-        self.tasks = [asyncio.create_task(self._renew_periodically())]
+        self.tasks.start("limits.renewal", self._renew_periodically)
+        self.tasks.start("limits.instance", self._mark_instance)
 
     async def stop(self) -> None:
         """Stop the background work after sending what is still queued (a few tries: the
@@ -417,9 +454,10 @@ class Limiter:
             if await self.flush_settlements():
                 break
             await asyncio.sleep(0.5)
-        for task in [*self.tasks, *self.rebuilding.values()]:
+        await self.tasks.stop()
+        for task in self.rebuilding.values():
             task.cancel()
-        await asyncio.gather(*self.tasks, *self.rebuilding.values(), return_exceptions=True)
+        await asyncio.gather(*self.rebuilding.values(), return_exceptions=True)
 
 
 def tag(prefix: str, tenant_id: int) -> str:

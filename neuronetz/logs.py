@@ -79,3 +79,32 @@ def request_line(fields: dict[str, Any]) -> None:
 
 def configure(level: str) -> None:
     logging.config.dictConfig(dictconfig(level))
+
+
+class Throttled:
+    """A warning that would repeat once per request while a dependency is down: the first
+    occurrence is logged at once, later ones are counted and logged at most every `interval`
+    seconds with `repeated` = how many were held back since the last line.
+
+    >>> unreachable = Throttled(log, "limits not enforced: Redis unreachable")
+    >>> unreachable(error="ConnectionError")   # per request; one line per 5 s at most
+    """
+
+    def __init__(self, logger: logging.Logger, message: str, interval: float = 5.0, level: int = logging.WARNING):
+        self.logger = logger
+        self.message = message
+        self.interval = interval
+        self.level = level
+        self.held = 0
+        self.last = -float("inf")
+
+    def __call__(self, **fields: Any) -> None:
+        now = time.monotonic()
+        if now - self.last < self.interval:
+            self.held += 1
+            return
+        if self.held:
+            fields["repeated"] = self.held
+        self.held = 0
+        self.last = now
+        self.logger.log(self.level, self.message, extra={"fields": fields})

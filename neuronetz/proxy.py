@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -24,21 +25,28 @@ from typing import Any, cast
 import httpx
 import orjson
 
-from neuronetz import __version__, http
+from neuronetz import __version__, dialects, http
 from neuronetz.errors import BadGateway, GatewayError, GatewayTimeout, ServiceUnavailable
 from neuronetz.http import Request
-from neuronetz.relay import BodyRelay, NdjsonRelay, Outcome, SseRelay
+from neuronetz.relay import BodyRelay, NdjsonRelay, Outcome, RecordTooLong, SseRelay
 from neuronetz.types import Send
 
+log = logging.getLogger("neuronetz.proxy")
 # Request headers a backend may see. Everything else — Authorization, Cookie, Origin (which
 # makes Ollama answer 403), Forwarded/X-Forwarded-*, hop-by-hop headers — stays here.
-FORWARDED_REQUEST_HEADERS = (b"content-type", b"accept", b"user-agent", b"x-request-id")
+# anthropic-version / anthropic-beta select behaviour on /v1/messages; x-api-key (a gateway
+# key on that route) is not here and so never forwarded. X-Request-ID is the gateway's own (below).
+FORWARDED_REQUEST_HEADERS = (b"content-type", b"accept", b"user-agent", b"anthropic-version", b"anthropic-beta")
 USER_AGENT = f"neuronetz-gateway/{__version__}".encode()
 NDJSON = b"application/x-ndjson"
 # Ollama's final record and OpenAI's finish/usage events count as chunks too: allow for them
 # before deciding that a backend ignored the output cap.
 CAP_SLACK = 3
 EVENT_STREAM = b"text/event-stream"
+DEFAULT_CONTENT_TYPE = b"application/json"
+# A Content-Type goes back to the client as it came: only visible ASCII, space and tab (RFC 9110
+# §5.5 field-value, without obs-text), so a backend cannot break or smuggle a response head.
+CONTENT_TYPE_BYTES = frozenset(range(0x20, 0x7F)) | {0x09}
 
 
 @dataclass(frozen=True)
@@ -84,6 +92,7 @@ class Exchange:
     disconnected: bool = False
     queue_wait_ms: float | None = None  # time spent waiting for a backend slot (slots.py)
     prompt: dict[str, Any] | None = None  # kept only for keys that log prompts
+    removed_tools: str | None = None  # server-side tools taken out of the request (dialects.py)
     outcome: Outcome = field(default_factory=Outcome)
 
 
@@ -107,8 +116,9 @@ def upstream_headers(request: Request, backend_host: str) -> list[tuple[bytes, b
             headers.append((name, value))
     if b"user-agent" not in request.headers:
         headers.append((b"user-agent", USER_AGENT))
-    if b"x-request-id" not in request.headers:
-        headers.append((b"x-request-id", request.request_id.encode()))
+    # The gateway's id, always: the client's only when it was sane (http.Request), so the
+    # backend's logs name the request exactly as the response, the log line and the audit do.
+    headers.append((b"x-request-id", request.request_id.encode()))
     return headers
 
 
@@ -130,6 +140,7 @@ async def forward(
     send: Send,
     exchange: Exchange,
     timeouts: Timeouts,
+    max_record: int,
     *,
     strip_usage: bool = False,
     cap: int | None = None,
@@ -140,7 +151,9 @@ async def forward(
     cannot have processed the request; GatewayError for other failures before the answer
     started. After it started, failures end the stream with an error record instead.
     A stream that runs past `cap` completion tokens (a backend ignoring the cap it was
-    given) is cut there, so a budget is never overspent by more than the prompt estimate.
+    given) is cut there, so a budget is never overspent by more than the prompt estimate;
+    a whole answer past it is a backend error, charged what the backend reported. One
+    stream record (line, event) longer than `max_record` bytes ends the stream.
     """
     exchange.backend = backend
     # An httpx.Request handed straight to the transport: AsyncClient.send and build_request
@@ -155,7 +168,7 @@ async def forward(
     )
     try:
         async with asyncio.timeout(timeouts.total):
-            await _exchange(transport, outgoing, backend, request, send, exchange, strip_usage, cap)
+            await _exchange(transport, outgoing, backend, request, send, exchange, max_record, strip_usage, cap)
     except TimeoutError:
         if not exchange.started:
             raise GatewayTimeout("The backend did not finish in time.") from None
@@ -169,6 +182,7 @@ async def _exchange(
     request: Request,
     send: Send,
     exchange: Exchange,
+    max_record: int,
     strip_usage: bool,
     cap: int | None,
 ) -> None:
@@ -184,19 +198,27 @@ async def _exchange(
             # Ollama's "server busy" (queue full) comes before any work: another backend may
             # take it (ollama-api.md §9.10). The caller decides; nothing was sent yet.
             raise BackendUnreachable(backend, "busy (503)")
-        content_type = response.headers.get("content-type", "application/json").encode("latin-1")
+        content_type = _content_type(response)
         exchange.status = status
         outcome = exchange.outcome
-        relay: NdjsonRelay | SseRelay | BodyRelay
-        if content_type.startswith(NDJSON):
-            relay, exchange.stream = NdjsonRelay(outcome), True
+        outcome.refused = status >= 400
+        relay: NdjsonRelay | SseRelay | BodyRelay | dialects.EventRelay
+        if request.dialect is not None:  # typed events or a whole answer of an agent dialect
+            exchange.stream = content_type.startswith(EVENT_STREAM)
+            relay = (
+                dialects.EventRelay(outcome, request.dialect, max_record)
+                if exchange.stream
+                else dialects.WholeRelay(outcome, max_record)
+            )
+        elif content_type.startswith(NDJSON):
+            relay, exchange.stream = NdjsonRelay(outcome, max_record), True
         elif content_type.startswith(EVENT_STREAM):
-            relay, exchange.stream = SseRelay(outcome, strip_usage), True
+            relay, exchange.stream = SseRelay(outcome, strip_usage, max_record), True
         else:
-            relay = BodyRelay(outcome, request.openai)
+            relay = BodyRelay(outcome, request.openai, max_record)
         extra: list[tuple[bytes, bytes]] = []
         length = response.headers.get("content-length")
-        if not exchange.stream and length is not None:
+        if not exchange.stream and length is not None and length.isascii() and length.isdigit():
             extra.append((b"content-length", length.encode()))
         await _start(send, request, exchange, status, content_type, extra)
         try:
@@ -214,17 +236,50 @@ async def _exchange(
             code = failure.code if isinstance(failure, GatewayError) else "backend_error"
             await end_with_error(send, request, exchange, message, code)
             return
+        except RecordTooLong:
+            message = f"The backend sent a record longer than {max_record} bytes; the answer was cut off."
+            _distrust(request, message)
+            await end_with_error(send, request, exchange, message, "backend_error")
+            return
         if isinstance(relay, BodyRelay):
             relay.close()
-        elif not outcome.finished and outcome.error is None and status == 200:
-            # The backend closed a stream cleanly but without its final record.
-            await end_with_error(send, request, exchange, "The backend ended the answer early.", "backend_error")
-            return
-        if outcome.error is not None:  # the backend's own error record, passed on: audited as such
+            if cap is not None and outcome.usage.completion_tokens > cap + CAP_SLACK:
+                outcome.invalid = "The backend ignored the output token limit."
+        else:
+            last = relay.close()
+            if last:
+                await _body(send, exchange, last)
+            if not outcome.finished and outcome.error is None and status == 200:
+                # The backend closed a stream cleanly but without its final record.
+                await end_with_error(send, request, exchange, "The backend ended the answer early.", "backend_error")
+                return
+        if outcome.invalid is not None:
+            _distrust(request, outcome.invalid)
+        if outcome.error is not None or outcome.invalid is not None:
+            # The backend's own error record, passed on, or an answer that cannot be trusted:
+            # audited as a backend error.
             exchange.error_code = "backend_error"
         await http.finish(send)
     finally:
         await response.aclose()
+
+
+def _distrust(request: Request, reason: str) -> None:
+    """One line for an answer whose usage could not be read as sent; the request's own log
+    line (same request id) names the backend and what was charged."""
+    log.warning("backend answer not trusted", extra={"fields": {"request_id": request.request_id, "reason": reason}})
+
+
+def _content_type(response: httpx.Response) -> bytes:
+    """The backend's Content-Type as sent (the first, if several), or application/json when it
+    sent none; one that could not go back to a client unchanged is refused before the answer
+    starts, so the client gets a 502 in its dialect rather than a broken head."""
+    for name, value in response.headers.raw:
+        if name.lower() == b"content-type":
+            if not value or not CONTENT_TYPE_BYTES.issuperset(value):
+                raise BadGateway("The backend answered with an invalid Content-Type.")
+            return value
+    return DEFAULT_CONTENT_TYPE
 
 
 async def _start(
@@ -251,5 +306,9 @@ async def end_with_error(send: Send, request: Request, exchange: Exchange, messa
     if not exchange.started:
         return
     if exchange.stream:
-        await _body(send, exchange, error_record(request.openai, message, code))
+        dialect = request.dialect
+        record = (
+            dialects.stream_error(dialect, message, code) if dialect else error_record(request.openai, message, code)
+        )
+        await _body(send, exchange, record)
     await http.finish(send)

@@ -36,6 +36,7 @@ from neuronetz import metrics, models
 from neuronetz.auth import KeyRecord
 from neuronetz.backends import Backend, BackendPool
 from neuronetz.errors import RateLimited, ServiceUnavailable
+from neuronetz.tasks import Supervisor
 
 log = logging.getLogger("neuronetz.slots")
 POLL_INTERVAL = 1.0  # seconds between a waiter's checks when no grant arrives by pub/sub
@@ -124,7 +125,7 @@ class Scheduler:
         self.grants: dict[str, asyncio.Future[str]] = {}  # waiter id -> the backend granted to it
         self.held: dict[str, Slot] = {}
         self.waiting: dict[str, int] = {}  # tenant -> this worker's waiting requests
-        self.tasks: list[asyncio.Task[None]] = []
+        self.tasks = Supervisor()
         self._releasing: set[asyncio.Task[None]] = set()
 
     def base(self, model: str) -> str:
@@ -321,12 +322,12 @@ class Scheduler:
             registry.set("neuronetz_backend_slots_in_use", float(count), metrics.labels(backend=url, model=name))
 
     def start(self) -> None:
-        self.tasks = [asyncio.create_task(self._listen()), asyncio.create_task(self._renew_periodically())]
+        self.tasks.start("slots.grants", self._listen)
+        self.tasks.start("slots.renewal", self._renew_periodically)
 
     async def stop(self) -> None:
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, *self._releasing, return_exceptions=True)
+        await self.tasks.stop()
+        await asyncio.gather(*self._releasing, return_exceptions=True)
 
 
 async def waiting(client: aioredis.Redis, prefix: str) -> dict[int, int]:

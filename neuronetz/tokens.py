@@ -6,6 +6,11 @@ four bytes of text (about what Llama- and Qwen-family tokenizers produce for Eng
 code; the `/v1` usage of real answers is used to settle, so the estimate only sizes the
 reservation), plus 4 tokens per chat message for its template and 768 per image. The
 estimate's error bounds how far a budget can be overspent (README, "Worst case").
+
+Every token count the gateway uses — this estimate, a client's cap, a backend's counters —
+is an integer in [0, MAX_TOKENS]. Ten million is above the context window of any model
+Ollama serves (a prompt and its answer both fit in one), so no real request comes near it,
+and it sits far inside the audit log's int4 columns and the Lua numbers of the limiter.
 """
 
 from __future__ import annotations
@@ -13,9 +18,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from neuronetz.errors import BadRequest
+
 BYTES_PER_TOKEN = 4
 PER_MESSAGE = 4
 PER_IMAGE = 768
+MAX_TOKENS = 10_000_000
 
 
 def _text_size(value: Any) -> tuple[int, int]:
@@ -55,22 +63,33 @@ def estimate_prompt(body: dict[str, Any]) -> int:
                 images += len(message["images"])
     if body.get("tools"):
         size += len(str(body["tools"]))
-    return math.ceil(size / BYTES_PER_TOKEN) + extra + images * PER_IMAGE
+    # A million dummy images in a 6 MB body would otherwise "need" 768 M tokens.
+    return min(math.ceil(size / BYTES_PER_TOKEN) + extra + images * PER_IMAGE, MAX_TOKENS)
 
 
 def requested_cap(body: dict[str, Any], openai: bool, produces_text: bool) -> int | None:
-    """The output cap the client set: `max_tokens` on /v1, `options.num_predict` natively
-    (negative values mean "no limit" there); 0 for embeddings, which generate nothing."""
+    """The output cap the client set: `max_tokens` on /v1, `options.num_predict` natively;
+    None for no cap, 0 for embeddings, which generate nothing.
+
+    Ollama limits the output only when `num_predict > 0` (its runner checks
+    `numPredict > 0`; -1 is its default and -2 "fill the context"), and `/v1` passes
+    `max_tokens` on as `num_predict`, so 0 and below mean "no limit", never "no output".
+    Anything but a JSON integer (a bool, a float, a string) is refused: Ollama would read a
+    float natively as its integer part but refuse it on /v1, and a guess either way could let
+    a request through with a cap the gateway did not reserve for.
+    """
     if not produces_text:
         return 0
     if openai:
-        value = body.get("max_tokens")
+        name, value = "max_tokens", body.get("max_tokens")
     else:
         options = body.get("options")
-        value = options.get("num_predict") if isinstance(options, dict) else None
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    return None
+        name, value = "options.num_predict", options.get("num_predict") if isinstance(options, dict) else None
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value > MAX_TOKENS:
+        raise BadRequest(f"The field '{name}' must be an integer of at most {MAX_TOKENS} (0 or less means no limit).")
+    return value if value > 0 else None
 
 
 def set_cap(body: dict[str, Any], openai: bool, cap: int) -> None:

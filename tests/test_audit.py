@@ -142,21 +142,24 @@ async def test_a_full_queue_drops_prompts_before_metadata_and_counts_both() -> N
 async def test_sigterm_with_80_requests_in_flight_writes_80_records(
     gateway_env: dict[str, str], emulator: Emulator, admin: Admin
 ) -> None:
-    emulator.configure(token_delay_ms=150, tokens=10)
+    emulator.configure(token_delay_ms=400, tokens=10)  # 4 s each: long enough to see all 80 at once
     key = await admin.key()
-    process = GatewayProcess(gateway_env).start()
-    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=100)) as client:
-        requests = [
-            asyncio.create_task(
-                client.post(process.url + "/api/chat", json={**CHAT, "stream": True}, headers=auth(key))
-            )
-            for _ in range(80)
-        ]
-        await asyncio.sleep(0.6)
-        assert emulator.stats().in_flight == 80
-        stopping = asyncio.create_task(asyncio.to_thread(process.stop))
-        answers = await asyncio.gather(*requests)
-        assert await stopping == 0
+    with GatewayProcess(gateway_env) as process:
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=100)) as client:
+            requests = [
+                asyncio.create_task(
+                    client.post(process.url + "/api/chat", json={**CHAT, "stream": True}, headers=auth(key))
+                )
+                for _ in range(80)
+            ]
+            for _ in range(600):  # up to 30 s on a busy machine
+                if emulator.stats().in_flight >= 80:
+                    break
+                await asyncio.sleep(0.05)
+            assert emulator.stats().in_flight == 80
+            stopping = asyncio.create_task(asyncio.to_thread(process.stop))
+            answers = await asyncio.gather(*requests)
+            assert await stopping == 0
     assert [a.status_code for a in answers] == [200] * 80
     rows = await rows_for(admin, "key_prefix", key[:11], 80, wait=2)
     assert len(rows) == 80

@@ -17,7 +17,7 @@ import pytest
 
 from neuronetz.backends import plan_backends_change
 from tests.emulator import Emulator, ModelSpec
-from tests.support import ROOT, Admin, GatewayProcess, auth, env_file, forwarded, free_port
+from tests.support import METRICS_TOKEN, ROOT, Admin, GatewayProcess, auth, env_file, forwarded, free_port
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stream": False}
 
@@ -95,7 +95,7 @@ async def test_a_down_backend_is_skipped_and_benched(gateway_env: dict[str, str]
     with GatewayProcess({**gateway_env, "OLLAMA_BACKENDS": f"{down},{emulator.url}"}) as process:
         answers = await post_many(process.url, key, 6)
         async with httpx.AsyncClient() as client:
-            ready = (await client.get(process.url + "/readyz")).json()
+            ready = (await client.get(process.url + "/readyz", headers=auth(METRICS_TOKEN))).json()
     assert {a.status_code for a in answers} == {200}
     assert len(forwarded(emulator, "/api/chat")) == 6
     assert ready["backends"]["ok"] is True

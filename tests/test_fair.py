@@ -458,7 +458,8 @@ async def test_a_warm_backend_is_preferred_until_its_slots_are_full(
             await client.post(emulator.url + "/api/generate", json={**STREAM, "stream": False})  # loads tiny there
 
             async def seen_loaded() -> bool:
-                each = (await client.get(process.url + "/readyz")).json()["backends"]["each"]
+                readyz = await client.get(process.url + "/readyz", headers=auth(METRICS_TOKEN))
+                each = readyz.json()["backends"]["each"]
                 return "tiny:latest" in each[emulator.url]["loaded"]
 
             await until(seen_loaded, "a health check reads /api/ps")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import secrets
 import time
@@ -13,6 +14,7 @@ import asyncpg
 import httpx
 import pytest
 import redis.asyncio as aioredis
+import redis.exceptions as redis_exceptions
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -280,6 +282,10 @@ async def test_spend_survives_a_redis_restart(
             await asyncio.sleep(1.2)  # let the ledger write
             private_redis.stop()
             private_redis.start()  # empty: every counter is gone
+            # A real loss: fail closed until the ledger's sums are back (not "a new tenant").
+            first = await client.post(process.url + "/api/generate", json=GENERATE, headers=auth(key))
+            assert first.status_code == 503
+            assert "rebuilt from the usage ledger" in first.json()["error"]
             again = await wait_until_budgets_ready(client, process.url, key)
             assert again.status_code == 429
             assert again.json()["error"] == "The key's total token budget of 12 is used up."
@@ -430,3 +436,111 @@ async def test_a_long_stream_keeps_its_slot_past_the_lease_time(
             assert (await client.post(process.url + "/api/generate", json=short, headers=auth(key))).status_code == 429
             assert (await long).status_code == 200
             assert (await client.post(process.url + "/api/generate", json=short, headers=auth(key))).status_code == 200
+
+
+# --- counters that Redis never held, and a Redis that comes back ------------------------------------------
+
+
+async def _redis_has_held_data_for_a_while(redis_url: str, prefix: str) -> None:
+    """The instance marker as a Redis that has served this gateway for a minute has it (the
+    module's gateway may have started a moment ago)."""
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        seconds, micros = await client.time()
+        await client.set(prefix + "instance", seconds * 1000 + micros // 1000 - 60_000)
+    finally:
+        await client.aclose()
+
+
+async def _ledger_tokens(admin: Admin, tenant: str, expected: int) -> int:
+    deadline = time.monotonic() + 10
+    while True:
+        spent = await admin.pool.fetchval(
+            "SELECT coalesce(sum(prompt_tokens + completion_tokens), 0) FROM usage_daily u "
+            "JOIN tenants t ON t.id = u.tenant_id WHERE t.name = $1", tenant,
+        )  # fmt: skip
+        if spent >= expected or time.monotonic() > deadline:
+            return int(spent)
+        await asyncio.sleep(0.1)
+
+
+async def test_a_new_tenants_first_budgeted_request_is_served_at_once(
+    gateway: GatewayProcess, admin: Admin, redis_url: str, redis_prefix: str
+) -> None:
+    await _redis_has_held_data_for_a_while(redis_url, redis_prefix)
+    key = await admin.key(daily_tokens=10_000)
+    async with httpx.AsyncClient() as client:
+        first = await client.post(gateway.url + "/api/generate", json=GENERATE, headers=auth(key))
+    assert first.status_code == 200, first.text
+
+
+async def _spend_until_refused(client: httpx.AsyncClient, url: str, key: str, wait: float = 5.0) -> httpx.Response:
+    deadline = time.monotonic() + wait
+    while True:
+        answer = await client.post(url + "/api/generate", json=GENERATE, headers=auth(key))
+        if answer.status_code != 200 or time.monotonic() > deadline:
+            return answer
+        await asyncio.sleep(0.1)
+
+
+async def test_a_first_budget_starts_from_the_spend_so_far(
+    gateway: GatewayProcess, admin: Admin, redis_url: str, redis_prefix: str
+) -> None:
+    """A tenant spends without a budget, then gets a monthly budget equal to what it spent:
+    its next requests are refused at once, not after a rebuild wait or from a counter at 0."""
+    await _redis_has_held_data_for_a_while(redis_url, redis_prefix)
+    tenant = await admin.tenant()
+    key = await admin.key(tenant)
+    spent = 0
+    async with httpx.AsyncClient() as client:
+        for _ in range(4):
+            answer = await client.post(gateway.url + "/api/generate", json=GENERATE, headers=auth(key))
+            assert answer.status_code == 200, answer.text
+            spent += answer.json()["prompt_eval_count"] + answer.json()["eval_count"]
+        assert await _ledger_tokens(admin, tenant, spent) == spent
+        await admin.pool.execute("UPDATE tenants SET monthly_tokens = $2 WHERE name = $1", tenant, spent)
+        refused = await _spend_until_refused(client, gateway.url, key)
+    assert refused.status_code == 429, refused.text
+    assert "monthly token budget" in refused.json()["error"]
+
+
+async def test_a_budget_added_next_to_another_starts_from_the_spend_so_far(
+    limiter_with_clock: Any, admin: Admin
+) -> None:
+    """A key with only a daily budget spends; a monthly budget added later counts that spend
+    (it was counted all along), so a monthly budget of what was spent is used up at once."""
+    limiter, _ = limiter_with_clock
+    tenant_id = secrets.randbelow(10**9) + 10**9
+    await _ready(limiter, tenant_id)
+    daily_only = Subject(7, tenant_id, Limits(daily_tokens=1000), Limits())
+    for _ in range(3):
+        admission = await limiter.admit(daily_only, 5, 15)
+        limiter.settle(admission, daily_only, 5, 15)
+        assert await limiter.flush_settlements()
+    with_monthly = Subject(7, tenant_id, Limits(daily_tokens=1000, monthly_tokens=60), Limits())
+    with pytest.raises(BudgetExceeded, match="monthly token budget of 60 is used up"):
+        await limiter.admit(with_monthly, 5, 15)
+
+
+async def test_budgeted_requests_succeed_at_once_after_redis_restarts_with_its_data(
+    gateway_env: dict[str, str], admin: Admin, private_redis: PrivateRedis
+) -> None:
+    key = await admin.key(daily_tokens=1_000_000)
+    with GatewayProcess({**gateway_env, "REDIS_URL": private_redis.url}) as process:
+        async with httpx.AsyncClient() as client:
+            assert (await wait_until_budgets_ready(client, process.url, key)).status_code == 200
+            for _ in range(5):  # several pooled connections in use
+                await asyncio.gather(*(client.post(process.url + "/api/generate", json=GENERATE,
+                                                   headers=auth(key)) for _ in range(4)))  # fmt: skip
+            redis = aioredis.Redis.from_url(private_redis.url)
+            with contextlib.suppress(redis_exceptions.ConnectionError):
+                await redis.shutdown(save=True)  # keeps its data on disk, as a persistent Redis would
+            await redis.aclose()
+            assert private_redis.process is not None
+            private_redis.process.wait(10)
+            private_redis.start()
+            started = time.monotonic()
+            answer = await client.post(process.url + "/api/generate", json=GENERATE, headers=auth(key))
+            elapsed = time.monotonic() - started
+    assert answer.status_code == 200, answer.text
+    assert elapsed < 1.0

@@ -1,9 +1,13 @@
 """A faithful fake Ollama for the test suite and the benchmarks.
 
-The authority is ``/work/shared/reference/ollama-api.md``; comments cite its
-sections (§N). The server is written directly on asyncio (uvloop when
-installed) so it can stall, drop the socket, and notice a client leaving the
-moment its FIN arrives.
+The authority is Ollama's API documentation (``docs/api.md`` and
+``docs/openai.md`` in github.com/ollama/ollama) and its source; a §N in a
+comment is a section of the API notes the emulator was first written from.
+Where a real server was observed to differ, the comment names the release:
+``tests/real/test_emulator_fidelity.py`` compares the emulator with a real
+Ollama v0.24.0 whenever one is available. The server is written directly on
+asyncio (uvloop when installed) so it can stall, drop the socket, and notice a
+client leaving the moment its FIN arrives.
 
 Python API (in-process; every method is thread-safe)::
 
@@ -68,8 +72,9 @@ dolor sit amet ..." (tokens "Lorem", " ipsum", ...), or the model's ``reply``,
 or its prompt echoed; thinking models first think ``thinking_tokens`` words of
 "Let me think about this carefully."; a tools-capable model given ``tools``
 calls the first tool (string arguments "test", numbers 1) unless the last
-message is a tool result. ``options.num_predict`` / ``max_tokens`` cut the
-answer (done_reason "length"), ``stop`` ends it before the stop text.
+message is a tool result. ``options.num_predict`` / ``max_tokens`` above zero
+cut the answer (done_reason "length"); 0 and negative values mean no limit, as
+in Ollama; ``stop`` ends it before the stop text.
 Embeddings are ``embedding_vector(text, model.embedding_length)``.
 
 Token counting (``count_prompt_tokens(path, body)`` computes it): a token is a

@@ -37,6 +37,7 @@ class Config:
     check_origin: bool = True  # gin-contrib/cors rejects foreign Origin headers with 403 (§6)
     origins: tuple[str, ...] = ()  # extra allowed origins, like OLLAMA_ORIGINS
     keep_alive_s: float = 300.0  # OLLAMA_KEEP_ALIVE default of 5m
+    ignore_output_cap: bool = False  # generate past num_predict / max_tokens: a backend a gateway must cut
 
     def __post_init__(self) -> None:
         if self.frame_style not in FRAME_STYLES:
@@ -47,6 +48,15 @@ class Config:
         for name in (*numbers, "token_delay_ms", "load_delay_ms", "keep_alive_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
+
+    def at_most(self, version: str) -> bool:
+        """Whether the emulated Ollama is `version` or older (``"0.24.0"``), for behaviour
+        observed on a real older release that differs from the current one."""
+
+        def parts(text: str) -> tuple[int, ...]:
+            return tuple(int(p) if p.isdigit() else 0 for p in text.split("-")[0].split("."))
+
+        return parts(self.version) <= parts(version)
 
     def replace(self, changes: Mapping[str, Any]) -> Config:
         """A copy with ``changes`` applied; unknown keys and wrong types raise ``ValueError``."""

@@ -173,7 +173,10 @@ def make_plan(config: Config, ask: Ask) -> Plan:
             content = _cycled(LOREM, config.tokens)
         steps += [Step(content=token) for token in _until_stop(content, ask.stop)]
     reason = "stop"
-    if ask.num_predict is not None and 0 <= ask.num_predict < len(steps):
+    # A cap applies only when it is above zero: 0, -1 (no limit) and -2 (fill the context) all
+    # let the answer run to its end (`runner/ollamarunner/runner.go` checks `numPredict > 0`;
+    # observed on v0.24.0 for `num_predict` and for `max_tokens: 0` on /v1).
+    if ask.num_predict is not None and 0 < ask.num_predict < len(steps):
         steps, reason = steps[: ask.num_predict], "length"
     final: tuple[dict[str, Any], ...] = ()
     if config.tool_calls_in_done and steps and steps[-1].tool_calls:

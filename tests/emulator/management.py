@@ -52,6 +52,9 @@ async def tags(exchange: Exchange) -> None:
         }
         for spec in exchange.state.registry.models()
     ]
+    if exchange.state.config.at_most("0.24.0"):  # observed: v0.24.0 lists no capabilities
+        for entry in listing:
+            del entry["capabilities"]
     exchange.respond(200, orjson.dumps({"models": listing}), JSON_UTF8)
 
 
@@ -86,8 +89,9 @@ async def show(exchange: Exchange) -> None:
     if not name:
         raise ApiError(400, "model is required")
     spec = exchange.state.registry.get(name)
-    if spec is None:  # the message carries the normalised name, e.g. 'nope:latest'
-        raise ApiError(404, f"model '{ModelName.parse(name).short}' not found")
+    if spec is None:  # the message carries the normalised name, e.g. 'nope:latest' (v0.24.0: the name as sent)
+        shown = name if exchange.state.config.at_most("0.24.0") else ModelName.parse(name).short
+        raise ApiError(404, f"model '{shown}' not found")
     arch = spec.family
     model_info: dict[str, Any] = {
         "general.architecture": arch,

@@ -1,0 +1,241 @@
+"""The limits properties against Ollama's real semantics: budgets whatever the output cap field
+says (Ollama reads `num_predict` <= 0 and `max_tokens: 0` as "no limit": `runner/ollamarunner/
+runner.go` applies the limit only when `numPredict > 0`), the runner stopping when a client
+leaves, failover between two real servers, and the listings through the gateway.
+
+`tiny` never ends a reply by itself, so an uncapped request really is endless here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from neuronetz import tokens
+from tests.real.conftest import KeyMaker, gateway_settings
+from tests.real.exchange import SAMPLING, comparable
+from tests.real.ollama import OllamaServer, register_models
+from tests.support import Admin, GatewayProcess, auth
+
+BUDGET = 40
+# A streamed answer the gateway cuts may run this many tokens past its cap (proxy.CAP_SLACK).
+CAP_SLACK = 3
+# Long enough for a capped answer on a busy machine, short enough that an endless one fails fast.
+ANSWER_DEADLINE = 30.0
+CAPS: list[tuple[str, int | None]] = [("0", 0), ("-1", -1), ("-2", -2), ("absent", None), ("huge", 10**6)]
+SURFACES = ["/api/chat", "/api/generate", "/v1/chat/completions", "/v1/completions"]
+# Which (surface, cap, stream) cases fail on this branch only because a cap of 0 passes through.
+
+
+def request_body(surface: str, cap: int | None, stream: bool) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": "tiny", "stream": stream}
+    if surface.endswith(("chat", "chat/completions")):
+        body["messages"] = [{"role": "user", "content": "Tell me a long story."}]
+    else:
+        body["prompt"] = "Tell me a long story."
+    if surface.startswith("/v1/"):
+        body.update(SAMPLING)
+        if cap is not None:
+            body["max_tokens"] = cap
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+    else:
+        body["options"] = {**SAMPLING, **({"num_predict": cap} if cap is not None else {})}
+    return body
+
+
+def served(surface: str, lines: list[Any]) -> tuple[int | None, int]:
+    """(prompt tokens as Ollama counted them, if reported; output tokens the client received):
+    the reported count, or the content pieces when the answer was cut before its counts."""
+    pieces = reported = 0
+    prompt = None
+    for record in lines:
+        if not isinstance(record, dict):
+            continue
+        if surface.startswith("/api/"):
+            if (record.get("message") or {}).get("content") or record.get("response"):
+                pieces += 1
+            if record.get("done"):
+                prompt, reported = int(record.get("prompt_eval_count", 0)), int(record.get("eval_count", 0))
+        else:
+            for choice in record.get("choices") or []:
+                if choice.get("text") or (choice.get("delta") or {}).get("content") or choice.get("message"):
+                    pieces += 1
+            usage = record.get("usage")
+            if usage and usage.get("total_tokens"):
+                prompt, reported = int(usage["prompt_tokens"]), int(usage["completion_tokens"])
+    return prompt, reported if prompt is not None else pieces
+
+
+async def answer(client: httpx.AsyncClient, url: str, surface: str, body: dict[str, Any], key: str) -> list[Any]:
+    """The records of one answer, read as they come; stops reading (and fails) once the
+    answer is longer than any answer within the budget could be."""
+    found: list[Any] = []
+    async with client.stream("POST", url + surface, json=body, headers=auth(key)) as response:
+        if response.status_code != 200:
+            await response.aread()
+            return [response.status_code, orjson.loads(response.content)]
+        if not body["stream"]:
+            return [orjson.loads(await response.aread())]
+        async for line in response.aiter_lines():
+            payload = line.removeprefix("data:").strip()
+            if payload and payload != "[DONE]":
+                found.append(orjson.loads(payload))
+            assert len(found) <= 4 * BUDGET, "an answer far longer than the budget"
+    return found
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(ANSWER_DEADLINE, connect=5)) as made:
+        yield made
+
+
+def cases() -> Iterator[Any]:
+    for surface in SURFACES:
+        for label, cap in CAPS:
+            for stream in (False, True):
+                name = f"{surface}-cap:{label}-{'stream' if stream else 'whole'}"
+                yield pytest.param(surface, cap, stream, id=name)
+
+
+@pytest.mark.parametrize(("surface", "cap", "stream"), list(cases()))
+async def test_a_small_budget_holds_whatever_the_cap_field_says(
+    surface: str,
+    cap: int | None,
+    stream: bool,
+    real_gateway: GatewayProcess,
+    budgeted_key: KeyMaker,
+    client: httpx.AsyncClient,
+) -> None:
+    """Requests until the budget refuses: everything served stays within the budget plus the
+    documented slack (each request's prompt-estimate error, and the few tokens a stream may run
+    past its cap before the gateway cuts it)."""
+    key = await budgeted_key(daily_tokens=BUDGET)
+    body = request_body(surface, cap, stream)
+    estimate = tokens.estimate_prompt(body)
+    total = slack = answered = 0
+    for _ in range(4):
+        try:
+            found = await answer(client, real_gateway.url, surface, body, key)
+        except httpx.TimeoutException:
+            pytest.fail(f"no end within {ANSWER_DEADLINE} s: the answer was not capped")
+        if found and found[0] == 429:
+            break
+        assert found, "an empty answer"
+        assert isinstance(found[0], dict), found
+        answered += 1
+        prompt, output = served(surface, found)
+        # A whole answer is complete, with its counts (a cut one would hide how much was served).
+        assert stream or prompt is not None, f"a whole answer without its counts: {found}"
+        real_prompt = prompt if prompt is not None else estimate
+        total += real_prompt + output
+        slack += max(0, real_prompt - estimate) + CAP_SLACK
+    assert answered >= 1  # the first request fits the budget
+    assert total <= BUDGET + slack, f"served {total} tokens of a {BUDGET}-token budget (slack {slack})"
+
+
+async def test_a_streaming_client_that_leaves_stops_the_runner(
+    real_gateway: GatewayProcess, ollama_url: str, admin: Admin
+) -> None:
+    """The client reads a few chunks of an endless answer and leaves; a one-token request
+    straight to Ollama right after must not wait behind the abandoned generation (requests to
+    one model run one at a time)."""
+    key = await admin.key()
+    endless = {"model": "tiny", "prompt": "Go on forever.", "options": {**SAMPLING, "num_predict": -1}}
+    one = {"model": "tiny", "prompt": "x", "stream": False, "options": {"num_predict": 1}}
+    async with httpx.AsyncClient(timeout=30) as client:
+        baseline_started = time.monotonic()
+        assert (await client.post(ollama_url + "/api/generate", json=one)).status_code == 200
+        baseline = time.monotonic() - baseline_started
+        async with client.stream("POST", real_gateway.url + "/api/generate", json=endless, headers=auth(key)) as r:
+            chunks = 0
+            async for _ in r.aiter_lines():
+                chunks += 1
+                if chunks == 20:
+                    break
+        left = time.monotonic()
+        after = await client.post(ollama_url + "/api/generate", json=one)
+        waited = time.monotonic() - left
+    assert after.status_code == 200
+    print(f"one-token request: {baseline * 1000:.0f} ms before, {waited * 1000:.0f} ms right after the client left")
+    # An abandoned endless generation would hold the model for good; a few seconds is a busy machine.
+    assert waited < baseline + 5
+
+
+async def test_a_waiting_client_that_leaves_stops_the_runner(
+    real_gateway: GatewayProcess, ollama_url: str, admin: Admin
+) -> None:
+    key = await admin.key()
+    endless = {"model": "tiny", "prompt": "Go on.", "stream": False, "options": {**SAMPLING, "num_predict": -1}}
+    one = {"model": "tiny", "prompt": "x", "stream": False, "options": {"num_predict": 1}}
+    async with httpx.AsyncClient(timeout=30) as client:
+        with pytest.raises(httpx.ReadTimeout):
+            await client.post(real_gateway.url + "/api/generate", json=endless, headers=auth(key), timeout=1.0)
+        left = time.monotonic()
+        after = await client.post(ollama_url + "/api/generate", json=one)
+        waited = time.monotonic() - left
+    assert after.status_code == 200
+    print(f"one-token request right after a non-streaming client left: {waited * 1000:.0f} ms")
+    assert waited < 5
+
+
+@pytest.fixture
+def two_servers(ollama_binary: Path, models_dir: Path) -> Iterator[tuple[OllamaServer, OllamaServer]]:
+    with OllamaServer(ollama_binary) as first, OllamaServer(ollama_binary) as second:
+        for server in (first, second):
+            register_models(server.url, models_dir)
+        yield first, second
+
+
+async def test_requests_fail_over_when_a_real_backend_dies(
+    two_servers: tuple[OllamaServer, OllamaServer],
+    database_url: str,
+    redis_url: str,
+    redis_prefix: str,
+    admin: Admin,
+) -> None:
+    first, second = two_servers
+    key = await admin.key()
+    body = {"model": "tiny", "prompt": "Hello", "stream": False, "options": {**SAMPLING, "num_predict": 5}}
+    settings = gateway_settings(database_url, redis_url, redis_prefix, f"{first.url},{second.url}")
+    with GatewayProcess(settings) as gateway:
+        async with httpx.AsyncClient(timeout=30) as client:
+            before = [await client.post(gateway.url + "/api/generate", json=body, headers=auth(key)) for _ in range(4)]
+            assert [r.status_code for r in before] == [200] * 4
+            first.kill()
+            after = [await client.post(gateway.url + "/api/generate", json=body, headers=auth(key)) for _ in range(6)]
+            assert [r.status_code for r in after] == [200] * 6, [r.text for r in after]
+            assert {r.json()["response"] for r in before + after} == {before[0].json()["response"]}
+            tags = await client.get(gateway.url + "/api/tags", headers=auth(key))
+            assert {m["name"] for m in tags.json()["models"]} == {"tiny:latest", "tiny-eos:latest", "tiny-embed:latest"}
+            ps = await client.get(gateway.url + "/api/ps", headers=auth(key))
+            assert [m["name"] for m in ps.json()["models"]] == ["tiny:latest"]
+
+
+async def test_listings_through_the_gateway_follow_the_key_and_the_server(
+    real_gateway: GatewayProcess, ollama_url: str, admin: Admin
+) -> None:
+    only_tiny = await admin.key(models=("tiny",))
+    everything = await admin.key()
+    async with httpx.AsyncClient(timeout=30) as client:
+        generated = await client.post(
+            real_gateway.url + "/api/generate",
+            json={"model": "tiny", "prompt": "x", "stream": False, "options": {"num_predict": 1}},
+            headers=auth(only_tiny),
+        )
+        assert generated.status_code == 200
+        direct_ps = await client.get(ollama_url + "/api/ps")
+        through_ps = await client.get(real_gateway.url + "/api/ps", headers=auth(everything))
+        assert comparable("/api/ps", through_ps) == comparable("/api/ps", direct_ps)
+        for path, names in (("/api/tags", "models"), ("/api/ps", "models"), ("/v1/models", "data")):
+            listed = (await client.get(real_gateway.url + path, headers=auth(only_tiny))).json()[names]
+            assert [m.get("name", m.get("id")) for m in listed] == ["tiny:latest"], path
+        shown = await client.post(real_gateway.url + "/api/show", json={"model": "tiny-eos"}, headers=auth(only_tiny))
+        assert shown.status_code == 403

@@ -1,0 +1,89 @@
+"""The crash journal: a worker killed without warning loses no finished request's usage or
+audit record; nothing is counted twice."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import signal
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import orjson
+import redis.asyncio as aioredis
+
+from tests.support import Admin, GatewayProcess, TcpProxy, auth
+
+CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "count to ten"}], "stream": False}
+
+
+def children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(child) for child in (task / "children").read_text().split()]
+    return found
+
+
+async def journal_records(redis_url: str, prefix: str) -> int:
+    """Records in every journal of this run (each stream entry holds one loop turn's records)."""
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        total = 0
+        async for key in client.scan_iter(match=prefix + "journal:*"):
+            entries: list[Any] = await client.xrange(key) or []
+            total += sum(len(orjson.loads(fields[b"v"])) for _, fields in entries)
+        return total
+    finally:
+        await client.aclose()
+
+
+async def test_a_sigkilled_worker_loses_no_finished_request(
+    gateway_env: dict[str, str], admin: Admin, redis_url: str, redis_prefix: str
+) -> None:
+    """The victim cannot reach Postgres (so nothing it finished is written before it dies);
+    its worker is SIGKILLed; another replica writes everything the worker finished, once."""
+    key = await admin.key()
+    run = secrets.token_hex(4)
+    postgres = urlsplit(gateway_env["DATABASE_URL"])
+    with TcpProxy(postgres.port or 5432) as proxy:
+        cut_env = {**gateway_env, "DATABASE_URL": postgres._replace(netloc=f"127.0.0.1:{proxy.port}").geturl()}
+        with GatewayProcess(cut_env) as victim, GatewayProcess(gateway_env) as survivor:
+            async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=50)) as client:
+
+                async def chat(i: int) -> httpx.Response:
+                    return await client.post(victim.url + "/api/chat", json=CHAT,
+                                             headers={**auth(key), "X-Request-ID": f"{run}-{i}"})  # fmt: skip
+
+                first = await chat(0)  # the key is cached from here on
+                assert first.status_code == 200
+                before = await journal_records(redis_url, redis_prefix)
+                proxy.cut()
+                answers = [first, *await asyncio.gather(*(chat(i) for i in range(1, 61)))]
+                assert [a.status_code for a in answers] == [200] * 61
+                for _ in range(100):  # the journal has the 60 requests' usage and audit records
+                    if await journal_records(redis_url, redis_prefix) >= before + 120:
+                        break
+                    await asyncio.sleep(0.05)
+                (worker,) = children(victim.process.pid)  # type: ignore[union-attr]
+                os.kill(worker, signal.SIGKILL)
+            tokens = sum(a.json()["prompt_eval_count"] + a.json()["eval_count"] for a in answers)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                audited = await admin.pool.fetchval("SELECT count(*) FROM request_log WHERE request_id LIKE $1",
+                                                    f"{run}-%")  # fmt: skip
+                ledger = await admin.pool.fetchrow(
+                    "SELECT sum(requests) AS requests, sum(prompt_tokens + completion_tokens) AS tokens "
+                    "FROM usage_daily u JOIN api_keys k ON k.id = u.key_id WHERE k.prefix = $1", key[:11],
+                )  # fmt: skip
+                if audited >= 61 and ledger is not None and (ledger["requests"] or 0) >= 61:
+                    break
+                await asyncio.sleep(0.25)
+            survivor_log = survivor.log()
+    assert audited == 61
+    assert ledger is not None
+    assert (ledger["requests"], ledger["tokens"]) == (61, tokens)
+    assert "took over a dead worker's journal" in survivor_log
