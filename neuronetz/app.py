@@ -26,7 +26,7 @@ from urllib.parse import quote
 
 import orjson
 
-from neuronetz import config, dialects, logs, metrics, models, proxy, tokens
+from neuronetz import audit, config, dialects, logs, metrics, models, proxy, tokens
 from neuronetz.auth import KeyRecord, bearer_token
 from neuronetz.backends import Backend
 from neuronetz.errors import ANTHROPIC, BadGateway, BadRequest, Forbidden, GatewayError, NotFound, ServiceUnavailable
@@ -58,8 +58,9 @@ class Endpoint:
 
 
 # Default deny: these and nothing else are forwarded (Ollama's server/routes.go for methods).
-# Images travel only in generate/chat bodies (`images`, `image_url` parts); every other body
-# is text, and gets the far smaller GATEWAY_MAX_TEXT_BODY_BYTES.
+# Images travel only in generate/chat-like bodies (`images`, `image_url` and `input_image`
+# parts, Anthropic `image` blocks); every other body is text, and gets the far smaller
+# GATEWAY_MAX_TEXT_BODY_BYTES.
 ENDPOINTS = {
     "/api/version": Endpoint("/api/version", "info", GET),
     "/api/tags": Endpoint("/api/tags", "listing", GET),
@@ -77,10 +78,10 @@ ENDPOINTS = {
     "/v1/embeddings": Endpoint("/v1/embeddings", "inference"),
     "/v1/models": Endpoint("/v1/models", "listing", GET_ONLY),
     "/v1/models/{model}": Endpoint("/v1/models/", "show", GET_ONLY),
-    "/v1/responses": Endpoint("/v1/responses", "inference", generates=True),
-    "/v1/messages": Endpoint("/v1/messages", "inference", generates=True),
+    "/v1/responses": Endpoint("/v1/responses", "inference", generates=True, images=True),
+    "/v1/messages": Endpoint("/v1/messages", "inference", generates=True, images=True),
     # Ollama has no such route; Anthropic clients size their requests with it (README).
-    "/v1/messages/count_tokens": Endpoint("/v1/messages/count_tokens", "count"),
+    "/v1/messages/count_tokens": Endpoint("/v1/messages/count_tokens", "count", images=True),
 }
 
 
@@ -277,9 +278,10 @@ class App:
         but it generates nothing, so it spends no tokens."""
         gateway = self._gateway()
         key = _key(request)
-        raw = await request.body(gateway.settings.max_body_bytes)
+        settings = gateway.settings
+        raw = await request.body(_body_limit(settings, endpoint), self.readers)
         exchange.bytes_in = len(raw)
-        body = parse_json(raw)
+        body = parse_json(raw, settings.max_json_elements)
         model = exchange.model = _model_of(body)
         if model is None:
             raise BadRequest("The field 'model' is required.")
@@ -514,11 +516,14 @@ class App:
                 "queue_wait_ms": round(exchange.queue_wait_ms, 1) if exchange.queue_wait_ms is not None else None,
             }
         )
-        record = (
-            created, request.request_id, key.tenant_id if key else None, key.prefix if key else None,
-            _inet(request.client), request.method, route.path, exchange.model, exchange.backend, status,
-            exchange.error_code, exchange.stream, usage.prompt_tokens, usage.completion_tokens, exchange.bytes_in,
-            exchange.bytes_out, ttfb, duration * 1000, exchange.disconnected, exchange.removed_tools,
+        record = audit.Record(
+            created_at=created, request_id=request.request_id, tenant_id=key.tenant_id if key else None,
+            key_prefix=key.prefix if key else None, client_addr=_inet(request.client), method=request.method,
+            route=route.path, model=exchange.model, backend=exchange.backend, status=status,
+            error_code=exchange.error_code, stream=exchange.stream, prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens, bytes_in=exchange.bytes_in, bytes_out=exchange.bytes_out,
+            ttfb_ms=ttfb, duration_ms=duration * 1000, disconnected=exchange.disconnected,
+            removed_tools=exchange.removed_tools,
         )  # fmt: skip
         prompt = None
         if key is not None and key.log_prompts and key.prompt_ttl_days and exchange.prompt is not None:
