@@ -140,14 +140,40 @@ def parse_backend_url(raw: str, name: str = "OLLAMA_BACKENDS") -> str:
 
 
 def parse_backends(raw: str, name: str = "OLLAMA_BACKENDS") -> tuple[str, ...]:
-    """Comma-separated backend URLs, validated, canonical and de-duplicated in order."""
-    urls: list[str] = []
+    """Comma-separated backend URLs, validated, canonical and de-duplicated in order. An
+    entry may carry options after the URL (`http://gpu1:11434;slots=4`, see `backend_slots`)."""
+    return tuple(backend_specs(raw, name))
+
+
+def backend_specs(raw: str, name: str = "OLLAMA_BACKENDS") -> dict[str, int | None]:
+    """Each backend URL with its own slot count (None: GATEWAY_BACKEND_SLOTS applies), in order.
+
+    >>> backend_specs("http://a:11434;slots=4, http://b:11434")
+    {'http://a:11434': 4, 'http://b:11434': None}
+    """
+    specs: dict[str, int | None] = {}
     for item in raw.split(","):
-        if item.strip():
-            url = parse_backend_url(item, name)
-            if url not in urls:
-                urls.append(url)
-    return tuple(urls)
+        if not item.strip():
+            continue
+        url_part, *options = item.split(";")
+        url = parse_backend_url(url_part, name)
+        slots: int | None = None
+        for option in options:
+            option_name, _, value = option.strip().partition("=")
+            if option_name.strip() != "slots":
+                raise ConfigError(f"{name}: unknown option {option.strip()!r} after {url} (only ;slots=N is known).")
+            slots = _integer(0, MAX_SLOTS)(value, f"{name}: slots of {url}")
+        if url not in specs:
+            specs[url] = slots
+    return specs
+
+
+def render_backend(url: str, slots: int | None) -> str:
+    """One OLLAMA_BACKENDS entry, the inverse of `backend_specs` for one backend."""
+    return url if slots is None else f"{url};slots={slots}"
+
+
+MAX_SLOTS = 4096
 
 
 @dataclass(frozen=True)
@@ -168,7 +194,14 @@ VARIABLES: tuple[Variable, ...] = (
              _url(("redis", "rediss", "unix"), "redis://host:6379/0"),
              "Redis connection URL (key cache, rate-limit and budget counters)."),
     Variable("OLLAMA_BACKENDS", "ollama_backends", "http://127.0.0.1:11434", parse_backends,
-             "Comma-separated Ollama base URLs; edited by add-backend/remove-backend, reloaded live."),
+             "Comma-separated Ollama base URLs, each optionally with `;slots=N`; edited by add-backend/remove-backend, "
+             "reloaded live."),
+    Variable("GATEWAY_BACKEND_SLOTS", "backend_slots", "0", _integer(0, MAX_SLOTS),
+             "Requests each backend runs at once per model (its OLLAMA_NUM_PARALLEL); 0: no gateway queue."),
+    Variable("GATEWAY_QUEUE_MAX_WAIT", "queue_max_wait", "30", _seconds(0.1, 3600),
+             "Seconds a request may wait for a backend slot before 503 with Retry-After."),
+    Variable("GATEWAY_QUEUE_MAX_DEPTH", "queue_max_depth", "64", _integer(1, 100_000),
+             "Requests one tenant may have waiting for slots (per model) before 429 queue_full."),
     Variable("GATEWAY_HOST", "host", "127.0.0.1", _host,
              "Address to listen on (0.0.0.0 in the container)."),
     Variable("GATEWAY_PORT", "port", "8080", _integer(1, 65535), "TCP port to listen on."),
@@ -245,6 +278,9 @@ class Settings:
     database_url: str
     redis_url: str
     ollama_backends: tuple[str, ...]
+    backend_slots: int
+    queue_max_wait: float
+    queue_max_depth: int
     host: str
     port: int
     workers: int
@@ -279,6 +315,7 @@ class Settings:
     audit_queue: int
     audit_retention_days: int
     env_file: Path | None = None
+    slots_by_backend: Mapping[str, int | None] = dataclasses.field(default_factory=dict)  # ;slots=N overrides
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -313,4 +350,5 @@ def load(env_file: Path | None = None, environ: Mapping[str, str] | None = None)
     for variable in VARIABLES:
         raw = environ.get(variable.name, file_values.get(variable.name, variable.default))
         values[variable.field] = variable.parse(raw, variable.name)
-    return Settings(**values, env_file=env_file)
+    backends = environ.get("OLLAMA_BACKENDS", file_values.get("OLLAMA_BACKENDS", ""))
+    return Settings(**values, env_file=env_file, slots_by_backend=backend_specs(backends))

@@ -30,6 +30,7 @@ from neuronetz.backends import BackendPool, failure_reason
 from neuronetz.budgets import Ledger
 from neuronetz.journal import Journal
 from neuronetz.limits import Limiter
+from neuronetz.slots import Scheduler
 from neuronetz.upstream import UpstreamTransport
 
 log = logging.getLogger("neuronetz.gateway")
@@ -61,7 +62,10 @@ class Gateway:
             failures_per_minute=settings.auth_failures_per_minute,
             threads=settings.auth_threads,
         )
-        self.backends = BackendPool(settings.ollama_backends, http, settings.health_interval, settings.backend_cooldown)
+        self.backends = BackendPool(
+            settings.ollama_backends, http, settings.health_interval, settings.backend_cooldown,
+            slots=settings.backend_slots, slots_by_backend=settings.slots_by_backend,
+        )  # fmt: skip
         self.journal = Journal(redis, pool, settings.redis_prefix)
         self.ledger = Ledger(pool, journal=self.journal)
         self.limiter = Limiter(
@@ -83,6 +87,10 @@ class Gateway:
             settings.connect_timeout, settings.first_byte_timeout, settings.idle_timeout, settings.total_timeout
         )
         self.metrics = metrics.Registry()
+        self.slots = Scheduler(
+            redis, self.backends, self.metrics, prefix=settings.redis_prefix, lease_ttl=settings.lease_ttl,
+            max_wait=settings.queue_max_wait, max_depth=settings.queue_max_depth,
+        )  # fmt: skip
         self.shared_metrics = metrics.Shared()
         self.in_flight: set[asyncio.Task[Any]] = set()
         self.draining = False
@@ -112,6 +120,7 @@ class Gateway:
         self.auth.start()
         self.ledger.start()
         self.limiter.start()
+        self.slots.start()
         self.audit.start()
         # A dead worker's journal is handed to this worker's own writers (and so its journal).
         self.journal.start(
@@ -124,6 +133,7 @@ class Gateway:
 
     async def close(self) -> None:
         await self.tasks.stop()
+        await self.slots.stop()
         await self.limiter.stop()
         await self.ledger.stop()
         await self.audit.stop()
@@ -197,6 +207,7 @@ class Gateway:
             log.info("OLLAMA_BACKENDS is set in the environment; edits of the .env file are not applied live")
             return
         seen = _stamp(path)
+        known = dict(self.settings.slots_by_backend)
         while True:
             await asyncio.sleep(ENV_POLL_INTERVAL)
             stamp = _stamp(path)
@@ -205,12 +216,13 @@ class Gateway:
             seen = stamp
             try:
                 raw = envfile.read(path).get("OLLAMA_BACKENDS", "")
-                urls = config.parse_backends(raw)
+                specs = config.backend_specs(raw)
             except (envfile.EnvFileError, config.ConfigError) as exc:
                 log.error("ignoring the changed env file", extra={"fields": {"error": str(exc)}})
                 continue
-            if urls != self.backends.urls:
-                self.backends.reconfigure(urls)
+            if tuple(specs) != self.backends.urls or specs != known:
+                known = specs
+                self.backends.reconfigure(tuple(specs), specs)
                 await self.backends.refresh()
 
     # --- metrics --------------------------------------------------------------------------------
@@ -235,6 +247,7 @@ class Gateway:
             key = metrics.labels(backend=backend.url)
             registry.set("neuronetz_backend_up", 1.0 if backend.state()["ok"] else 0.0, key)
             registry.set("neuronetz_backend_in_flight", float(backend.in_flight), key)
+        self.slots.refresh_gauges()
 
     async def _publish_metrics(self) -> None:
         while True:
