@@ -44,10 +44,9 @@ from ipaddress import IPv6Address, ip_address
 from typing import Any, NoReturn
 
 import asyncpg
-import redis.asyncio as aioredis
 import redis.exceptions
 
-from neuronetz import keys, models, tenants
+from neuronetz import db, keys, models, tenants
 from neuronetz.errors import Forbidden, RateLimited, ServiceUnavailable, Unauthorized
 from neuronetz.limits import Limits, Subject
 from neuronetz.tasks import Supervisor
@@ -223,7 +222,7 @@ class Authenticator:
     def __init__(
         self,
         pool: asyncpg.Pool[Any],
-        redis_client: aioredis.Redis,
+        redis_client: db.RedisClient,
         *,
         database_url: str,
         secret: str,
