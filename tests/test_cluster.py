@@ -14,7 +14,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -102,14 +102,14 @@ class Cluster:
 
     def wait_ok(self) -> None:
         def ok() -> bool:
-            return all(s.client().execute_command("CLUSTER INFO")["cluster_state"] == "ok" for s in self.servers)
+            return all(s.client().cluster("INFO")["cluster_state"] == "ok" for s in self.servers)
 
         _wait(ok, "the cluster did not reach cluster_state:ok", timeout=30)
 
     def server_of(self, key: str) -> Server:
         """The primary serving `key`'s slot."""
         slot = key_slot(key.encode())
-        for start, end, primary, *_ in self.servers[0].client().execute_command("CLUSTER SLOTS"):
+        for start, end, primary, *_ in self.servers[0].client().cluster("SLOTS"):
             if start <= slot <= end:
                 return next(s for s in self.servers if s.port == int(primary[1]))
         raise LookupError(f"no primary serves slot {slot}")
@@ -163,11 +163,13 @@ async def tenant_tag(admin: Admin, key: str, prefix: str) -> str:
     return tag(prefix, tenant_id)
 
 
-async def keys_on_each_primary(admin: Admin, cluster: Cluster, prefix: str, **limits: int) -> list[str]:
+async def keys_on_each_primary(
+    admin: Admin, cluster: Cluster, prefix: str, new_key: Callable[[], Awaitable[str]]
+) -> list[str]:
     """One new key (of a new tenant) whose tenant's slot is on each primary, in server order."""
     found: dict[int, str] = {}
     while len(found) < len(cluster.servers):
-        key = await admin.key(**limits)
+        key = await new_key()
         server = cluster.server_of(await tenant_tag(admin, key, prefix))
         found.setdefault(cluster.servers.index(server), key)
     return [found[index] for index in range(len(cluster.servers))]
@@ -191,7 +193,7 @@ async def test_rate_and_concurrency_limits_hold_on_a_cluster(
     cluster_gateway: GatewayProcess, cluster: Cluster, emulator: Emulator, admin: Admin, redis_prefix: str,
     client: httpx.AsyncClient,
 ) -> None:  # fmt: skip
-    for key in await keys_on_each_primary(admin, cluster, redis_prefix, rpm=3):
+    for key in await keys_on_each_primary(admin, cluster, redis_prefix, lambda: admin.key(rpm=3)):
         statuses = [(await generate(client, cluster_gateway, key)).status_code for _ in range(5)]
         assert statuses == [200, 200, 200, 429, 429]
     # The counters live on the tenant's own primary, under the tenant's hash tag.
@@ -211,7 +213,7 @@ async def test_rate_and_concurrency_limits_hold_on_a_cluster(
 async def test_budgets_and_revocation_on_a_cluster(
     cluster_gateway: GatewayProcess, cluster: Cluster, admin: Admin, redis_prefix: str, client: httpx.AsyncClient
 ) -> None:
-    for key in await keys_on_each_primary(admin, cluster, redis_prefix, daily_tokens=20):
+    for key in await keys_on_each_primary(admin, cluster, redis_prefix, lambda: admin.key(daily_tokens=20)):
         assert (await until_not_503(client, cluster_gateway, key)).status_code == 200  # 2 tokens
         assert (await generate(client, cluster_gateway, key, num_predict=10)).status_code == 200  # 11 more
         refused = await generate(client, cluster_gateway, key, num_predict=10)
@@ -229,7 +231,7 @@ async def test_budgets_and_revocation_on_a_cluster(
 async def test_budgets_are_rebuilt_after_every_primary_is_flushed(
     cluster_gateway: GatewayProcess, cluster: Cluster, admin: Admin, redis_prefix: str, client: httpx.AsyncClient
 ) -> None:
-    keys = await keys_on_each_primary(admin, cluster, redis_prefix, total_tokens=12)
+    keys = await keys_on_each_primary(admin, cluster, redis_prefix, lambda: admin.key(total_tokens=12))
     for key in keys:
         await until_not_503(client, cluster_gateway, key)  # 2 tokens
         assert (await generate(client, cluster_gateway, key, num_predict=9)).status_code == 200  # 10 more
@@ -249,8 +251,8 @@ async def test_budgets_are_rebuilt_after_every_primary_is_flushed(
 async def test_a_dead_primary_fails_only_its_own_budgets_closed_and_recovers(
     cluster_gateway: GatewayProcess, cluster: Cluster, admin: Admin, redis_prefix: str, client: httpx.AsyncClient
 ) -> None:
-    budgeted = await keys_on_each_primary(admin, cluster, redis_prefix, daily_tokens=100_000)
-    unbudgeted = await keys_on_each_primary(admin, cluster, redis_prefix, rpm=1000)
+    budgeted = await keys_on_each_primary(admin, cluster, redis_prefix, lambda: admin.key(daily_tokens=100_000))
+    unbudgeted = await keys_on_each_primary(admin, cluster, redis_prefix, lambda: admin.key(rpm=1000))
     for key in budgeted:
         assert (await until_not_503(client, cluster_gateway, key)).status_code == 200
     victim = cluster.servers[0]
