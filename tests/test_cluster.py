@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 import pytest_asyncio
 import redis
@@ -26,7 +27,7 @@ from redis.crc import key_slot
 from neuronetz import tenants
 from neuronetz.limits import tag
 from tests.emulator import Emulator
-from tests.support import Admin, GatewayProcess, auth, free_port
+from tests.support import ROOT, Admin, GatewayProcess, auth, free_port
 
 GENERATE = {"model": "tiny", "prompt": "hi", "stream": False}
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -199,6 +200,11 @@ async def test_rate_and_concurrency_limits_hold_on_a_cluster(
     # The counters live on the tenant's own primary, under the tenant's hash tag.
     slotted = [s for s in cluster.servers if any(True for _ in s.client().scan_iter(match=redis_prefix + "{t*}:rpm:*"))]
     assert len(slotted) == 3
+    # The crash journal (one stream and heartbeat per worker) works on a cluster too.
+    journals = [k for s in cluster.servers for k in s.client().scan_iter(match=redis_prefix + "journal*")]
+    assert any(b"journal-alive:" in k for k in journals), journals
+    assert any(b"journal:" in k for k in journals), journals
+    assert "journal append failed" not in cluster_gateway.log()
     emulator.configure(token_delay_ms=100, tokens=10)
     key = await admin.key(max_concurrent=2)
     answers = await asyncio.gather(
@@ -326,3 +332,31 @@ async def test_the_gateway_works_through_sentinel(
         assert "daily token budget of 20" in spent.json()["error"]
     # The counters are on the primary the Sentinel named.
     assert any(True for _ in primary.client().scan_iter(match=redis_prefix + "{t*}:rpm:*"))
+
+
+# --- replicas behind Caddy ----------------------------------------------------------------------
+
+
+def test_the_replicas_caddyfile_balances_streams_and_checks_health() -> None:
+    caddy = shutil.which("caddy")
+    if caddy is None:
+        pytest.skip("needs caddy (Debian package caddy)")
+    home = tempfile.mkdtemp(prefix="neuronetz-caddy-")
+    try:
+        result = subprocess.run(
+            [caddy, "adapt", "--config", "ops/caddy/Caddyfile.replicas.example", "--adapter", "caddyfile"],
+            cwd=ROOT, capture_output=True, text=True, timeout=60, check=True,
+            env={"PATH": "/usr/bin:/bin", "HOME": home, "NEURONETZ_DOMAIN": "gw.example.com",
+                 "ACME_EMAIL": "ops@example.com"},
+        )  # fmt: skip
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+    assert "not formatted" not in result.stderr, "run `caddy fmt --overwrite ops/caddy/Caddyfile.replicas.example`"
+    (server,) = orjson.loads(result.stdout)["apps"]["http"]["servers"].values()
+    (route,) = server["routes"]
+    (handler,) = [h for r in route["handle"][0]["routes"] for h in r["handle"] if h["handler"] == "reverse_proxy"]
+    assert len(handler["upstreams"]) >= 2
+    assert handler["health_checks"]["active"]["uri"] == "/healthz"
+    assert handler["health_checks"]["passive"]["max_fails"] == 3
+    assert handler["load_balancing"]["selection_policy"] == {"policy": "least_conn"}
+    assert handler["flush_interval"] == -1, "streamed chunks must reach the client at once"

@@ -139,14 +139,28 @@ class Snapshot:
     redis_cpu: float  # s
     redis_reads: int
     redis_commands: dict[str, tuple[int, int]]  # command -> (calls, usec)
-    pg_cpu: float  # s, every process of the private cluster
+    pg_cpu: float  # s, every process of the private cluster, living or reaped
     wal: int  # bytes
     table_bytes: int
     audited: int
     ledgered: int
 
 
-async def snapshot(redis: Any, pg: Any, postgres_pids: list[int]) -> Snapshot:
+def tree_cpu(root: int) -> float:
+    """CPU seconds of `root` and every process below it now, including what the children they
+    have already reaped used (cutime + cstime): backends of closed connections count too."""
+    total = 0
+    for pid in loadgen.process_tree(root):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as handle:
+                fields = handle.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        total += sum(int(value) for value in fields[11:15])  # utime, stime, cutime, cstime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+async def snapshot(redis: Any, pg: Any, postgres: int) -> Snapshot:
     cpu = await redis.info("cpu")
     stats = await redis.info("stats")
     commands = await redis.info("commandstats")
@@ -154,7 +168,7 @@ async def snapshot(redis: Any, pg: Any, postgres_pids: list[int]) -> Snapshot:
         cpu["used_cpu_user"] + cpu["used_cpu_sys"],
         stats["total_reads_processed"],
         {name.removeprefix("cmdstat_"): (v["calls"], v["usec"]) for name, v in commands.items()},
-        loadgen.cpu_seconds(postgres_pids),
+        tree_cpu(postgres),
         await pg.fetchval("SELECT (pg_current_wal_lsn() - '0/0')::bigint"),
         await pg.fetchval(
             "SELECT sum(pg_total_relation_size(c.oid))::bigint FROM pg_class c WHERE c.relkind IN ('r', 'p') AND "
@@ -184,11 +198,11 @@ async def statements(pg: Any) -> tuple[int, float, list[tuple[str, int, float]]]
 
 
 async def measure(
-    port: int, request: bytes, concurrency: int, n: int, redis: Any, pg: Any, postgres_pids: list[int]
+    port: int, request: bytes, concurrency: int, n: int, redis: Any, pg: Any, postgres: int
 ) -> dict[str, Any]:
     await redis.config_resetstat()
     await pg.execute("SELECT pg_stat_statements_reset()")
-    before = await snapshot(redis, pg, postgres_pids)
+    before = await snapshot(redis, pg, postgres)
     connections = await loadgen.connect(port, concurrency)
     started = time.perf_counter()
     try:
@@ -201,7 +215,7 @@ async def measure(
     # The audit writer and the ledger write in batches (at least once a second): wait for both.
     deadline = time.monotonic() + 30
     while True:
-        after = await snapshot(redis, pg, postgres_pids)
+        after = await snapshot(redis, pg, postgres)
         if after.audited - before.audited >= n and after.ledgered - before.ledgered >= n:
             break
         if time.monotonic() > deadline:
@@ -255,14 +269,13 @@ async def run(args: argparse.Namespace) -> int:
                 env = loadgen.gateway_env(database_url, "nzbench:services:", emulator.url, REDIS_URL=redis_url)
                 gateway = loadgen.start_gateway(env)
                 started.append(gateway)
-                postgres_pids = loadgen.process_tree(pg_process.pid)
                 for label, key in keys.items():
                     request = loadgen.http_request("POST", gateway.port, "/api/chat", loadgen.CHAT_BODY, key)
                     await warm(gateway.port, request)
                     for concurrency in (1, 16):
                         print(f"  {label}, c={concurrency}", file=sys.stderr, flush=True)
                         results[label, concurrency] = await measure(
-                            gateway.port, request, concurrency, args.requests, redis, pg, postgres_pids
+                            gateway.port, request, concurrency, args.requests, redis, pg, pg_process.pid
                         )
         finally:
             await redis.aclose()
