@@ -341,7 +341,8 @@ def report(results: dict[tuple[str, int], dict[str, Any]], args: argparse.Namesp
                 f"non-streaming POST /api/chat, closed loop of {args.requests:,} requests after 500 warm-up; counters "
                 "read before and after (after the writers flushed). Round trips = Redis read events "
                 "(total_reads_processed); Redis CPU = used_cpu_user + used_cpu_sys of the private redis-server; "
-                "us per EVALSHA = commandstats usec (wall time inside Redis, the script's commands included); Postgres CPU = /proc CPU of every process of the private cluster "
+                "us per EVALSHA = commandstats usec (wall time inside Redis, the script's commands included); "
+                "Postgres CPU = /proc CPU of every process of the private cluster "
                 "(backends, WAL writer, checkpointer, autovacuum); statements and exec time = pg_stat_statements; "
                 "WAL = pg_current_wal_lsn; table bytes = growth of usage_daily, request_log*, journal_progress",
                 loadgen.table(
