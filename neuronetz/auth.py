@@ -44,7 +44,6 @@ from ipaddress import IPv6Address, ip_address
 from typing import Any, NoReturn
 
 import asyncpg
-import redis.exceptions
 
 from neuronetz import db, keys, models, tenants
 from neuronetz.errors import Forbidden, RateLimited, ServiceUnavailable, Unauthorized
@@ -362,7 +361,7 @@ class Authenticator:
             known = await self.redis.hget(redis_key, field)
             if isinstance(known, bytes) and hmac.compare_digest(known, fingerprint.encode()):
                 return True
-        except (redis.exceptions.RedisError, OSError):
+        except db.REDIS_ERRORS:
             pass  # Redis is an optimisation here; Argon2 still decides
         self.prefix_failures.check(prefix, time.monotonic())
         if self.pending_verifications >= MAX_PENDING_VERIFICATIONS:
@@ -381,7 +380,7 @@ class Authenticator:
                     pipe.hset(redis_key, field, fingerprint)
                     pipe.expire(redis_key, VERIFIED_TTL)
                     await pipe.execute()
-            except (redis.exceptions.RedisError, OSError):
+            except db.REDIS_ERRORS:
                 pass
         return ok
 

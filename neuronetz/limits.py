@@ -355,11 +355,14 @@ class Limiter:
         if not isinstance(self.redis, RedisCluster):
             return await self._on_server(calls, None)
         cluster = self.redis
-        await cluster.initialize()
         groups: dict[str, list[int]] = {}
-        for index, (keys, _) in enumerate(calls):
-            node = cluster.get_node_from_key(keys[0])
-            groups.setdefault(node.name if node is not None else "", []).append(index)
+        try:
+            await cluster.initialize()  # a no-op unless the topology is unknown or changed
+            for index, (keys, _) in enumerate(calls):
+                node = cluster.get_node_from_key(keys[0])
+                groups.setdefault(node.name if node is not None else "", []).append(index)
+        except REDIS_ERRORS as exc:  # no node answers, or a slot has no primary
+            return [exc] * len(calls)
         replies: list[Any] = [None] * len(calls)
         answers = await asyncio.gather(
             *(self._on_server([calls[i] for i in indices], name or None) for name, indices in groups.items())

@@ -24,7 +24,7 @@ import pytest_asyncio
 import redis
 from redis.crc import key_slot
 
-from neuronetz import tenants
+from neuronetz import config, tenants
 from neuronetz.limits import tag
 from tests.emulator import Emulator
 from tests.support import ROOT, Admin, GatewayProcess, auth, free_port
@@ -284,6 +284,27 @@ async def test_a_dead_primary_fails_only_its_own_budgets_closed_and_recovers(
         assert (await generate(client, cluster_gateway, key)).status_code == 200
 
 
+async def test_a_cluster_with_no_primary_up_fails_budgets_closed_at_once(
+    cluster_gateway: GatewayProcess, cluster: Cluster, admin: Admin, client: httpx.AsyncClient
+) -> None:
+    budgeted, free = await admin.key(daily_tokens=100_000), await admin.key(rpm=1000)
+    assert (await until_not_503(client, cluster_gateway, budgeted)).status_code == 200
+    for server in cluster.servers:
+        server.kill()
+    try:
+        for _ in range(3):  # the first finds dead connections, the next ones no node to ask at all
+            started = time.monotonic()
+            down = await generate(client, cluster_gateway, budgeted)
+            assert down.status_code == 503
+            assert time.monotonic() - started < 5
+            assert (await generate(client, cluster_gateway, free)).status_code == 200
+    finally:
+        for server in cluster.servers:
+            server.start()
+    cluster.wait_ok()
+    assert (await until_not_503(client, cluster_gateway, budgeted)).status_code == 200
+
+
 # --- Sentinel -------------------------------------------------------------------------------------
 
 
@@ -360,3 +381,30 @@ def test_the_replicas_caddyfile_balances_streams_and_checks_health() -> None:
     assert handler["health_checks"]["passive"]["max_fails"] == 3
     assert handler["load_balancing"]["selection_policy"] == {"policy": "least_conn"}
     assert handler["flush_interval"] == -1, "streamed chunks must reach the client at once"
+
+
+# --- settings -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"REDIS_URL": "redis://a:6379,redis://b:6379"}, "REDIS_URL lists several servers: set REDIS_MODE"),
+        ({"REDIS_MODE": "cluster", "REDIS_URL": "unix:///run/redis.sock"}, "REDIS_MODE=cluster needs redis://"),
+        ({"REDIS_MODE": "ring"}, "REDIS_MODE must be one of standalone, cluster, sentinel, got 'ring'."),
+        ({"REDIS_MODE": "cluster", "REDIS_URL": "redis://a:6379,http://b"}, "REDIS_URL must be a URL like redis://"),
+        ({"REDIS_MODE": "sentinel", "REDIS_SENTINEL_MASTER": "my master"}, "REDIS_SENTINEL_MASTER must be the name"),
+    ],
+)
+def test_a_redis_setting_that_cannot_work_is_one_sentence(environ: dict[str, str], message: str) -> None:
+    with pytest.raises(config.ConfigError) as caught:
+        config.load(None, environ=environ)
+    assert str(caught.value).startswith(message)
+
+
+def test_cluster_and_sentinel_take_several_urls() -> None:
+    urls = "redis://:pw@r1:6379, rediss://r2:6380"
+    settings = config.load(None, environ={"REDIS_MODE": "cluster", "REDIS_URL": urls})
+    assert (settings.redis_mode, settings.redis_url) == ("cluster", "redis://:pw@r1:6379,rediss://r2:6380")
+    settings = config.load(None, environ={"REDIS_MODE": "Sentinel", "REDIS_URL": "redis://s1:26379"})
+    assert (settings.redis_mode, settings.redis_sentinel_master) == ("sentinel", "mymaster")
