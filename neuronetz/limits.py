@@ -16,7 +16,9 @@ refunds what was reserved but not used.
 If Redis cannot be reached, a request with a budget anywhere in its chain is refused (503,
 fail closed). Requests without budgets are admitted without their rate and concurrency
 limits (fail open), because those protect capacity rather than commitments, and an outage
-of Redis should not become an outage of every model.
+of Redis should not become an outage of every model. On a Redis Cluster each tenant's keys
+live on one primary (the tenant's hash tag), and only the tenants of a primary that is down
+are affected.
 """
 
 from __future__ import annotations
