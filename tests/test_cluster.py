@@ -148,12 +148,14 @@ async def generate(client: httpx.AsyncClient, gateway: GatewayProcess, key: str,
     return await client.post(gateway.url + "/api/generate", json=body, headers=auth(key))
 
 
-async def until_not_503(client: httpx.AsyncClient, gateway: GatewayProcess, key: str) -> httpx.Response:
+async def until_not_503(
+    client: httpx.AsyncClient, gateway: GatewayProcess, key: str, num_predict: int = 1
+) -> httpx.Response:
     """A budgeted tenant's first request on a Redis that just lost its data (or never had
     it) may meet a counter rebuild: 503 for a moment. Any other answer ends the wait."""
     deadline = time.monotonic() + 15
     while True:
-        response = await generate(client, gateway, key, num_predict=1)
+        response = await generate(client, gateway, key, num_predict=num_predict)
         if response.status_code != 503 or time.monotonic() > deadline:
             return response
         await asyncio.sleep(0.2)
@@ -309,33 +311,40 @@ async def test_a_cluster_with_no_primary_up_fails_budgets_closed_at_once(
 
 
 @pytest.fixture
-def sentinel() -> Iterator[tuple[Server, Server]]:
-    """One primary and one Sentinel monitoring it as `mymaster`."""
+def sentinel() -> Iterator[tuple[Server, Server, Server]]:
+    """A primary, its replica and one Sentinel monitoring them as `mymaster` (quorum 1,
+    a primary silent for 1 s is failed over)."""
     root = Path(tempfile.mkdtemp(prefix="neuronetz-sentinel-"))
-    port, sentinel_port = free_port(), free_port()
-    primary = Server([REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                      "--dir", str(root)], root, port)  # fmt: skip
+    port, replica_port, sentinel_port = free_port(), free_port(), free_port()
+    common = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(root)]
+    primary = Server([REDIS_SERVER, "--port", str(port), *common], root, port)
+    replica = Server([REDIS_SERVER, "--port", str(replica_port), "--replicaof", "127.0.0.1", str(port), *common],
+                     root, replica_port)  # fmt: skip
     conf = root / "sentinel.conf"  # Sentinel rewrites its file, so it is one of the test's own
     conf.write_text(
         f"port {sentinel_port}\nbind 127.0.0.1\ndir {root}\n"
-        f"sentinel monitor mymaster 127.0.0.1 {port} 1\nsentinel down-after-milliseconds mymaster 5000\n"
+        f"sentinel monitor mymaster 127.0.0.1 {port} 1\nsentinel down-after-milliseconds mymaster 1000\n"
+        "sentinel failover-timeout mymaster 5000\n"
     )
     watcher = Server([REDIS_SERVER, str(conf), "--sentinel"], root, sentinel_port)
     try:
         primary.start()
+        replica.start()
         watcher.start()
-        yield primary, watcher
+        _wait(lambda: watcher.client().sentinel_slaves("mymaster"), "the Sentinel did not find the replica")
+        yield primary, replica, watcher
     finally:
         watcher.kill()
+        replica.kill()
         primary.kill()
         shutil.rmtree(root, ignore_errors=True)
 
 
-async def test_the_gateway_works_through_sentinel(
-    gateway_env: dict[str, str], sentinel: tuple[Server, Server], admin: Admin, redis_prefix: str,
+async def test_the_gateway_works_through_sentinel_and_follows_a_failover(
+    gateway_env: dict[str, str], sentinel: tuple[Server, Server, Server], admin: Admin, redis_prefix: str,
     client: httpx.AsyncClient,
 ) -> None:  # fmt: skip
-    primary, watcher = sentinel
+    primary, replica, watcher = sentinel
     env = {**gateway_env, "REDIS_MODE": "sentinel", "REDIS_URL": f"redis://127.0.0.1:{watcher.port}/0",
            "REDIS_SENTINEL_MASTER": "mymaster"}  # fmt: skip
     with GatewayProcess(env) as process:
@@ -351,8 +360,22 @@ async def test_the_gateway_works_through_sentinel(
         spent = await generate(client, process, limited, num_predict=10)
         assert spent.status_code == 429
         assert "daily token budget of 20" in spent.json()["error"]
-    # The counters are on the primary the Sentinel named.
-    assert any(True for _ in primary.client().scan_iter(match=redis_prefix + "{t*}:rpm:*"))
+        # The counters are on the primary the Sentinel named.
+        assert any(True for _ in primary.client().scan_iter(match=redis_prefix + "{t*}:rpm:*"))
+
+        primary.kill()
+
+        def promoted() -> bool:
+            address = watcher.client().sentinel_get_master_addr_by_name("mymaster")
+            return isinstance(address, tuple) and int(address[1]) == replica.port
+
+        _wait(promoted, "the Sentinel did not promote the replica", timeout=30)
+        # The promoted replica has the counters: spent stays spent, the rate limit holds.
+        after = await until_not_503(client, process, limited, num_predict=10)
+        assert after.status_code == 429
+        assert "daily token budget of 20" in after.json()["error"]
+        assert (await generate(client, process, key)).status_code == 429
+        assert any(True for _ in replica.client().scan_iter(match=redis_prefix + "{t*}:used:*"))
 
 
 # --- replicas behind Caddy ----------------------------------------------------------------------
