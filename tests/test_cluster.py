@@ -363,6 +363,13 @@ async def test_the_gateway_works_through_sentinel_and_follows_a_failover(
         # The counters are on the primary the Sentinel named.
         assert any(True for _ in primary.client().scan_iter(match=redis_prefix + "{t*}:rpm:*"))
 
+        # Replication is asynchronous: a failover loses what the replica has not received yet.
+        def caught_up() -> bool:
+            offset = primary.client().info("replication")["master_repl_offset"]
+            return bool(replica.client().info("replication")["slave_repl_offset"] == offset)
+
+        _wait(caught_up, "the replica did not catch up")
+        assert replica.client().dbsize() == primary.client().dbsize()
         primary.kill()
 
         def promoted() -> bool:
