@@ -44,10 +44,8 @@ from ipaddress import IPv6Address, ip_address
 from typing import Any, NoReturn
 
 import asyncpg
-import redis.asyncio as aioredis
-import redis.exceptions
 
-from neuronetz import keys, models, tenants
+from neuronetz import db, keys, models, tenants
 from neuronetz.errors import Forbidden, RateLimited, ServiceUnavailable, Unauthorized
 from neuronetz.limits import Limits, Subject
 from neuronetz.tasks import Supervisor
@@ -235,7 +233,7 @@ class Authenticator:
     def __init__(
         self,
         pool: asyncpg.Pool[Any],
-        redis_client: aioredis.Redis,
+        redis_client: db.RedisClient,
         *,
         database_url: str,
         secret: str,
@@ -375,7 +373,7 @@ class Authenticator:
             known = await self.redis.hget(redis_key, field)
             if isinstance(known, bytes) and hmac.compare_digest(known, fingerprint.encode()):
                 return True
-        except (redis.exceptions.RedisError, OSError):
+        except db.REDIS_ERRORS:
             pass  # Redis is an optimisation here; Argon2 still decides
         self.prefix_failures.check(prefix, time.monotonic())
         if self.pending_verifications >= MAX_PENDING_VERIFICATIONS:
@@ -394,7 +392,7 @@ class Authenticator:
                     pipe.hset(redis_key, field, fingerprint)
                     pipe.expire(redis_key, VERIFIED_TTL)
                     await pipe.execute()
-            except (redis.exceptions.RedisError, OSError):
+            except db.REDIS_ERRORS:
                 pass
         return ok
 

@@ -23,7 +23,6 @@ from typing import Any, NoReturn, TypeVar
 import asyncpg
 import httpx
 import orjson
-import redis.asyncio as aioredis
 
 from neuronetz import (
     __version__,
@@ -733,7 +732,9 @@ def _against(row: dict[str, Any], used: str, budget: str) -> str:
 
 async def _in_flight(settings: config.Settings, report: list[dict[str, Any]]) -> dict[int, tuple[int, int]]:
     """Requests holding a lease right now, per key and its tenant; empty if Redis is away."""
-    client = aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=2)
+    from neuronetz.gateway import connect_redis  # the gateway's own client: standalone, Sentinel or Cluster
+
+    client = connect_redis(settings)
     prefix = settings.redis_prefix
     try:
         return {
@@ -751,7 +752,9 @@ async def _in_flight(settings: config.Settings, report: list[dict[str, Any]]) ->
 
 async def _waiting(settings: config.Settings) -> dict[int, int]:
     """Requests waiting for a backend slot right now, per tenant id; empty if Redis is away."""
-    client = aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=2)
+    from neuronetz.gateway import connect_redis  # the gateway's own client: standalone, Sentinel or Cluster
+
+    client = connect_redis(settings)
     try:
         return await slots.waiting(client, settings.redis_prefix)
     except limits.REDIS_ERRORS:

@@ -96,6 +96,13 @@ def _redis_prefix(raw: str, name: str) -> str:
     return value
 
 
+def _sentinel_master(raw: str, name: str) -> str:
+    value = raw.strip()
+    if not value or len(value) > 200 or not value.isprintable() or any(ch.isspace() for ch in value):
+        raise ConfigError(f"{name} must be the name the Sentinels monitor the primary under, got {raw!r}.")
+    return value
+
+
 def _host(raw: str, name: str) -> str:
     value = raw.strip()
     if not value or any(ch.isspace() or ch in "/?#" for ch in value):
@@ -116,6 +123,13 @@ def _url(schemes: tuple[str, ...], example: str) -> Callable[[str, str], str]:
         return value
 
     return parse
+
+
+def _redis_urls(raw: str, name: str) -> str:
+    """One URL, or several separated by commas (seed nodes of a cluster, or Sentinels); each
+    is checked, and whether several fit REDIS_MODE is checked in `load`."""
+    one = _url(("redis", "rediss", "unix"), "redis://host:6379/0")
+    return ",".join(one(item, name) for item in raw.split(","))
 
 
 def parse_backend_url(raw: str, name: str = "OLLAMA_BACKENDS") -> str:
@@ -190,9 +204,13 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("DATABASE_URL", "database_url", "postgresql://127.0.0.1:5432/neuronetz",
              _url(("postgres", "postgresql"), "postgresql://user:password@host:5432/neuronetz"),
              "Postgres connection URL (tenants, keys, usage ledger, audit). The database is created if missing."),
-    Variable("REDIS_URL", "redis_url", "redis://127.0.0.1:6379/0",
-             _url(("redis", "rediss", "unix"), "redis://host:6379/0"),
-             "Redis connection URL (key cache, rate-limit and budget counters)."),
+    Variable("REDIS_URL", "redis_url", "redis://127.0.0.1:6379/0", _redis_urls,
+             "Redis connection URL (key cache, rate-limit and budget counters); with REDIS_MODE cluster or "
+             "sentinel, comma-separated seed node or Sentinel URLs."),
+    Variable("REDIS_MODE", "redis_mode", "standalone", _choice("standalone", "cluster", "sentinel"),
+             "standalone: REDIS_URL is the server; cluster: a Redis Cluster; sentinel: REDIS_URL names the Sentinels."),
+    Variable("REDIS_SENTINEL_MASTER", "redis_sentinel_master", "mymaster", _sentinel_master,
+             "With REDIS_MODE=sentinel: the name under which the Sentinels monitor the primary."),
     Variable("OLLAMA_BACKENDS", "ollama_backends", "http://127.0.0.1:11434", parse_backends,
              "Comma-separated Ollama base URLs, each optionally with `;slots=N`; edited by add-backend/remove-backend, "
              "reloaded live."),
@@ -297,6 +315,8 @@ class Settings:
     log_level: str
     secret: str
     redis_prefix: str
+    redis_mode: str
+    redis_sentinel_master: str
     key_cache_ttl: float
     auth_failures_per_minute: int
     auth_threads: int
@@ -350,5 +370,9 @@ def load(env_file: Path | None = None, environ: Mapping[str, str] | None = None)
     for variable in VARIABLES:
         raw = environ.get(variable.name, file_values.get(variable.name, variable.default))
         values[variable.field] = variable.parse(raw, variable.name)
+    if values["redis_mode"] == "standalone" and "," in values["redis_url"]:
+        raise ConfigError("REDIS_URL lists several servers: set REDIS_MODE to cluster or sentinel, or give one URL.")
+    if values["redis_mode"] != "standalone" and "unix://" in values["redis_url"]:
+        raise ConfigError(f"REDIS_MODE={values['redis_mode']} needs redis:// or rediss:// URLs in REDIS_URL.")
     backends = environ.get("OLLAMA_BACKENDS", file_values.get("OLLAMA_BACKENDS", ""))
     return Settings(**values, env_file=env_file, slots_by_backend=backend_specs(backends))

@@ -29,10 +29,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
-import redis.asyncio as aioredis
-import redis.exceptions
-
-from neuronetz import metrics, models
+from neuronetz import db, metrics, models
 from neuronetz.auth import KeyRecord
 from neuronetz.backends import Backend, BackendPool
 from neuronetz.errors import RateLimited, ServiceUnavailable
@@ -41,7 +38,6 @@ from neuronetz.tasks import Supervisor
 log = logging.getLogger("neuronetz.slots")
 POLL_INTERVAL = 1.0  # seconds between a waiter's checks when no grant arrives by pub/sub
 WAITER_TTL_MS = 5000  # a waiter unheard of for this long is skipped by the queue
-REDIS_ERRORS = (redis.exceptions.RedisError, OSError, TimeoutError)
 WARM, COLD = 0, 1
 
 
@@ -102,7 +98,7 @@ class LocalSlots:
 class Scheduler:
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: db.RedisClient,
         pool: BackendPool,
         registry: metrics.Registry,
         *,
@@ -171,7 +167,7 @@ class Scheduler:
                         args=["acquire", self.channel, lease, tenant, key_id, key.weight, WAITER_TTL_MS,
                               self.lease_ttl_ms, self.max_depth, *self._candidates(name, exclude)],
                     )  # fmt: skip
-                except REDIS_ERRORS as exc:
+                except db.REDIS_ERRORS as exc:
                     self._release_later(base, lease, tenant, key_id, "", name)
                     joined = False
                     log.warning("slots kept per replica: Redis unreachable", extra={"fields": {"error": repr(exc)}})
@@ -272,7 +268,7 @@ class Scheduler:
                 keys=[base],
                 args=["release", self.channel, lease, tenant, key_id, url, self.lease_ttl_ms, *self._candidates(name)],
             )
-        except REDIS_ERRORS as exc:  # the lease expires by itself
+        except db.REDIS_ERRORS as exc:  # the lease expires by itself
             log.warning("slot release failed", extra={"fields": {"error": repr(exc)}})
 
     # --- background work ----------------------------------------------------------------------
@@ -285,7 +281,7 @@ class Scheduler:
                     await pubsub.subscribe(self.channel)
                     async for message in pubsub.listen():
                         self._granted(message)
-            except REDIS_ERRORS as exc:
+            except db.REDIS_ERRORS as exc:
                 log.warning("slot grants not received; polling", extra={"fields": {"error": repr(exc)}})
                 await asyncio.sleep(POLL_INTERVAL)
 
@@ -305,7 +301,7 @@ class Scheduler:
             for base, pairs in by_base.items():
                 try:
                     await self.script(keys=[base], args=["renew", self.channel, self.lease_ttl_ms, *pairs])
-                except REDIS_ERRORS as exc:
+                except db.REDIS_ERRORS as exc:
                     log.warning("slot lease renewal failed", extra={"fields": {"error": repr(exc)}})
 
     def refresh_gauges(self) -> None:
@@ -330,7 +326,7 @@ class Scheduler:
         await asyncio.gather(*self._releasing, return_exceptions=True)
 
 
-async def waiting(client: aioredis.Redis, prefix: str) -> dict[int, int]:
+async def waiting(client: db.RedisClient, prefix: str) -> dict[int, int]:
     """Requests waiting for slots right now, per tenant id, over every model (for `usage`)."""
     totals: dict[int, int] = {}
     async for name in client.scan_iter(match=f"{prefix}{{slots:*}}:n", count=500):

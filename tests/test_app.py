@@ -11,6 +11,7 @@ import httpx
 import orjson
 import pytest
 import pytest_asyncio
+from redis.asyncio import Redis
 
 from neuronetz import config, relay, tokens
 from neuronetz.app import App
@@ -149,7 +150,9 @@ async def in_process(gateway_env: dict[str, str]) -> AsyncIterator[App]:
         assert application.gateway is not None
         await application.gateway.close()
         # Redis.aclose leaves a pool it was given alone; a worker process exits right after.
-        await application.gateway.redis.connection_pool.disconnect()
+        redis = application.gateway.redis
+        assert isinstance(redis, Redis)
+        await redis.connection_pool.disconnect()
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
 
