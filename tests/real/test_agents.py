@@ -108,14 +108,13 @@ async def test_anthropic_client_with_either_credential(
         anthropic.Anthropic(base_url=real_gateway.url, auth_token=key, max_retries=0),
     ]
     messages: list[anthropic.types.MessageParam] = [{"role": "user", "content": QUESTION}]
-    # This SDK release has no `temperature` parameter; Ollama reads it (and the seed) from the body.
-    sampling: dict[str, object] = {"extra_body": SAMPLING}
+    # This SDK release has no `temperature` parameter: the sampling travels in the body (extra_body).
 
     def calls() -> None:
         direct = httpx.post(ollama_url + "/v1/messages", json=MESSAGES, timeout=60).json()
         real = (direct["usage"]["input_tokens"], direct["usage"]["output_tokens"])
         for client in clients:
-            whole = client.messages.create(model="tiny", messages=messages, max_tokens=6, **sampling)  # type: ignore[arg-type]
+            whole = client.messages.create(model="tiny", messages=messages, max_tokens=6, extra_body=SAMPLING)
             assert whole.stop_reason == "max_tokens"
             assert "".join(b.text for b in whole.content if b.type == "text") == direct["content"][0]["text"]
             assert (whole.usage.input_tokens, whole.usage.output_tokens) == real
@@ -123,7 +122,7 @@ async def test_anthropic_client_with_either_credential(
                 model="tiny",
                 messages=messages,
                 max_tokens=6,
-                **sampling,  # type: ignore[arg-type]
+                extra_body=SAMPLING,
             ) as stream:
                 final = stream.get_final_message()
             assert [b.text for b in final.content if b.type == "text"] == [

@@ -80,7 +80,8 @@ def served(surface: str, lines: list[Any]) -> tuple[int | None, int]:
             if kind in ("response.output_text.delta", "content_block_delta"):
                 pieces += 1
             usage = (record.get("response") or {}).get("usage") if "response" in record else record.get("usage")
-            if kind in ("response", "message", "response.completed", "message_delta") and usage:
+            whole = record.get("object") == "response" or kind == "message"
+            if (whole or kind in ("response.completed", "message_delta")) and usage:
                 prompt, reported = int(usage["input_tokens"]), int(usage["output_tokens"])
         elif surface.startswith("/api/"):
             if (record.get("message") or {}).get("content") or record.get("response"):
