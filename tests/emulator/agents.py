@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from .decoding import ApiError
+from .decoding import ApiError, decode
 from .engine import Plan, Step
 from .faults import Fault
 from .native import Call, chat_core
@@ -48,14 +48,11 @@ def anthropic_error(status: int, message: str) -> bytes:
     return orjson.dumps(error)
 
 
-def _body(exchange: Exchange) -> dict[str, Any]:
-    try:
-        body = orjson.loads(exchange.request.body)
-    except orjson.JSONDecodeError as exc:
-        raise ApiError(400, f"invalid character in JSON at {exc.pos}", middleware=True) from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object", middleware=True)
-    return body
+def _body(exchange: Exchange, struct: str) -> dict[str, Any]:
+    """The request as Ollama 0.24 decodes it, with Go's error texts (observed: `EOF` for an empty
+    body, `unexpected EOF` for a truncated one, `json: cannot unmarshal array into Go value of
+    type openai.ResponsesRequest` / `anthropic.MessagesRequest`)."""
+    return decode(exchange.request.body, struct, {}, v1=True)
 
 
 def _text(content: Any) -> str:
@@ -142,9 +139,11 @@ class ResponsesSink(_EventSink):
             "completed_at": int(time.time()) if status == "completed" else None, "status": status,
             "incomplete_details": None, "model": self.model, "previous_response_id": None, "instructions": None,
             "output": output, "error": None, "tools": [], "tool_choice": "auto", "truncation": "disabled",
-            "parallel_tool_calls": True, "text": {"format": {"type": "text"}}, "top_p": 1, "temperature": 1,
-            "reasoning": None, "usage": usage, "max_output_tokens": self.max_output_tokens, "store": False,
-            "background": False, "service_tier": "default", "metadata": {},
+            "parallel_tool_calls": True, "text": {"format": {"type": "text"}}, "top_p": 1, "presence_penalty": 0,
+            "frequency_penalty": 0, "top_logprobs": 0, "temperature": 1, "reasoning": None, "usage": usage,
+            "max_output_tokens": self.max_output_tokens, "max_tool_calls": None, "store": False,
+            "background": False, "service_tier": "default", "metadata": {}, "safety_identifier": None,
+            "prompt_cache_key": None,
         }  # fmt: skip
 
     def _message(self, status: str) -> dict[str, Any]:
@@ -270,7 +269,7 @@ def _responses_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 async def responses(exchange: Exchange) -> None:
-    body = _body(exchange)
+    body = _body(exchange, "openai.ResponsesRequest")
     stream = body.get("stream") is True
     cap = body.get("max_output_tokens")
     call = Call(
@@ -285,7 +284,7 @@ async def responses(exchange: Exchange) -> None:
 
 
 async def messages(exchange: Exchange) -> None:
-    body = _body(exchange)
+    body = _body(exchange, "anthropic.MessagesRequest")
     max_tokens = _num_predict(body.get("max_tokens"))
     if max_tokens is None:
         raise ApiError(400, "max_tokens is required and must be positive", middleware=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import NoReturn
 
 import pytest
+import redis
 
 from tests.real.ollama import (
     HOW_TO_ENABLE,
@@ -97,9 +98,23 @@ def gateway_settings(database_url: str, redis_url: str, redis_prefix: str, backe
     }
 
 
+def redis_held_data_for_a_while(redis_url: str, prefix: str) -> None:
+    """Set the instance marker as a Redis that has served the gateway for a minute has it. On a
+    fresh key prefix the gateway cannot tell a new Redis from one that lost its data moments
+    ago, and refuses budgeted requests with 503 while it waits to rebuild (fail closed) — the
+    first tests of a worker would otherwise race that wait."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        seconds, micros = client.time()
+        client.set(prefix + "instance", seconds * 1000 + micros // 1000 - 60_000, nx=True)
+    finally:
+        client.close()
+
+
 @pytest.fixture(scope="session")
 def real_gateway(database_url: str, redis_url: str, redis_prefix: str, ollama_url: str) -> Iterator[GatewayProcess]:
     """A gateway whose only backend is the real Ollama."""
+    redis_held_data_for_a_while(redis_url, redis_prefix)
     with GatewayProcess(gateway_settings(database_url, redis_url, redis_prefix, ollama_url)) as process:
         yield process
 

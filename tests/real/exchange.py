@@ -7,9 +7,11 @@ from typing import Any
 import httpx
 import orjson
 
-# What legitimately differs between two runs of the same request: clocks, durations, ids.
+# What legitimately differs between two runs of the same request: clocks, durations, ids (the
+# agent dialects add `completed_at`, the output item's `item_id` and Anthropic's `request_id`).
 VOLATILE = frozenset(
     {"created_at", "total_duration", "load_duration", "prompt_eval_duration", "eval_duration", "id", "created"}
+    | {"completed_at", "item_id", "request_id"}
 )
 # /api/ps: when each model unloads moves with every use.
 VOLATILE_PS = VOLATILE | {"expires_at"}
@@ -35,6 +37,32 @@ def records(response: httpx.Response) -> list[Any]:
     if kind.startswith("application/x-ndjson"):
         return [orjson.loads(line) for line in text.splitlines() if line.strip()]
     return [orjson.loads(text)] if text else []
+
+
+def events(response: httpx.Response) -> list[tuple[str, Any]]:
+    """(name, data) of each typed SSE event (`event: NAME` + `data: JSON`) of an agent-dialect
+    stream, in order."""
+    found: list[tuple[str, Any]] = []
+    for block in response.text.split("\n\n"):
+        lines = block.splitlines()
+        name = next((line[len("event:") :].strip() for line in lines if line.startswith("event:")), "")
+        data = "\n".join(line[len("data:") :].strip() for line in lines if line.startswith("data:"))
+        if name or data:
+            found.append((name, orjson.loads(data) if data else None))
+    return found
+
+
+def agent_usage(found: list[Any]) -> tuple[int, int] | None:
+    """(input_tokens, output_tokens) an agent-dialect answer reports last: a whole answer's
+    `usage`, a Responses stream's terminal `response.usage`, a Messages stream's final
+    `message_delta` usage (never message_start's estimate, which comes first)."""
+    for record in reversed(found):
+        if not isinstance(record, dict):
+            continue
+        usage = (record.get("response") or {}).get("usage") if "response" in record else record.get("usage")
+        if isinstance(usage, dict) and "input_tokens" in usage:
+            return int(usage["input_tokens"]), int(usage["output_tokens"])
+    return None
 
 
 def comparable(path: str, response: httpx.Response) -> tuple[int, list[Any]]:

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests.emulator import Config, Emulator, ModelSpec
-from tests.real.exchange import SAMPLING, records
+from tests.real.exchange import SAMPLING, events, records, without
 
 CHAT = [{"role": "user", "content": "hello there"}]
 
@@ -169,3 +169,71 @@ def test_the_model_listing_has_the_real_shape(ollama_url: str, emulator_like_oll
     finally:
         emulator_like_ollama.reset()
         emulator_like_ollama.add_model("tiny-embed", capabilities=("embedding",), embedding_length=64)
+
+
+AGENTS: list[tuple[str, dict[str, Any]]] = [
+    ("/v1/responses", {"model": "tiny", "input": "hello", "max_output_tokens": 3}),
+    ("/v1/responses", {"model": "tiny", "input": "hello", "max_output_tokens": 3, "stream": True}),
+    ("/v1/messages", {"model": "tiny", "messages": CHAT, "max_tokens": 3}),
+    ("/v1/messages", {"model": "tiny", "messages": CHAT, "max_tokens": 3, "stream": True}),
+]
+
+
+def event_shape(response: httpx.Response) -> list[tuple[str, Any]]:
+    """An agent stream's events in order (runs of the same event as one: the number of deltas is
+    the content's), each with the shape of its data."""
+    found: list[tuple[str, Any]] = []
+    for name, data in events(response):
+        if not found or found[-1][0] != name:
+            found.append((name, shape(data)))
+    return found
+
+
+@pytest.mark.parametrize("case", AGENTS, ids=lambda c: f"{c[0]}:{'stream' if c[1].get('stream') else 'whole'}")
+def test_agent_answers_have_the_real_events_and_usage(
+    case: tuple[str, dict[str, Any]], ollama_url: str, emulator_like_ollama: Emulator
+) -> None:
+    """Event names and order, where the usage sits (a Responses stream's `response.completed`;
+    a Messages stream's `message_start` estimate and final `message_delta`) and the shape of a
+    whole answer, as Ollama v0.24.0 sends them."""
+    path, body = case
+    answers = [httpx.post(url + path, json=body, timeout=60) for url in (ollama_url, emulator_like_ollama.url)]
+    real, emulated = answers
+    assert (emulated.status_code, emulated.headers["content-type"].split(";")[0]) == (
+        real.status_code,
+        real.headers["content-type"].split(";")[0],
+    )
+    if body.get("stream"):
+        assert event_shape(emulated) == event_shape(real)
+    else:
+        assert shape(emulated.json()) == shape(real.json())
+
+
+AGENT_ERRORS: list[tuple[str, dict[str, Any] | bytes]] = [
+    ("/v1/responses", {"model": "no-such-model", "input": "x"}),
+    ("/v1/responses", {"model": "no-such-model", "input": "x", "stream": True}),
+    ("/v1/responses", b'{"model":'),
+    ("/v1/messages", {"model": "no-such-model", "messages": CHAT, "max_tokens": 3}),
+    ("/v1/messages", {"model": "no-such-model", "messages": CHAT, "max_tokens": 3, "stream": True}),
+    ("/v1/messages", {"model": "tiny", "messages": CHAT, "max_tokens": 0}),
+    ("/v1/messages", b'{"model":'),
+]
+
+
+def agent_error_id(case: tuple[str, dict[str, Any] | bytes]) -> str:
+    path, body = case
+    if isinstance(body, bytes):
+        return f"{path}:bad-json"
+    kind = "zero-max-tokens" if body.get("max_tokens") == 0 else "unknown-model"
+    return f"{path}:{kind}{':stream' if body.get('stream') else ''}"
+
+
+@pytest.mark.parametrize("case", AGENT_ERRORS, ids=agent_error_id)
+def test_agent_errors_have_the_real_status_and_body(
+    case: tuple[str, dict[str, Any] | bytes], ollama_url: str, emulator_like_ollama: Emulator
+) -> None:
+    """Status, media type and body (Anthropic's `request_id` aside: it is new on every answer)."""
+    path, body = case
+    real, emulated = (ask(url, path, body) for url in (ollama_url, emulator_like_ollama.url))
+    assert emulated[:2] == real[:2]
+    assert without(emulated[2], frozenset({"request_id"})) == without(real[2], frozenset({"request_id"}))

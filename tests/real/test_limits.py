@@ -17,7 +17,8 @@ import httpx
 import orjson
 import pytest
 
-from neuronetz import tokens
+from neuronetz import dialects, tokens
+from neuronetz.errors import ANTHROPIC, RESPONSES
 from tests.real.conftest import KeyMaker, gateway_settings
 from tests.real.exchange import SAMPLING, comparable
 from tests.real.ollama import OllamaServer, register_models
@@ -30,11 +31,27 @@ CAP_SLACK = 3
 ANSWER_DEADLINE = 30.0
 CAPS: list[tuple[str, int | None]] = [("0", 0), ("-1", -1), ("-2", -2), ("absent", None), ("huge", 10**6)]
 SURFACES = ["/api/chat", "/api/generate", "/v1/chat/completions", "/v1/completions"]
-# Which (surface, cap, stream) cases fail on this branch only because a cap of 0 passes through.
+# The agent dialects' cap fields: `max_output_tokens` (0 or less: no limit, as in Ollama's
+# `openai/responses.go`) and the required, positive `max_tokens` of /v1/messages (0 is Ollama's
+# 400, tested apart below).
+AGENT_CAPS: dict[str, list[tuple[str, int | None]]] = {
+    "/v1/responses": [("absent", None), ("0", 0), ("-1", -1), ("huge", 10**6)],
+    "/v1/messages": [("20", 20), ("huge", 10**6)],
+}
+DIALECTS = {"/v1/responses": RESPONSES, "/v1/messages": ANTHROPIC}
 
 
 def request_body(surface: str, cap: int | None, stream: bool) -> dict[str, Any]:
     body: dict[str, Any] = {"model": "tiny", "stream": stream}
+    if surface in DIALECTS:
+        body.update(SAMPLING)
+        if surface == "/v1/responses":
+            body["input"] = "Tell me a long story."
+        else:
+            body["messages"] = [{"role": "user", "content": "Tell me a long story."}]
+        if cap is not None:
+            body["max_output_tokens" if surface == "/v1/responses" else "max_tokens"] = cap
+        return body
     if surface.endswith(("chat", "chat/completions")):
         body["messages"] = [{"role": "user", "content": "Tell me a long story."}]
     else:
@@ -58,7 +75,15 @@ def served(surface: str, lines: list[Any]) -> tuple[int | None, int]:
     for record in lines:
         if not isinstance(record, dict):
             continue
-        if surface.startswith("/api/"):
+        if surface in DIALECTS:
+            kind = record.get("type")
+            if kind in ("response.output_text.delta", "content_block_delta"):
+                pieces += 1
+            usage = (record.get("response") or {}).get("usage") if "response" in record else record.get("usage")
+            whole = record.get("object") == "response" or kind == "message"
+            if (whole or kind in ("response.completed", "message_delta")) and usage:
+                prompt, reported = int(usage["input_tokens"]), int(usage["output_tokens"])
+        elif surface.startswith("/api/"):
             if (record.get("message") or {}).get("content") or record.get("response"):
                 pieces += 1
             if record.get("done"):
@@ -84,6 +109,8 @@ async def answer(client: httpx.AsyncClient, url: str, surface: str, body: dict[s
         if not body["stream"]:
             return [orjson.loads(await response.aread())]
         async for line in response.aiter_lines():
+            if line.startswith("event:"):  # the agent dialects name each event; the data says it too
+                continue
             payload = line.removeprefix("data:").strip()
             if payload and payload != "[DONE]":
                 found.append(orjson.loads(payload))
@@ -105,7 +132,14 @@ def cases() -> Iterator[Any]:
                 yield pytest.param(surface, cap, stream, id=name)
 
 
-@pytest.mark.parametrize(("surface", "cap", "stream"), list(cases()))
+def agent_cases() -> Iterator[Any]:
+    for surface, caps in AGENT_CAPS.items():
+        for label, cap in caps:
+            for stream in (False, True):
+                yield pytest.param(surface, cap, stream, id=f"{surface}-cap:{label}-{'stream' if stream else 'whole'}")
+
+
+@pytest.mark.parametrize(("surface", "cap", "stream"), [*cases(), *agent_cases()])
 async def test_a_small_budget_holds_whatever_the_cap_field_says(
     surface: str,
     cap: int | None,
@@ -119,7 +153,8 @@ async def test_a_small_budget_holds_whatever_the_cap_field_says(
     past its cap before the gateway cuts it)."""
     key = await budgeted_key(daily_tokens=BUDGET)
     body = request_body(surface, cap, stream)
-    estimate = tokens.estimate_prompt(body)
+    dialect = DIALECTS.get(surface)
+    estimate = dialects.estimate_prompt(body, dialect) if dialect else tokens.estimate_prompt(body)
     total = slack = answered = 0
     for _ in range(4):
         try:
@@ -139,6 +174,25 @@ async def test_a_small_budget_holds_whatever_the_cap_field_says(
         slack += max(0, real_prompt - estimate) + CAP_SLACK
     assert answered >= 1  # the first request fits the budget
     assert total <= BUDGET + slack, f"served {total} tokens of a {BUDGET}-token budget (slack {slack})"
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+async def test_a_zero_max_tokens_on_messages_is_ollamas_400_in_anthropics_dialect(
+    stream: bool, real_gateway: GatewayProcess, ollama_url: str, budgeted_key: KeyMaker, client: httpx.AsyncClient
+) -> None:
+    """Ollama refuses `max_tokens: 0` on /v1/messages (`anthropic/anthropic.go`: "max_tokens is
+    required and must be positive"); with a budget in force the gateway must not replace it
+    with its own cap, and passes the refusal on as Anthropic's error object."""
+    key = await budgeted_key(daily_tokens=BUDGET)
+    body = {**request_body("/v1/messages", 0, stream)}
+    direct = await client.post(ollama_url + "/v1/messages", json=body)
+    through = await client.post(real_gateway.url + "/v1/messages", json=body, headers={"x-api-key": key})
+    assert direct.status_code == 400, direct.text
+    assert through.status_code == 400, through.text
+    error = through.json()
+    assert error["type"] == "error"
+    assert error["error"]["type"] == "invalid_request_error"
+    assert error["error"]["message"] == direct.json()["error"]["message"]
 
 
 async def test_a_streaming_client_that_leaves_stops_the_runner(
