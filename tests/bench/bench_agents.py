@@ -30,6 +30,7 @@ from tests.bench import loadgen
 from tests.bench.bench_gateway import (
     Target,
     configure_emulator,
+    cpu_us_per_request,
     latency_rounds,
     median_run,
     round_stats,
@@ -79,6 +80,7 @@ class Figures:
     added_p99: float
     ttft_p50: float
     ratio: float
+    cpu_us: float  # the gateway's CPU per request at c=32: steadier than req/s on a loaded box
 
 
 async def ttft_rounds(emulator: Service, targets: Sequence[Target], rounds: int, per_round: int) -> dict[str, float]:
@@ -116,8 +118,10 @@ async def one_run(
         direct, gateway = f"direct {route.path}", f"gateway {route.path}"
         d50, d99 = round_stats(samples[direct])
         g50, g99 = round_stats(samples[gateway])
-        ratio = median_run(runs[gateway]).rps / median_run(runs[direct]).rps
-        figures[route.path] = Figures(g50 - d50, g99 - d99, first[gateway] - first[direct], ratio)
+        through = median_run(runs[gateway])
+        ratio = through.rps / median_run(runs[direct]).rps
+        cpu = cpu_us_per_request(through, "gateway")
+        figures[route.path] = Figures(g50 - d50, g99 - d99, first[gateway] - first[direct], ratio, cpu)
     return figures
 
 
@@ -130,6 +134,10 @@ def spread(values: Sequence[float], show: Callable[[float], str]) -> str:
 
 def ms(value: float) -> str:
     return f"{value * 1000:+.3f} ms"
+
+
+def us(value: float) -> str:
+    return f"{value:.0f} us"
 
 
 def pct(value: float) -> str:
@@ -176,7 +184,7 @@ async def run(args: argparse.Namespace) -> int:
         rows.append([
             route.path, route.key_header, spread([f.added_p50 for f in got], ms),
             spread([f.added_p99 for f in got], ms), spread([f.ttft_p50 for f in got], ms),
-            spread([f.ratio for f in got], pct),
+            spread([f.ratio for f in got], pct), spread([f.cpu_us for f in got], us),
         ])  # fmt: skip
     summary = []
     chat = [r[CHAT] for r in results]
@@ -209,7 +217,8 @@ async def run(args: argparse.Namespace) -> int:
         f"send to the first complete body line, emulator 5 tokens 20 ms apart, {args.ttft_rounds} interleaved "
         f"rounds x {args.ttft_per_round} streams, median gateway - median direct; req/s = closed loop at c=32, "
         f"{args.seconds:g} s after 1 s warm-up, median of {args.repeat}, gateway / direct",
-        loadgen.table(["route", "key as", "added p50", "added p99", "TTFT overhead", "req/s c=32 of direct"], rows),
+        loadgen.table(["route", "key as", "added p50", "added p99", "TTFT overhead", "req/s c=32 of direct",
+                      "gateway CPU/req c=32"], rows),
         f"target: agent routes within {TARGET_FACTOR - 1:.0%} of {CHAT} (added latency and TTFT at most "
         f"{TARGET_FACTOR:g} x chat's, req/s fraction at least chat's / {TARGET_FACTOR:g})",
     ])  # fmt: skip
