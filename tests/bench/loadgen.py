@@ -381,9 +381,15 @@ async def make_key(store: BenchStore, tenant: str, **limits: int) -> str:
 # --- HTTP/1.1 requests and the client protocol -------------------------------------------------
 
 
-def http_request(method: str, port: int, path: str, body: bytes = b"", key: str | None = None) -> bytes:
+def http_request(
+    method: str, port: int, path: str, body: bytes = b"", key: str | None = None, key_header: str = "authorization"
+) -> bytes:
+    """`key_header` "x-api-key" sends the key the way Anthropic clients (Claude Code) do, with
+    the `anthropic-version` header they always add; otherwise it goes as a Bearer token."""
     head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-    if key is not None:
+    if key is not None and key_header == "x-api-key":
+        head += f"x-api-key: {key}\r\nanthropic-version: 2023-06-01\r\n"
+    elif key is not None:
         head += f"Authorization: Bearer {key}\r\n"
     if body:
         head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
