@@ -388,6 +388,7 @@ def demo(args: list[str]) -> None:
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.default_int_handler)
     env_file = EMBEDDED / "demo.env"
+    EMBEDDED.mkdir(exist_ok=True)  # its settings and logs live there even when no server is embedded
     try:
         database, database_from = demo_database(processes, python, env_file, options.embedded)
         redis, redis_from = demo_redis(processes, python, options.embedded)
