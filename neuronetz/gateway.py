@@ -93,7 +93,7 @@ class Gateway:
         pool = await db.create_pool(settings.database_url, settings.db_pool_size)
         redis = redis_client(settings.redis_url)
         # Our own HTTP/1.1 transport (upstream.py): httpx's default one costs several times the
-        # CPU per request (measurements.md). trust_env=False: proxy variables and .netrc must
+        # CPU per request (`python3 build.py bench upstream`). trust_env=False: proxy variables and .netrc must
         # not redirect traffic meant for the internal Ollama network.
         transport = UpstreamTransport(
             max_connections=settings.upstream_connections, max_keepalive=settings.upstream_connections
@@ -277,7 +277,7 @@ def redis_client(url: str) -> aioredis.Redis:
     )  # fmt: skip
     base = pool.connection_class
     pool.connection_class = type(f"Packed{base.__name__}", (_PackedInC, base), {})
-    return aioredis.Redis(connection_pool=pool)
+    return aioredis.Redis.from_pool(pool)  # closing the client closes the pool
 
 
 def _stamp(path: Any) -> tuple[int, int, int] | None:

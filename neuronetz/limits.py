@@ -375,11 +375,6 @@ class Limiter:
         except REDIS_ERRORS as exc:
             self.renew_failed(error=type(exc).__name__)
 
-    async def _renew_periodically(self) -> None:
-        while True:
-            await asyncio.sleep(self.lease_ttl_ms / 3000)
-            await self.renew()
-
     async def since_loss(self) -> float:
         """Seconds since a gateway first saw this Redis instance's data. A Redis that lost its
         data (restart, flush, failover to an empty replica) has lost this marker too, so the
@@ -429,13 +424,6 @@ class Limiter:
         except (*REDIS_ERRORS, *db.ERRORS) as exc:  # the next budgeted request tries again
             self.rebuild_failed(tenant_id=tenant_id, error=repr(exc))
 
-    async def in_flight(self, tenant_id: int, sid: str) -> int:
-        """Requests holding a lease for a scope (`t` or `k<id>`) right now, for `usage`."""
-        count: int = await self.redis.zcount(
-            f"{self._tag(tenant_id)}lease:{sid}", f"({int(self.clock() * 1000)}", "+inf"
-        )
-        return count
-
     async def _mark_instance(self) -> None:
         """Create this Redis's instance marker at startup if it has none, so that on a fresh
         install the first budgeted request does not wait for a rebuild. If Redis is down, the
@@ -444,7 +432,7 @@ class Limiter:
             await self.since_loss()
 
     def start(self) -> None:
-        self.tasks.start("limits.renewal", self._renew_periodically)
+        self.tasks.every("limits.renewal", self.lease_ttl_ms / 3000, self.renew)
         self.tasks.start("limits.instance", self._mark_instance)
 
     async def stop(self) -> None:

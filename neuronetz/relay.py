@@ -110,7 +110,7 @@ class _Records:
 
 
 class NdjsonRelay:
-    """Native streams (`application/x-ndjson`): one JSON object per line (ollama-api.md §2.3)."""
+    """Native streams (`application/x-ndjson`): one JSON object per line (docs/ollama.md §2.3)."""
 
     def __init__(self, outcome: Outcome, max_record: int) -> None:
         self.outcome = outcome
@@ -140,11 +140,8 @@ class NdjsonRelay:
         if b'"done":false' in line and not line.startswith(b'{"error"') and outcome.text is None:
             outcome.usage.completion_tokens += 1
             return
-        try:
-            record = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            return
-        if not isinstance(record, dict):
+        record = _object(line)
+        if record is None:
             return
         if "error" in record:
             outcome.error = _error_message(record["error"])
@@ -161,7 +158,7 @@ class NdjsonRelay:
 
 class SseRelay:
     """OpenAI streams (`text/event-stream`): `data: {json}` events separated by a blank line
-    (ollama-api.md §3). With `strip_usage`, usage the client did not ask for is removed."""
+    (docs/ollama.md §3). With `strip_usage`, usage the client did not ask for is removed."""
 
     def __init__(self, outcome: Outcome, strip_usage: bool, max_record: int) -> None:
         self.outcome = outcome
@@ -196,11 +193,8 @@ class SseRelay:
         if b'"usage"' not in data and b'"error"' not in data and outcome.text is None:
             outcome.usage.completion_tokens += 1
             return event + b"\n\n"
-        try:
-            record = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            return event + b"\n\n"
-        if not isinstance(record, dict):
+        record = _object(data)
+        if record is None:
             return event + b"\n\n"
         if record.get("error"):
             outcome.error = _error_message(record["error"])
@@ -219,7 +213,7 @@ class SseRelay:
             if choices == []:
                 return None  # the usage-only event exists because the gateway asked for it
             # /v1/completions puts zeroed usage on every event once usage is requested
-            # (ollama-api.md §3, CompleteWriter): drop it there too.
+            # (docs/ollama.md §3, CompleteWriter): drop it there too.
             del record["usage"]
             return b"data: " + orjson.dumps(record) + b"\n\n"
         return event + b"\n\n"
@@ -260,11 +254,8 @@ class BodyRelay:
 
     def _read(self, body: bytes) -> None:
         outcome = self.outcome
-        try:
-            record = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            return
-        if not isinstance(record, dict):
+        record = _object(body)
+        if record is None:
             return
         if "error" in record:
             outcome.error = _error_message(record["error"])
@@ -277,6 +268,15 @@ class BodyRelay:
             text = _answer_text(record)
             if text:
                 outcome.text.append(text)
+
+
+def _object(data: bytes) -> dict[str, Any] | None:
+    """`data` as a JSON object; None when it is not one (the relay passes it on regardless)."""
+    try:
+        record = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def _error_message(error: Any) -> str:

@@ -1,4 +1,4 @@
-"""Fixtures: a Postgres database and a Redis key prefix of this run's own (services.md).
+"""Fixtures: a Postgres database and a Redis key prefix of this run's own.
 
 Each run creates `neuronetz_test_<random>`, migrates it and drops it at the end; it never
 touches a database it did not create. Redis keys live under a per-run prefix and only

@@ -148,10 +148,18 @@ async def in_process(gateway_env: dict[str, str]) -> AsyncIterator[App]:
     finally:
         assert application.gateway is not None
         await application.gateway.close()
-        # Redis.aclose leaves a pool it was given alone; a worker process exits right after.
-        await application.gateway.redis.connection_pool.disconnect()
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
+
+
+async def test_closing_the_gateway_closes_its_redis_connections(gateway_env: dict[str, str]) -> None:
+    gateway = await Gateway.open(config.load(None, environ=gateway_env))
+    await gateway.redis.ping()
+    pool = gateway.redis.connection_pool
+    connections = [*pool._available_connections, *pool._in_use_connections]
+    assert connections
+    await gateway.close()
+    assert not any(connection.is_connected for connection in connections)
 
 
 async def _audited(admin: Admin, request_id: str) -> dict[str, object]:

@@ -168,7 +168,7 @@ def test_no_encoding_of_a_blocked_path_reaches_the_backend(
 
 
 async def test_headers_are_rebuilt_for_the_backend(gateway: GatewayProcess, emulator: Emulator, admin: Admin) -> None:
-    emulator.configure(loopback=True)  # Ollama on loopback refuses foreign Host headers (ollama-api.md §6)
+    emulator.configure(loopback=True)  # Ollama on loopback refuses foreign Host headers (docs/ollama.md §6)
     key = await admin.key()
     headers = {
         **auth(key),
@@ -340,7 +340,7 @@ async def test_a_native_error_line_mid_stream_is_passed_on(
 async def test_openai_streams_that_break_end_with_an_error_event(
     gateway: GatewayProcess, emulator: Emulator, admin: Admin, kind: str
 ) -> None:
-    emulator.inject(kind, after_tokens=2)  # "error" on /v1 is Ollama's silent truncation (ollama-api.md §4)
+    emulator.inject(kind, after_tokens=2)  # "error" on /v1 is Ollama's silent truncation (docs/ollama.md §4)
     key = await admin.key()
     async with httpx.AsyncClient() as client:
         text = (await client.post(gateway.url + "/v1/chat/completions", json={**CHAT, "stream": True},
