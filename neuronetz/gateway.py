@@ -251,10 +251,10 @@ class Gateway:
 
 
 class _PackedInC:
-    """redis-py's asyncio connections pack commands in Python, which costs 45 µs for one
-    admission (an EVALSHA with some 70 arguments); hiredis, already installed for parsing,
-    packs in C for a tenth of that. (redis-py's own HiredisRespSerializer would first walk
-    every argument in Python, which is most of the cost again.)"""
+    """redis-py's asyncio connections pack commands in Python, a large share of the CPU of one
+    admission (an EVALSHA with some 70 arguments; `python3 build.py bench limits`); hiredis,
+    already installed for parsing, packs in C for a fraction of that. (redis-py's own
+    HiredisRespSerializer would first walk every argument in Python, which is most of the cost again.)"""
 
     def pack_command(self, *args: Any) -> list[bytes]:
         if isinstance(args[0], str) and " " in args[0]:  # "SCRIPT LOAD" is two words on the wire

@@ -1,22 +1,10 @@
 """Rate limits, concurrency and token budgets: admission and settlement in one round trip each.
 
-Per key and per tenant: `rpm`, `tpm`, `max_concurrent`, and token budgets `daily_tokens`,
-`monthly_tokens`, `total_tokens`. A key's unset value inherits the tenant's and both apply,
-so the stricter wins and all keys of a tenant share the tenant's limits. (An inherited key
-limit equals the tenant's, which already bounds the key's share, so it needs no counter of
-its own: only values set on the key itself are checked at key level.)
-
-`Limiter.admit` runs limits.lua once: every limit of the key and its tenant is checked and
-either all of them are charged or none (GCRA for RPM and TPM, leases for concurrency and
-for reserved tokens, counters for budgets). Tokens are reserved before forwarding: the
-prompt estimate plus the output cap, which the gateway injects when the client set none.
-`Limiter.settle` runs it once more with the real usage, exactly once per admission, and
-refunds what was reserved but not used.
-
-If Redis cannot be reached, a request with a budget anywhere in its chain is refused (503,
-fail closed). Requests without budgets are admitted without their rate and concurrency
-limits (fail open), because those protect capacity rather than commitments, and an outage
-of Redis should not become an outage of every model.
+`Limiter.admit` runs limits.lua once to check and charge every limit of a key and its tenant;
+`Limiter.settle` runs it once more with the real usage. The wire contract (keys, arguments,
+replies) is at the top of limits.lua; why it works this way (reservations, leases, failing
+closed for budgets and open for rates when Redis is away, rebuilds from the ledger) is in the
+README's "Limits and budgets".
 """
 
 from __future__ import annotations
