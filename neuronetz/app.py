@@ -26,14 +26,14 @@ from urllib.parse import quote
 
 import orjson
 
-from neuronetz import config, logs, metrics, models, proxy, tokens
+from neuronetz import config, dialects, logs, metrics, models, proxy, tokens
 from neuronetz.auth import KeyRecord, bearer_token
 from neuronetz.backends import Backend
-from neuronetz.errors import BadGateway, BadRequest, Forbidden, GatewayError, NotFound, ServiceUnavailable
+from neuronetz.errors import ANTHROPIC, BadGateway, BadRequest, Forbidden, GatewayError, NotFound, ServiceUnavailable
 from neuronetz.gateway import Gateway
 from neuronetz.http import BodyReaders, Request, client_address, parse_json, send_bytes, send_error, send_json
 from neuronetz.proxy import BackendUnreachable, Exchange
-from neuronetz.router import Route, Router, is_blocked, normalize_path
+from neuronetz.router import Route, Router, is_account, is_blocked, normalize_path
 from neuronetz.types import Receive, Scope, Send
 
 log = logging.getLogger("neuronetz.app")
@@ -61,10 +61,10 @@ class Endpoint:
 # Images travel only in generate/chat bodies (`images`, `image_url` parts); every other body
 # is text, and gets the far smaller GATEWAY_MAX_TEXT_BODY_BYTES.
 ENDPOINTS = {
-    "/": Endpoint("/", "info", GET),
     "/api/version": Endpoint("/api/version", "info", GET),
     "/api/tags": Endpoint("/api/tags", "listing", GET),
     "/api/ps": Endpoint("/api/ps", "listing", GET_ONLY),
+    "/api/status": Endpoint("/api/status", "status", GET_ONLY),  # answered by the gateway: its own policy
     "/api/show": Endpoint("/api/show", "show"),
     "/api/generate": Endpoint("/api/generate", "inference", stream_default=True, generates=True, images=True),
     "/api/chat": Endpoint("/api/chat", "inference", stream_default=True, generates=True, images=True),
@@ -77,6 +77,10 @@ ENDPOINTS = {
     "/v1/embeddings": Endpoint("/v1/embeddings", "inference"),
     "/v1/models": Endpoint("/v1/models", "listing", GET_ONLY),
     "/v1/models/{model}": Endpoint("/v1/models/", "show", GET_ONLY),
+    "/v1/responses": Endpoint("/v1/responses", "inference", generates=True),
+    "/v1/messages": Endpoint("/v1/messages", "inference", generates=True),
+    # Ollama has no such route; Anthropic clients size their requests with it (README).
+    "/v1/messages/count_tokens": Endpoint("/v1/messages/count_tokens", "count"),
 }
 
 
@@ -85,11 +89,15 @@ class App:
         self.gateway: Gateway | None = None
         self.readers = BodyReaders(1, 1.0)  # replaced by the configured bounds in `attach`
         routes = [
+            Route("/", GET, self.root, public=True),
             Route("/healthz", GET, self.healthz, public=True),
             Route("/readyz", GET, self.readyz, public=True),
             Route("/metrics", GET_ONLY, self.metrics, public=True),
         ]
-        handlers = {"inference": self.inference, "show": self.show, "listing": self.listing, "info": self.info}
+        handlers = {
+            "inference": self.inference, "show": self.show, "listing": self.listing, "info": self.info,
+            "count": self.count_tokens, "status": self.status,
+        }  # fmt: skip
         for path, endpoint in ENDPOINTS.items():
             routes.append(Route(path, endpoint.methods, partial(handlers[endpoint.kind], endpoint)))
         self.router = Router(routes)
@@ -146,13 +154,21 @@ class App:
                     "This endpoint changes the models on the server and is blocked by the gateway.",
                     code="endpoint_blocked",
                 )
+            if is_account(path):
+                raise Forbidden(
+                    "This endpoint acts for the server owner's ollama.com account and is blocked by the gateway.",
+                    code="endpoint_blocked",
+                )
             route, request.param = self.router.resolve(path, request.method)
             if not route.public:
                 gateway = self._gateway()
                 request.client = client_address(
                     request.client, request.headers.get(b"x-forwarded-for"), gateway.settings.trusted_proxies
                 )
-                request.key = await gateway.auth.authenticate(request.authorization(), request.client)
+                authorization = dialects.credential(
+                    request.dialect, request.single_header(b"authorization"), request.single_header(b"x-api-key")
+                )
+                request.key = await gateway.auth.authenticate(authorization, request.client)
             await route.handler(request, send, exchange)
         except GatewayError as error:
             exchange.status, exchange.error_code = error.status, error.code
@@ -186,17 +202,28 @@ class App:
         model = exchange.model = _model_of(body)
         if model is not None:
             key.check_model(model)
-        openai = request.openai
-        estimate = tokens.estimate_prompt(body)
-        requested = tokens.requested_cap(body, openai, endpoint.generates)
+        openai, dialect = request.openai, request.dialect
+        if dialect is None:
+            estimate = tokens.estimate_prompt(body)
+            requested = tokens.requested_cap(body, openai, endpoint.generates)
+        else:
+            estimate, requested = dialects.estimate_prompt(body, dialect), dialects.requested_cap(body, dialect)
+        removed = [] if key.allow_cloud or not endpoint.generates else dialects.remove_server_tools(body)
+        if removed:
+            # Removed, not refused: Codex declares web_search on every request.
+            exchange.removed_tools = ",".join(removed)
+            request.response_headers.append((dialects.REMOVED_TOOLS_HEADER, exchange.removed_tools.encode()))
         admission = await gateway.limiter.admit(key.subject, estimate, requested)
-        rewrite = strip_usage = False
+        rewrite, strip_usage = bool(removed), False
         cap = None
         if admission is not None:
             request.response_headers.extend(admission.headers)
             cap = admission.cap if endpoint.generates else None
             if cap is not None and cap != requested:
-                tokens.set_cap(body, openai, cap)
+                if dialect is None:
+                    tokens.set_cap(body, openai, cap)
+                else:
+                    dialects.set_cap(body, dialect, cap)
                 rewrite = True
         if endpoint.usage_events and body.get("stream", endpoint.stream_default) is True:
             options = body.get("stream_options")
@@ -243,6 +270,26 @@ class App:
         if model is not None:
             key.check_model(model)
         await self._forward(request, send, exchange, model, path, raw)
+
+    async def count_tokens(self, endpoint: Endpoint, request: Request, send: Send, exchange: Exchange) -> None:
+        """POST /v1/messages/count_tokens, answered here from the gateway's prompt estimate:
+        authenticated, checked against the model allow-list and counted as a request (RPM),
+        but it generates nothing, so it spends no tokens."""
+        gateway = self._gateway()
+        key = _key(request)
+        raw = await request.body(gateway.settings.max_body_bytes)
+        exchange.bytes_in = len(raw)
+        body = parse_json(raw)
+        model = exchange.model = _model_of(body)
+        if model is None:
+            raise BadRequest("The field 'model' is required.")
+        key.check_model(model)
+        admission = await gateway.limiter.admit(key.subject, 0, 0)
+        if admission is not None:
+            request.response_headers.extend(admission.headers)
+        gateway.limiter.settle(admission, key.subject, 0, 0)
+        exchange.status = 200
+        await send_json(send, request, 200, {"input_tokens": dialects.estimate_prompt(body, ANTHROPIC)})
 
     async def info(self, endpoint: Endpoint, request: Request, send: Send, exchange: Exchange) -> None:
         await self._forward(request, send, exchange, None, endpoint.upstream, None)
@@ -347,7 +394,18 @@ class App:
                 task.uncancel()
                 exchange.disconnected = True
 
+    async def status(self, endpoint: Endpoint, request: Request, send: Send, exchange: Exchange) -> None:
+        """GET /api/status in Ollama's shape, but the gateway's policy for this key: whether it
+        may use cloud models, not whether the backend is signed in to ollama.com."""
+        exchange.status = 200
+        await send_json(send, request, 200, {"cloud": {"disabled": not _key(request).allow_cloud, "source": "gateway"}})
+
     # --- public routes ------------------------------------------------------------------------
+
+    async def root(self, request: Request, send: Send, exchange: Exchange) -> None:
+        """`GET /` and `HEAD /` as Ollama answers them, without a key: clients probe it to find
+        out whether an Ollama is there, and the answer says nothing more than that."""
+        await send_bytes(send, request, 200, b"Ollama is running", content_type=b"text/plain; charset=utf-8")
 
     async def healthz(self, request: Request, send: Send, exchange: Exchange) -> None:
         await send_json(send, request, 200, {"status": "ok"})
@@ -382,7 +440,7 @@ class App:
     @staticmethod
     def _metrics_token_presented(gateway: Gateway, request: Request) -> bool:
         expected = gateway.settings.metrics_token
-        presented = bearer_token(request.authorization()) or ""
+        presented = bearer_token(request.single_header(b"authorization")) or ""
         return bool(expected) and hmac.compare_digest(presented.encode(), expected.encode())
 
     # --- recording ----------------------------------------------------------------------------
@@ -448,7 +506,7 @@ class App:
             created, request.request_id, key.tenant_id if key else None, key.prefix if key else None,
             _inet(request.client), request.method, route.path, exchange.model, exchange.backend, status,
             exchange.error_code, exchange.stream, usage.prompt_tokens, usage.completion_tokens, exchange.bytes_in,
-            exchange.bytes_out, ttfb, duration * 1000, exchange.disconnected,
+            exchange.bytes_out, ttfb, duration * 1000, exchange.disconnected, exchange.removed_tools,
         )  # fmt: skip
         prompt = None
         if key is not None and key.log_prompts and key.prompt_ttl_days and exchange.prompt is not None:

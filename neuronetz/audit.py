@@ -40,7 +40,7 @@ log = logging.getLogger("neuronetz.audit")
 COLUMNS = (
     "created_at", "request_id", "tenant_id", "key_prefix", "client_addr", "method", "route", "model", "backend",
     "status", "error_code", "stream", "prompt_tokens", "completion_tokens", "bytes_in", "bytes_out", "ttfb_ms",
-    "duration_ms", "disconnected",
+    "duration_ms", "disconnected", "removed_tools",
 )  # fmt: skip
 FLUSH_INTERVAL = 1.0
 BATCH = 2000

@@ -90,14 +90,23 @@ class KeyRecord:
     log_prompts: bool
     prompt_ttl_days: int | None
     subject: Subject  # the key's and the tenant's own limits, for the limiter
+    allow_cloud: bool = False  # cloud models and server-side tools (the key's setting, else the tenant's)
 
     def usable(self, now: float) -> bool:
         return not self.revoked and (self.expires_at is None or now < self.expires_at)
 
     def allows(self, model: str) -> bool:
+        if not self.allow_cloud and models.is_cloud(model):
+            return False
         return self.allowed_models is None or models.normalize(model) in self.allowed_models
 
     def check_model(self, model: str) -> None:
+        if not self.allow_cloud and models.is_cloud(model):
+            raise Forbidden(
+                f"{model!r} is a cloud model, which runs on the server owner's ollama.com account; this API key "
+                "may not use cloud models (ask the operator for --allow-cloud).",
+                code="cloud_not_allowed",
+            )
         if not self.allows(model):
             raise Forbidden(f"This API key may not use the model {model!r}.", code="model_not_allowed")
 
@@ -117,6 +126,7 @@ def record_from_row(row: Any) -> KeyRecord:
         log_prompts=row["log_prompts"],
         prompt_ttl_days=row["prompt_ttl_days"],
         subject=Subject(row["id"], row["tenant_id"], Limits.from_row(row), Limits.from_row(row, prefix="t_")),
+        allow_cloud=row["allow_cloud"],
     )
 
 

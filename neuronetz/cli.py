@@ -296,7 +296,10 @@ async def with_database(args: argparse.Namespace, work: Callable[[Any], Coroutin
 
 
 def cmd_create_tenant(args: argparse.Namespace) -> int:
-    tenant = run_async(with_database(args, lambda c: tenants.create_tenant(c, args.name, limits_from(args))))
+    allow_cloud = bool(args.allow_cloud)
+    tenant = run_async(
+        with_database(args, lambda c: tenants.create_tenant(c, args.name, limits_from(args), allow_cloud=allow_cloud))
+    )
     print(f"created tenant {tenant.name} ({describe_limits(tenant.limits, 'unlimited')})")
     return 0
 
@@ -304,11 +307,20 @@ def cmd_create_tenant(args: argparse.Namespace) -> int:
 def cmd_list_tenants(args: argparse.Namespace) -> int:
     found = run_async(with_database(args, tenants.list_tenants))
     if args.json:
-        print_json([{"name": t.name, "keys": t.keys, "created_at": t.created_at, **t.limits.as_dict()} for t in found])
+        print_json(
+            [
+                {"name": t.name, "keys": t.keys, "created_at": t.created_at, **t.limits.as_dict(),
+                 "allow_cloud": t.allow_cloud}
+                for t in found
+            ]
+        )  # fmt: skip
     else:
         print_table(
-            ["TENANT", "KEYS", "CREATED", "LIMITS"],
-            [[t.name, str(t.keys), when(t.created_at), describe_limits(t.limits, "unlimited")] for t in found],
+            ["TENANT", "KEYS", "CREATED", "LIMITS", "CLOUD"],
+            [
+                [t.name, str(t.keys), when(t.created_at), describe_limits(t.limits, "unlimited"), cloud(t.allow_cloud)]
+                for t in found
+            ],
         )
     return 0
 
@@ -328,6 +340,7 @@ def cmd_create_key(args: argparse.Namespace) -> int:
                 models=allowed,
                 prompt_ttl_days=ttl,
                 limits=limits_from(args),
+                allow_cloud=args.allow_cloud,
             ),
         )
     )
@@ -368,7 +381,13 @@ def key_row(key: tenants.KeyInfo) -> dict[str, Any]:
         **key.limits.as_dict(),
         "replaced_by": key.replaced_by,
         "replaces": key.replaces,
+        "allow_cloud": key.allow_cloud,
     }
+
+
+def cloud(allowed: bool | None) -> str:
+    """A key's or tenant's cloud setting in a table (None: the key inherits the tenant's)."""
+    return "inherit" if allowed is None else "allowed" if allowed else "off"
 
 
 def cmd_list_keys(args: argparse.Namespace) -> int:
@@ -389,13 +408,13 @@ def cmd_list_keys(args: argparse.Namespace) -> int:
             f"{k.prompt_ttl_days}d" if k.log_prompts else "off",
             describe_limits(k.limits, "inherit"),
             rotation_of(k),
+            cloud(k.allow_cloud),
         ]
         for k in found
     ]
     print_table(
         ["PREFIX", "NAME", "TENANT", "STATUS", "CREATED", "EXPIRES", "LAST USED", "MODELS", "PROMPTS", "LIMITS",
-         "ROTATION"],
-        rows,
+         "ROTATION", "CLOUD"], rows,
     )  # fmt: skip
     return 0
 
@@ -426,6 +445,8 @@ def cmd_revoke_key(args: argparse.Namespace) -> int:
 
 def cmd_set_limits(args: argparse.Namespace) -> int:
     changes: dict[str, Any] = limit_changes(args)
+    if args.allow_cloud is not None:
+        changes["allow_cloud"] = args.allow_cloud
     if args.tenant is not None:
         for flag in ("models", "log_prompts", "no_log_prompts", "prompt_ttl_days"):
             if getattr(args, flag) not in (None, False):
@@ -866,6 +887,7 @@ def build_parser() -> argparse.ArgumentParser:
     create_tenant = command("create-tenant", cmd_create_tenant, "create a tenant, optionally with limits")
     create_tenant.add_argument("--name", required=True, help="unique tenant name (letters, digits, . _ -)")
     add_limit_flags(create_tenant)
+    add_cloud_flag(create_tenant)
     list_tenants = command("list-tenants", cmd_list_tenants, "list tenants with their limits")
     list_tenants.add_argument("--json", action="store_true", help="print one JSON array")
 
@@ -876,6 +898,7 @@ def build_parser() -> argparse.ArgumentParser:
     create_key.add_argument("--models", metavar="m1,m2", help="allow only these models (default: all)")
     add_prompt_flags(create_key)
     add_limit_flags(create_key)
+    add_cloud_flag(create_key)
 
     list_keys = command("list-keys", cmd_list_keys, "list API keys (never their secrets)")
     list_keys.add_argument("--tenant", help="only this tenant's keys")
@@ -902,6 +925,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_prompt_flags(set_limits)
     set_limits.add_argument("--no-log-prompts", action="store_true", help="stop logging this key's prompts")
     add_limit_flags(set_limits)
+    add_cloud_flag(set_limits)
 
     for name, add in (("add-backend", True), ("remove-backend", False)):
         verb = "add an Ollama base URL to" if add else "remove an Ollama base URL from"
@@ -958,6 +982,14 @@ def add_expiry_flags(parser: argparse.ArgumentParser, default: str = "") -> None
     expiry.add_argument(
         "--expires-in-days", metavar="D", type=whole("expires-in-days", 1, MAX_DAYS), help="expire D days from now"
     )
+
+
+def add_cloud_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--allow-cloud", action=argparse.BooleanOptionalAction, default=None,
+        help="allow Ollama cloud models (…:cloud, …-cloud) and server-side tools such as web_search, which run on "
+        "the server owner's ollama.com account (default: off; a key inherits its tenant's setting)",
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

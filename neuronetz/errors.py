@@ -11,6 +11,23 @@ import math
 
 import orjson
 
+# The agent dialects (dialects.py), named here because every error is rendered in its caller's.
+ANTHROPIC = "anthropic"
+RESPONSES = "responses"
+# Anthropic's error types by status: the SDK picks its exception class by status, and
+# clients read `error.type` (https://docs.anthropic.com/en/api/errors).
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
+
 
 def error_body(openai_dialect: bool, message: str, type_: str, code: str) -> bytes:
     """An error in the caller's dialect: OpenAI's error object or Ollama's `{"error": message}`."""
@@ -137,3 +154,18 @@ class ServiceUnavailable(GatewayError):
 class GatewayTimeout(GatewayError):
     status = 504
     code = "backend_timeout"
+
+
+def dialect_of(path: str) -> str | None:
+    """The dialect of a normalised request path (None: Ollama's own or OpenAI's chat)."""
+    if path == "/v1/responses":
+        return RESPONSES
+    if path == "/v1/messages" or path.startswith("/v1/messages/"):
+        return ANTHROPIC
+    return None
+
+
+def anthropic_body(error: GatewayError) -> bytes:
+    """A refusal in Anthropic's shape: `{"type":"error","error":{"type":…,"message":…}}`."""
+    kind = _ANTHROPIC_TYPES.get(error.status, "api_error")
+    return orjson.dumps({"type": "error", "error": {"type": kind, "message": error.message}})

@@ -19,7 +19,16 @@ from typing import Any, Protocol
 
 import orjson
 
-from neuronetz.errors import BadRequest, GatewayError, PayloadTooLarge, RequestTimeout, ServiceUnavailable
+from neuronetz.errors import (
+    ANTHROPIC,
+    BadRequest,
+    GatewayError,
+    PayloadTooLarge,
+    RequestTimeout,
+    ServiceUnavailable,
+    anthropic_body,
+    dialect_of,
+)
 from neuronetz.types import Message, Receive, Scope, Send
 
 JSON = b"application/json"
@@ -89,6 +98,7 @@ class Request:
 
     __slots__ = (
         "client",
+        "dialect",
         "headers",
         "key",
         "method",
@@ -113,20 +123,22 @@ class Request:
         client = scope.get("client")
         self.client: str = client[0] if client else ""
         self.openai = path.startswith("/v1/")
+        self.dialect = dialect_of(path)  # the agent dialects' errors and streams differ (dialects.py)
         sent_id = self.headers.get(b"x-request-id")
         self.request_id = sent_id.decode() if sent_id and _SANE_REQUEST_ID.fullmatch(sent_id) else new_request_id()
         self.response_headers: list[tuple[bytes, bytes]] = [(b"x-request-id", self.request_id.encode())]
         self.param: str | None = None  # the route's captured parameter (/v1/models/{model})
         self.key: Principal | None = None  # set once authenticated
 
-    def authorization(self) -> bytes | None:
-        """The Authorization header; BadRequest when there is more than one. RFC 9110 §11.6.2
-        allows one credential, and a proxy in front that reads the first while this gateway
-        read the last would authorise one key and charge another."""
-        value = self.headers.get(b"authorization")
+    def single_header(self, name: bytes) -> bytes | None:
+        """The header `name` (lower case); BadRequest when it comes more than once. Used for
+        credentials: RFC 9110 §11.6.2 allows one, and a proxy in front that reads the first
+        while this gateway read the last would authorise one key and charge another."""
+        value = self.headers.get(name)
         repeats = value is not None and len(self.headers) != len(self.scope["headers"])  # cheap: usually False
-        if repeats and sum(1 for name, _ in self.scope["headers"] if name == b"authorization") > 1:
-            raise BadRequest("The request has more than one Authorization header; send exactly one.")
+        if repeats and sum(1 for found, _ in self.scope["headers"] if found == name) > 1:
+            header = name.decode().title()
+            raise BadRequest(f"The request has more than one {header} header; send exactly one.")
         return value
 
     async def body(self, limit: int, readers: BodyReaders | None = None) -> bytes:
@@ -335,4 +347,5 @@ async def send_json(send: Send, request: Request, status: int, value: Any) -> No
 
 
 async def send_error(send: Send, request: Request, error: GatewayError) -> None:
-    await send_bytes(send, request, error.status, error.body(request.openai), extra=error.headers())
+    body = anthropic_body(error) if request.dialect == ANTHROPIC else error.body(request.openai)
+    await send_bytes(send, request, error.status, body, extra=error.headers())

@@ -20,3 +20,16 @@ def normalize(name: str) -> str:
     # A ':' inside the host part (registry:port/ns/model) is not a tag separator.
     last = lowered.rsplit("/", 1)[-1]
     return lowered if ":" in last else lowered + ":latest"
+
+
+def is_cloud(name: str) -> bool:
+    """True for Ollama's cloud models, which the backend forwards to ollama.com on its owner's
+    account: a `cloud` tag or a tag ending in `-cloud` (`gpt-oss:20b-cloud`,
+    `qwen3-coder:480b-cloud`, `kimi-k2:cloud`), the suffix rule of Ollama's
+    `types/model/name.go`.
+
+    >>> is_cloud("GPT-OSS:20B-Cloud"), is_cloud("llama3.2"), is_cloud("cloud")
+    (True, False, False)
+    """
+    tag = normalize(name).rsplit(":", 1)[-1]
+    return tag == "cloud" or tag.endswith("-cloud")

@@ -24,7 +24,7 @@ from typing import Any, cast
 
 import httpx
 
-from neuronetz import __version__, http
+from neuronetz import __version__, dialects, http
 from neuronetz.errors import BadGateway, GatewayError, GatewayTimeout, ServiceUnavailable, error_body
 from neuronetz.http import Request
 from neuronetz.relay import BodyRelay, NdjsonRelay, Outcome, RecordTooLong, SseRelay
@@ -33,7 +33,9 @@ from neuronetz.types import Send
 log = logging.getLogger("neuronetz.proxy")
 # Request headers a backend may see. Everything else — Authorization, Cookie, Origin (which
 # makes Ollama answer 403), Forwarded/X-Forwarded-*, hop-by-hop headers — stays here.
-FORWARDED_REQUEST_HEADERS = (b"content-type", b"accept", b"user-agent")
+# anthropic-version / anthropic-beta select behaviour on /v1/messages; x-api-key (a gateway
+# key on that route) is not here and so never forwarded. X-Request-ID is the gateway's own (below).
+FORWARDED_REQUEST_HEADERS = (b"content-type", b"accept", b"user-agent", b"anthropic-version", b"anthropic-beta")
 USER_AGENT = f"neuronetz-gateway/{__version__}".encode()
 NDJSON = b"application/x-ndjson"
 # Ollama's final record and OpenAI's finish/usage events count as chunks too: allow for them
@@ -88,6 +90,7 @@ class Exchange:
     bytes_out: int = 0
     disconnected: bool = False
     prompt: dict[str, Any] | None = None  # kept only for keys that log prompts
+    removed_tools: str | None = None  # server-side tools taken out of the request (dialects.py)
     outcome: Outcome = field(default_factory=Outcome)
 
 
@@ -195,8 +198,15 @@ async def _exchange(
         exchange.status = status
         outcome = exchange.outcome
         outcome.refused = status >= 400
-        relay: NdjsonRelay | SseRelay | BodyRelay
-        if content_type.startswith(NDJSON):
+        relay: NdjsonRelay | SseRelay | BodyRelay | dialects.EventRelay
+        if request.dialect is not None:  # typed events or a whole answer of an agent dialect
+            exchange.stream = content_type.startswith(EVENT_STREAM)
+            relay = (
+                dialects.EventRelay(outcome, request.dialect, max_record)
+                if exchange.stream
+                else dialects.WholeRelay(outcome, max_record)
+            )
+        elif content_type.startswith(NDJSON):
             relay, exchange.stream = NdjsonRelay(outcome, max_record), True
         elif content_type.startswith(EVENT_STREAM):
             relay, exchange.stream = SseRelay(outcome, strip_usage, max_record), True
@@ -292,5 +302,9 @@ async def end_with_error(send: Send, request: Request, exchange: Exchange, messa
     if not exchange.started:
         return
     if exchange.stream:
-        await _body(send, exchange, error_record(request.openai, message, code))
+        dialect = request.dialect
+        record = (
+            dialects.stream_error(dialect, message, code) if dialect else error_record(request.openai, message, code)
+        )
+        await _body(send, exchange, record)
     await http.finish(send)

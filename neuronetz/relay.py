@@ -52,7 +52,7 @@ class Outcome:
     text: list[str] | None = None  # the answer's text, assembled only for prompt logging
 
 
-def _count(counts: dict[str, Any], name: str) -> int | None:
+def read_count(counts: dict[str, Any], name: str) -> int | None:
     """A counter as a backend reported it: absent is 0; None when it is no count at all."""
     value = counts.get(name, 0)
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TOKENS:
@@ -60,8 +60,8 @@ def _count(counts: dict[str, Any], name: str) -> int | None:
     return None
 
 
-def _counters(counts: dict[str, Any], prompt_name: str, completion_name: str, outcome: Outcome) -> None:
-    prompt, completion = _count(counts, prompt_name), _count(counts, completion_name)
+def read_counters(counts: dict[str, Any], prompt_name: str, completion_name: str, outcome: Outcome) -> None:
+    prompt, completion = read_count(counts, prompt_name), read_count(counts, completion_name)
     if prompt is None or completion is None:
         outcome.invalid = f"The backend reported invalid token counts ({prompt_name}, {completion_name})."
         return
@@ -146,7 +146,7 @@ class NdjsonRelay:
         if "error" in record:
             outcome.error = _error_message(record["error"])
         elif record.get("done"):
-            _counters(record, "prompt_eval_count", "eval_count", outcome)
+            read_counters(record, "prompt_eval_count", "eval_count", outcome)
             outcome.finished = True
         else:
             outcome.usage.completion_tokens += 1
@@ -202,7 +202,7 @@ class SseRelay:
         usage = record.get("usage")
         choices = record.get("choices")
         if isinstance(usage, dict) and (usage.get("prompt_tokens") or usage.get("completion_tokens")):
-            _counters(usage, "prompt_tokens", "completion_tokens", outcome)
+            read_counters(usage, "prompt_tokens", "completion_tokens", outcome)
         elif choices:
             outcome.usage.completion_tokens += 1
         if outcome.text is not None and choices:
@@ -261,9 +261,9 @@ class BodyRelay:
             outcome.error = _error_message(record["error"])
             outcome.refused = True
         elif self.openai and isinstance(record.get("usage"), dict):
-            _counters(record["usage"], "prompt_tokens", "completion_tokens", outcome)
+            read_counters(record["usage"], "prompt_tokens", "completion_tokens", outcome)
         elif "prompt_eval_count" in record or "eval_count" in record:
-            _counters(record, "prompt_eval_count", "eval_count", outcome)
+            read_counters(record, "prompt_eval_count", "eval_count", outcome)
         if outcome.text is not None:
             text = _answer_text(record)
             if text:

@@ -25,6 +25,13 @@ Handler = Callable[[Request, Send, Any], Awaitable[None]]
 # Model-mutating Ollama endpoints: 403 for every method, not configurable.
 BLOCKED_PATHS = frozenset({"/api/pull", "/api/push", "/api/create", "/api/copy", "/api/delete", "/api/blobs"})
 BLOCKED_PREFIX = "/api/blobs/"
+# Ollama's account endpoints act for, or spend, the server owner's ollama.com account
+# (server/routes.go: WhoamiHandler, SignoutHandler, the web_search/web_fetch proxies to
+# ollama.com): refused like the model-mutating ones, for every method, before authentication.
+ACCOUNT_PATHS = frozenset(
+    {"/api/me", "/api/signout", "/api/user/keys", "/api/experimental/web_search", "/api/experimental/web_fetch"}
+)
+ACCOUNT_PREFIX = "/api/user/keys/"
 # Percent-decoding is repeated until the path stops changing; a path that still decodes
 # further after this many rounds was built to confuse some layer, so it is refused.
 _DECODE_ROUNDS = 4
@@ -79,6 +86,12 @@ def is_blocked(path: str) -> bool:
     """True for the model-mutating endpoints, whatever their case (path is normalised)."""
     lowered = path.lower()
     return lowered in BLOCKED_PATHS or lowered.startswith(BLOCKED_PREFIX)
+
+
+def is_account(path: str) -> bool:
+    """True for Ollama's ollama.com account endpoints, whatever their case (path is normalised)."""
+    lowered = path.lower()
+    return lowered in ACCOUNT_PATHS or lowered.startswith(ACCOUNT_PREFIX)
 
 
 class Match(enum.Enum):

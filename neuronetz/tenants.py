@@ -44,6 +44,7 @@ class Tenant:
     limits: Limits
     created_at: dt.datetime
     keys: int = 0
+    allow_cloud: bool = False  # cloud models and server-side tools for the tenant's keys
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class KeyInfo:
     limits: Limits
     replaced_by: str | None = None  # the prefix of the key `rotate-key` made to succeed this one
     replaces: str | None = None  # the prefix of the key this one succeeded
+    allow_cloud: bool | None = None  # None: the tenant's setting applies
 
     def status(self, now: dt.datetime | None = None) -> str:
         now = now or dt.datetime.now(dt.UTC)
@@ -74,7 +76,9 @@ class KeyInfo:
 
 
 def _tenant(row: Any) -> Tenant:
-    return Tenant(row["id"], row["name"], Limits.from_row(row), row["created_at"], row.get("keys", 0))
+    return Tenant(
+        row["id"], row["name"], Limits.from_row(row), row["created_at"], row.get("keys", 0), row["allow_cloud"]
+    )
 
 
 def check_tenant_name(name: str) -> None:
@@ -97,14 +101,15 @@ def check_key_name(name: str) -> None:
         )
 
 
-async def create_tenant(db: Connection, name: str, limits: Limits) -> Tenant:
+async def create_tenant(db: Connection, name: str, limits: Limits, *, allow_cloud: bool = False) -> Tenant:
     check_tenant_name(name)
     try:
         row = await db.fetchrow(
-            "INSERT INTO tenants (name, rpm, tpm, max_concurrent, daily_tokens, monthly_tokens, total_tokens) "
-            "VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING *",
+            "INSERT INTO tenants (name, rpm, tpm, max_concurrent, daily_tokens, monthly_tokens, total_tokens, "
+            "allow_cloud) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING *",
             name,
             *limits.as_dict().values(),
+            allow_cloud,
         )
     except asyncpg.UniqueViolationError:
         raise AdminError(f"A tenant named {name!r} already exists.") from None
@@ -128,7 +133,7 @@ async def tenant_id(db: Connection, name: str) -> int:
 _KEY_INFO = """
 SELECT k.prefix, k.name, t.name AS tenant, k.created_at, k.expires_at, k.revoked_at, k.last_used_at,
        k.allowed_models, k.log_prompts, k.prompt_ttl_days, k.rpm, k.tpm, k.max_concurrent,
-       k.daily_tokens, k.monthly_tokens, k.total_tokens, k.replaced_by,
+       k.daily_tokens, k.monthly_tokens, k.total_tokens, k.replaced_by, k.allow_cloud,
        (SELECT p.prefix FROM api_keys p WHERE p.replaced_by = k.prefix) AS replaces
 FROM api_keys k JOIN tenants t ON t.id = k.tenant_id
 """
@@ -150,13 +155,14 @@ def _key_info(row: Any) -> KeyInfo:
         Limits.from_row(row),
         row["replaced_by"],
         row["replaces"],
+        row["allow_cloud"],
     )
 
 
 _INSERT_KEY = """
 INSERT INTO api_keys (tenant_id, name, prefix, secret_hash, expires_at, allowed_models, log_prompts, prompt_ttl_days,
-                      rpm, tpm, max_concurrent, daily_tokens, monthly_tokens, total_tokens)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+                      rpm, tpm, max_concurrent, daily_tokens, monthly_tokens, total_tokens, allow_cloud)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
 """
 
 
@@ -169,9 +175,11 @@ async def create_key(
     models: tuple[str, ...] | None = None,
     prompt_ttl_days: int | None = None,
     limits: Limits | None = None,
+    allow_cloud: bool | None = None,
 ) -> tuple[KeyInfo, str]:
     """Create a key; returns its info and the full key, which is never available again.
-    `prompt_ttl_days` set means the key opted in to prompt logging for that many days."""
+    `prompt_ttl_days` set means the key opted in to prompt logging for that many days;
+    `allow_cloud` None means the tenant's setting applies."""
     limits = limits or Limits()
     check_key_name(name)
     owner = await tenant_id(db, tenant)
@@ -189,12 +197,14 @@ async def create_key(
             prompt_ttl_days is not None,
             prompt_ttl_days,
             *limits.as_dict().values(),
+            allow_cloud,
         )
     except asyncpg.UniqueViolationError as exc:
         if exc.constraint_name == "api_keys_prefix_key":  # 36^8 prefixes: a collision is rare but possible
             return await create_key(
-                db, tenant, name, expires_at=expires_at, models=models, prompt_ttl_days=prompt_ttl_days, limits=limits
-            )
+                db, tenant, name, expires_at=expires_at, models=models, prompt_ttl_days=prompt_ttl_days, limits=limits,
+                allow_cloud=allow_cloud,
+            )  # fmt: skip
         raise AdminError(f"Tenant {tenant!r} already has a key named {name!r}.") from None
     return await get_key(db, new.prefix), new.key
 
@@ -236,9 +246,9 @@ UPDATE api_keys SET replaced_by = $2, expires_at = LEAST(expires_at, now() + $3:
 """
 _INSERT_SUCCESSOR = """
 INSERT INTO api_keys (tenant_id, name, prefix, secret_hash, expires_at, allowed_models, log_prompts, prompt_ttl_days,
-                      rpm, tpm, max_concurrent, daily_tokens, monthly_tokens, total_tokens)
+                      rpm, tpm, max_concurrent, daily_tokens, monthly_tokens, total_tokens, allow_cloud)
 SELECT tenant_id, name, $2, $3, $4, allowed_models, log_prompts, prompt_ttl_days,
-       rpm, tpm, max_concurrent, daily_tokens, monthly_tokens, total_tokens
+       rpm, tpm, max_concurrent, daily_tokens, monthly_tokens, total_tokens, allow_cloud
 FROM api_keys WHERE prefix = $1
 """
 
@@ -305,7 +315,8 @@ UPDATE tenants SET
     max_concurrent = CASE WHEN $6 THEN $7::integer ELSE max_concurrent END,
     daily_tokens = CASE WHEN $8 THEN $9::bigint ELSE daily_tokens END,
     monthly_tokens = CASE WHEN $10 THEN $11::bigint ELSE monthly_tokens END,
-    total_tokens = CASE WHEN $12 THEN $13::bigint ELSE total_tokens END
+    total_tokens = CASE WHEN $12 THEN $13::bigint ELSE total_tokens END,
+    allow_cloud = CASE WHEN $14 THEN $15::boolean ELSE allow_cloud END
 WHERE id = $1
 """
 _UPDATE_KEY = """
@@ -319,12 +330,16 @@ UPDATE api_keys SET
     allowed_models = CASE WHEN $14 THEN $15::text[] ELSE allowed_models END,
     log_prompts = CASE WHEN $16 THEN $17::boolean ELSE log_prompts END,
     prompt_ttl_days = CASE WHEN $18 THEN $19::integer ELSE prompt_ttl_days END,
-    expires_at = CASE WHEN $20 THEN $21::timestamptz ELSE expires_at END
+    expires_at = CASE WHEN $20 THEN $21::timestamptz ELSE expires_at END,
+    allow_cloud = CASE WHEN $22 THEN $23::boolean ELSE allow_cloud END
 WHERE prefix = $1
 """
 _COLUMNS = {
-    "tenants": (_UPDATE_TENANT, LIMIT_NAMES),
-    "api_keys": (_UPDATE_KEY, (*LIMIT_NAMES, "allowed_models", "log_prompts", "prompt_ttl_days", "expires_at")),
+    "tenants": (_UPDATE_TENANT, (*LIMIT_NAMES, "allow_cloud")),
+    "api_keys": (
+        _UPDATE_KEY,
+        (*LIMIT_NAMES, "allowed_models", "log_prompts", "prompt_ttl_days", "expires_at", "allow_cloud"),
+    ),
 }
 
 
@@ -350,7 +365,8 @@ FETCH_KEY = """
 SELECT k.id, k.prefix, k.name, k.secret_hash, k.expires_at, k.revoked_at, k.allowed_models, k.log_prompts,
        k.prompt_ttl_days, k.rpm, k.tpm, k.max_concurrent, k.daily_tokens, k.monthly_tokens, k.total_tokens,
        t.id AS tenant_id, t.name AS tenant_name, t.rpm AS t_rpm, t.tpm AS t_tpm, t.max_concurrent AS t_max_concurrent,
-       t.daily_tokens AS t_daily_tokens, t.monthly_tokens AS t_monthly_tokens, t.total_tokens AS t_total_tokens
+       t.daily_tokens AS t_daily_tokens, t.monthly_tokens AS t_monthly_tokens, t.total_tokens AS t_total_tokens,
+       COALESCE(k.allow_cloud, t.allow_cloud) AS allow_cloud
 FROM api_keys k JOIN tenants t ON t.id = k.tenant_id
 WHERE k.prefix = $1
 """

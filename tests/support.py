@@ -187,9 +187,9 @@ class Admin:
     def __init__(self, pool: asyncpg.Pool[Any]) -> None:
         self.pool = pool
 
-    async def tenant(self, **limits: int | None) -> str:
+    async def tenant(self, *, allow_cloud: bool = False, **limits: int | None) -> str:
         name = f"t-{secrets.token_hex(4)}"
-        await tenants.create_tenant(self.pool, name, Limits(**limits))
+        await tenants.create_tenant(self.pool, name, Limits(**limits), allow_cloud=allow_cloud)
         return name
 
     async def key(
@@ -199,13 +199,14 @@ class Admin:
         models: tuple[str, ...] | None = None,
         expires_at: dt.datetime | None = None,
         prompt_ttl_days: int | None = None,
+        allow_cloud: bool | None = None,
         **limits: int | None,
     ) -> str:
         """A new key (of a new tenant unless one is named); returns the full key."""
         tenant = tenant or await self.tenant()
         _, key = await tenants.create_key(
             self.pool, tenant, f"k-{secrets.token_hex(4)}", expires_at=expires_at, models=models,
-            prompt_ttl_days=prompt_ttl_days, limits=Limits(**limits),
+            prompt_ttl_days=prompt_ttl_days, limits=Limits(**limits), allow_cloud=allow_cloud,
         )  # fmt: skip
         return key
 

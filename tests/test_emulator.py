@@ -898,3 +898,85 @@ def test_cli_serves_until_sigterm() -> None:
         assert httpx.get(f"{url}/_emulator/requests").json() == {"requests": []}
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=5) == 0
+
+
+# --- the agent dialects (/v1/responses, /v1/messages) ----------------------------------------------------
+
+
+def _events(body: bytes) -> list[tuple[str, dict[str, Any]]]:
+    parsed = []
+    for block in body.decode().split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
+        if "event" in fields:
+            parsed.append((fields["event"], json.loads(fields["data"])))
+    return parsed
+
+
+def test_responses_stream_and_whole_answer_are_framed_as_ollama_frames_them(emu: Emulator) -> None:
+    body = {"model": "tiny", "input": "hello there", "max_output_tokens": 3}
+    whole = httpx.post(f"{emu.url}/v1/responses", json=body).json()
+    streamed = httpx.post(f"{emu.url}/v1/responses", json={**body, "stream": True})
+    missing = httpx.post(f"{emu.url}/v1/responses", json={**body, "model": "nope"})
+    assert whole["status"] == "completed"  # even when the cap cut it, as Ollama says
+    assert whole["output"][0]["content"][0]["text"] == "Lorem ipsum dolor"
+    assert (whole["usage"]["input_tokens"], whole["usage"]["output_tokens"]) == (3, 3)
+    assert streamed.headers["content-type"] == "text/event-stream"
+    events = _events(streamed.content)
+    assert [name for name, _ in events] == [
+        "response.created", "response.in_progress", "response.output_item.added", "response.content_part.added",
+        *["response.output_text.delta"] * 3, "response.output_text.done", "response.content_part.done",
+        "response.output_item.done", "response.completed",
+    ]  # fmt: skip
+    assert [data["sequence_number"] for _, data in events] == list(range(len(events)))
+    assert all(data["type"] == name for name, data in events)
+    assert events[-1][1]["response"]["usage"]["output_tokens"] == 3
+    assert b"[DONE]" not in streamed.content
+    assert missing.status_code == 404
+    assert missing.json()["error"] == {"message": "model 'nope' not found", "type": "not_found_error",
+                                       "param": None, "code": None}  # fmt: skip
+
+
+def test_messages_stream_carries_an_estimate_first_and_the_real_usage_last(emu: Emulator) -> None:
+    body = {"model": "tiny", "max_tokens": 4, "messages": [{"role": "user", "content": "one two three four five"}]}
+    whole = httpx.post(f"{emu.url}/v1/messages", json=body).json()
+    events = _events(httpx.post(f"{emu.url}/v1/messages", json={**body, "stream": True}).content)
+    zero = httpx.post(f"{emu.url}/v1/messages", json={**body, "max_tokens": 0})
+    missing = httpx.post(f"{emu.url}/v1/messages", json={**body, "model": "nope"})
+    assert whole["stop_reason"] == "max_tokens"
+    assert whole["content"] == [{"type": "text", "text": "Lorem ipsum dolor sit"}]
+    assert [name for name, _ in events] == [
+        "message_start", "content_block_start", *["content_block_delta"] * 4, "content_block_stop",
+        "message_delta", "message_stop",
+    ]  # fmt: skip
+    estimate = events[0][1]["message"]["usage"]["input_tokens"]
+    real = events[-2][1]["usage"]
+    assert real == whole["usage"]
+    assert estimate != real["input_tokens"]
+    assert zero.status_code == 400
+    assert zero.json()["error"] == {"type": "invalid_request_error",
+                                    "message": "max_tokens is required and must be positive"}  # fmt: skip
+    assert missing.status_code == 404
+    assert missing.json()["type"] == "error"
+    assert missing.json()["error"]["type"] == "not_found_error"
+
+
+AGENT_STREAMS = [
+    ("/v1/responses", {"model": "tiny", "input": "hi", "stream": True}),
+    (
+        "/v1/messages",
+        {"model": "tiny", "max_tokens": 9, "stream": True, "messages": [{"role": "user", "content": "hi"}]},
+    ),
+]
+
+
+@pytest.mark.parametrize(("path", "body"), AGENT_STREAMS)
+def test_agent_streams_take_faults_and_can_ignore_the_cap(emu: Emulator, path: str, body: dict[str, Any]) -> None:
+    emu.inject("error", after_tokens=2, message="boom")
+    failed = _events(httpx.post(emu.url + path, json=body).content)
+    emu.configure(tokens=12, ignore_output_cap=True)
+    capped = _events(httpx.post(emu.url + path, json={**body, "max_tokens": 2, "max_output_tokens": 2}).content)
+    deltas = [n for n, _ in failed if n in ("response.output_text.delta", "content_block_delta")]
+    assert len(deltas) == 2
+    assert failed[-1][0] == "error"
+    assert "boom" in json.dumps(failed[-1][1])
+    assert len([n for n, _ in capped if n in ("response.output_text.delta", "content_block_delta")]) == 12

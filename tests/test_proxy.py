@@ -46,10 +46,10 @@ def traced(key: str) -> tuple[str, dict[str, str]]:
 
 
 FORWARDED = [
-    ("GET", "/", None),
-    ("HEAD", "/", None),
     ("GET", "/api/version", None),
+    ("HEAD", "/api/version", None),
     ("GET", "/api/tags", None),
+    ("HEAD", "/api/tags", None),
     ("GET", "/api/ps", None),
     ("POST", "/api/show", {"model": "tiny"}),
     ("POST", "/api/generate", {"model": "tiny", "prompt": "hi", "stream": False}),
@@ -61,6 +61,8 @@ FORWARDED = [
     ("POST", "/v1/embeddings", {"model": "nomic-embed-text", "input": "hi"}),
     ("GET", "/v1/models", None),
     ("GET", "/v1/models/tiny", None),
+    ("POST", "/v1/responses", {"model": "tiny", "input": "hi"}),
+    ("POST", "/v1/messages", {"model": "tiny", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]}),
 ]
 
 
@@ -93,7 +95,7 @@ async def test_model_mutating_endpoints_are_403_for_every_method(
 
 
 @pytest.mark.parametrize(
-    "path", ["/api/status", "/api/me", "/v1/responses", "/v1/messages", "/api/experimental/web_search", "/metricz"]
+    "path", ["/api/experimental/model-recommendations", "/v1/audio/transcriptions", "/api/signin", "/metricz"]
 )
 async def test_routes_outside_the_allow_list_are_404_and_never_forwarded(
     asgi: httpx.AsyncClient, emulator: Emulator, admin: Admin, path: str
@@ -135,7 +137,8 @@ def _disguise(draw: st.DrawFn, path: str) -> bytes:
 @st.composite
 def disguised_blocked_paths(draw: st.DrawFn) -> bytes:
     blocked = draw(st.sampled_from(["/api/pull", "/api/push", "/api/create", "/api/copy", "/api/delete",
-                                    "/api/blobs/sha256:00ff"]))  # fmt: skip
+                                    "/api/blobs/sha256:00ff", "/api/me", "/api/signout", "/api/user/keys/abc",
+                                    "/api/experimental/web_search", "/api/experimental/web_fetch"]))  # fmt: skip
     return _disguise(draw, blocked)
 
 
@@ -177,6 +180,7 @@ async def test_headers_are_rebuilt_for_the_backend(gateway: GatewayProcess, emul
         "X-Forwarded-For": "198.51.100.9",
         "Connection": "keep-alive, x-custom",
         "X-Custom": "drop me",
+        "X-Api-Key": "nz_notforwarded",
     }
     raw = orjson.dumps({**CHAT, "stream": False, "options": {"seed": 7}})
     async with httpx.AsyncClient() as client:
@@ -185,7 +189,7 @@ async def test_headers_are_rebuilt_for_the_backend(gateway: GatewayProcess, emul
     (seen,) = forwarded(emulator, "/api/chat")
     assert seen.header("host") == emulator.url.removeprefix("http://")
     assert seen.header("user-agent") == "ollama-python/0.6.3"
-    for dropped in ("authorization", "cookie", "origin", "x-forwarded-for", "x-custom", "connection"):
+    for dropped in ("authorization", "cookie", "origin", "x-forwarded-for", "x-custom", "connection", "x-api-key"):
         assert seen.header(dropped) is None, dropped
     assert seen.body == raw  # forwarded unchanged: nothing needed rewriting
 

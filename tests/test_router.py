@@ -4,7 +4,7 @@ import pytest
 
 from neuronetz.errors import BadRequest, MethodNotAllowed, NotFound
 from neuronetz.http import Request
-from neuronetz.router import Route, Router, is_blocked, normalize_path
+from neuronetz.router import Route, Router, is_account, is_blocked, normalize_path
 from neuronetz.types import Send
 
 
@@ -81,6 +81,22 @@ def test_model_mutating_endpoints_are_blocked_in_any_case(path: str) -> None:
 @pytest.mark.parametrize("path", ["/api/chat", "/api/pulls", "/api/blobsy", "/v1/api/pull", "/api"])
 def test_other_paths_are_not_blocked(path: str) -> None:
     assert not is_blocked(path)
+    assert not is_account(path)
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/api/me", "/API/ME", "/api/signout", "/api/user/keys", "/api/user/keys/c3NoLWVk", "/api/experimental/web_search",
+     "/Api/Experimental/Web_Fetch"],
+)  # fmt: skip
+def test_ollama_account_endpoints_are_recognised_in_any_case(path: str) -> None:
+    assert is_account(path)
+    assert not is_blocked(path)
+
+
+@pytest.mark.parametrize("path", ["/api/mes", "/api/user", "/api/experimental/web_searches", "/v1/api/me"])
+def test_paths_next_to_account_endpoints_are_not_refused_as_such(path: str) -> None:
+    assert not is_account(path)
 
 
 def test_exact_route_and_method() -> None:

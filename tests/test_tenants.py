@@ -58,7 +58,7 @@ def test_the_key_lifecycle(run: Runner) -> None:
             "created_at": listed[0]["created_at"], "expires_at": listed[0]["expires_at"], "last_used_at": None,
             "allowed_models": ["llama3.2:latest", "qwen3:7b"], "log_prompts": False, "prompt_ttl_days": None,
             "rpm": None, "tpm": 1000, "max_concurrent": None, "daily_tokens": None, "monthly_tokens": None,
-            "total_tokens": None, "replaced_by": None, "replaces": None,
+            "total_tokens": None, "replaced_by": None, "replaces": None, "allow_cloud": None,
         }
     ]  # fmt: skip
     table = run("list-keys", "--tenant", tenant).stdout
@@ -366,3 +366,19 @@ async def test_what_cannot_be_rotated_is_refused_in_one_line(run: Runner, admin:
     (before,) = [k for k in orjson.loads(run("list-keys", "--tenant", tenant, "--json").stdout)
                  if k["prefix"] == short[:11]]  # fmt: skip
     assert dt.datetime.fromisoformat(before["expires_at"]) - dt.datetime.now(dt.UTC) < dt.timedelta(hours=1)
+
+
+def test_cloud_access_is_set_per_tenant_overridden_per_key_and_listed(run: Runner) -> None:
+    tenant = f"cloud-{secrets.token_hex(3)}"
+    assert run("create-tenant", "--name", tenant, "--allow-cloud").returncode == 0
+    (row,) = [t for t in orjson.loads(run("list-tenants", "--json").stdout) if t["name"] == tenant]
+    assert row["allow_cloud"] is True
+    key = run("create-key", "--tenant", tenant, "--name", "k", "--no-allow-cloud").stdout.strip()
+    (listed,) = orjson.loads(run("list-keys", "--tenant", tenant, "--json").stdout)
+    assert listed["allow_cloud"] is False
+    assert run("set-limits", "--prefix", key[:11], "--allow-cloud").returncode == 0
+    table = run("list-keys", "--tenant", tenant).stdout.splitlines()
+    assert table[0].split()[-1] == "CLOUD"
+    assert table[1].split()[-1] == "allowed"
+    assert run("set-limits", "--tenant", tenant, "--no-allow-cloud").returncode == 0
+    assert "off" in run("list-tenants").stdout.split(tenant, 1)[1].splitlines()[0]

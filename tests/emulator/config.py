@@ -37,6 +37,7 @@ class Config:
     check_origin: bool = True  # gin-contrib/cors rejects foreign Origin headers with 403 (§6)
     origins: tuple[str, ...] = ()  # extra allowed origins, like OLLAMA_ORIGINS
     keep_alive_s: float = 300.0  # OLLAMA_KEEP_ALIVE default of 5m
+    ignore_output_cap: bool = False  # generate past num_predict / max_tokens: a backend a gateway must cut
 
     def __post_init__(self) -> None:
         if self.frame_style not in FRAME_STYLES:

@@ -36,7 +36,9 @@ from .config import V1_ERROR_STYLES
 from .registry import model_key
 
 KINDS = ("status", "error", "drop", "stall", "malformed", "blank")
-GENERATION = frozenset({"/api/generate", "/api/chat", "/v1/chat/completions", "/v1/completions"})
+GENERATION = frozenset(
+    {"/api/generate", "/api/chat", "/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages"}
+)
 INFERENCE = GENERATION | {"/api/embed", "/api/embeddings", "/v1/embeddings"}
 BEFORE_RESPONSE = frozenset({"status", "drop", "stall"})  # what a route without tokens can do
 STREAM_KINDS = frozenset({"error", "drop", "stall", "malformed", "blank"})

@@ -145,7 +145,7 @@ async def _generate(
     """Schedule, load, then either answer a load call or run the plan (common tail of both cores)."""
     state = exchange.state
     config = state.config
-    num_predict = option_int(call.options, "num_predict")
+    num_predict = None if config.ignore_output_cap else option_int(call.options, "num_predict")
     stop = option_stop(call.options)
     num_ctx = option_int(call.options, "num_ctx") or spec.context_length
     async with state.slots.hold(config):

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from . import control, management, native, v1
+from . import agents, control, management, native, v1
 from .config import Config
 from .connection import Connection, Exchange
 from .decoding import ApiError
@@ -64,9 +64,9 @@ ROUTES: dict[str, dict[str, Handler]] = {
     "/v1/completions": {"POST": v1.completions},
     "/v1/embeddings": {"POST": v1.embeddings},
     "/v1/models": {"GET": v1.models},
-    "/v1/responses": {"POST": _not_emulated},
+    "/v1/responses": {"POST": agents.responses},
     "/v1/audio/transcriptions": {"POST": _not_emulated},
-    "/v1/messages": {"POST": _not_emulated},
+    "/v1/messages": {"POST": agents.messages},
 }
 # ``/prefix/:param`` routes: the parameter is one non-empty path segment.
 PARAM_ROUTES: dict[str, dict[str, Handler]] = {
@@ -159,7 +159,9 @@ def host_allowed(host_header: str) -> bool:
 
 
 def answer_error(exchange: Exchange, error: ApiError) -> None:
-    if not exchange.v1:
+    if exchange.request.path == "/v1/messages":  # middleware/anthropic.go writes Anthropic's shape
+        exchange.respond(error.status, agents.anthropic_error(error.status, error.message), V1_JSON)
+    elif not exchange.v1:
         exchange.respond(error.status, orjson.dumps({"error": error.message}), JSON_UTF8)
     elif error.middleware:
         exchange.respond(error.status, error_body(error.status, error.message), JSON_UTF8)

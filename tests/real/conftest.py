@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import NoReturn
 
 import pytest
-import redis
 
 from tests.real.ollama import (
     HOW_TO_ENABLE,
@@ -109,20 +108,11 @@ KeyMaker = Callable[..., Awaitable[str]]
 
 
 @pytest.fixture
-def budgeted_key(admin: Admin, redis_url: str, redis_prefix: str) -> KeyMaker:
-    """`await budgeted_key(daily_tokens=100)`: a key of a new tenant with those limits, whose
-    budget counters are ready. A tenant's first budgeted request otherwise meets a counter
-    rebuild (503 for about three seconds), which is not what these tests are about."""
+def budgeted_key(admin: Admin) -> KeyMaker:
+    """`await budgeted_key(daily_tokens=100)`: a key of a new tenant with those limits (a new
+    tenant's budgeted requests are served at once: its counters start from its empty ledger)."""
 
-    async def make(**limits: int) -> str:
-        tenant = await admin.tenant(**limits)
-        key = await admin.key(tenant)
-        tenant_id = await admin.pool.fetchval("SELECT id FROM tenants WHERE name = $1", tenant)
-        client = redis.Redis.from_url(redis_url)
-        try:
-            client.set(f"{redis_prefix}{{t{tenant_id}}}:epoch", "ready")
-        finally:
-            client.close()
-        return key
+    async def make(**limits: int | None) -> str:
+        return await admin.key(await admin.tenant(allow_cloud=False, **limits))
 
     return make
