@@ -26,7 +26,7 @@ from urllib.parse import quote
 
 import orjson
 
-from neuronetz import config, dialects, logs, metrics, models, proxy, tokens
+from neuronetz import audit, config, dialects, logs, metrics, models, proxy, tokens
 from neuronetz.auth import KeyRecord, bearer_token
 from neuronetz.backends import Backend
 from neuronetz.errors import ANTHROPIC, BadGateway, BadRequest, Forbidden, GatewayError, NotFound, ServiceUnavailable
@@ -58,8 +58,9 @@ class Endpoint:
 
 
 # Default deny: these and nothing else are forwarded (Ollama's server/routes.go for methods).
-# Images travel only in generate/chat bodies (`images`, `image_url` parts); every other body
-# is text, and gets the far smaller GATEWAY_MAX_TEXT_BODY_BYTES.
+# Images travel only in generate/chat-like bodies (`images`, `image_url` and `input_image`
+# parts, Anthropic `image` blocks); every other body is text, and gets the far smaller
+# GATEWAY_MAX_TEXT_BODY_BYTES.
 ENDPOINTS = {
     "/api/version": Endpoint("/api/version", "info", GET),
     "/api/tags": Endpoint("/api/tags", "listing", GET),
@@ -77,10 +78,10 @@ ENDPOINTS = {
     "/v1/embeddings": Endpoint("/v1/embeddings", "inference"),
     "/v1/models": Endpoint("/v1/models", "listing", GET_ONLY),
     "/v1/models/{model}": Endpoint("/v1/models/", "show", GET_ONLY),
-    "/v1/responses": Endpoint("/v1/responses", "inference", generates=True),
-    "/v1/messages": Endpoint("/v1/messages", "inference", generates=True),
+    "/v1/responses": Endpoint("/v1/responses", "inference", generates=True, images=True),
+    "/v1/messages": Endpoint("/v1/messages", "inference", generates=True, images=True),
     # Ollama has no such route; Anthropic clients size their requests with it (README).
-    "/v1/messages/count_tokens": Endpoint("/v1/messages/count_tokens", "count"),
+    "/v1/messages/count_tokens": Endpoint("/v1/messages/count_tokens", "count", images=True),
 }
 
 
@@ -192,16 +193,23 @@ class App:
             else:
                 self._record(request, route, exchange)
 
-    async def inference(self, endpoint: Endpoint, request: Request, send: Send, exchange: Exchange) -> None:
-        gateway = self._gateway()
-        key = _key(request)
-        settings = gateway.settings
+    async def _read(self, endpoint: Endpoint, request: Request, exchange: Exchange) -> tuple[bytes, dict[str, Any]]:
+        """The request body, read within its route's bounds and parsed, and its model checked
+        against the key's allow-list (a body without a model is the backend's to answer)."""
+        settings = self._gateway().settings
         raw = await request.body(_body_limit(settings, endpoint), self.readers)
         exchange.bytes_in = len(raw)
         body = parse_json(raw, settings.max_json_elements)
         model = exchange.model = _model_of(body)
         if model is not None:
-            key.check_model(model)
+            _key(request).check_model(model)
+        return raw, body
+
+    async def inference(self, endpoint: Endpoint, request: Request, send: Send, exchange: Exchange) -> None:
+        gateway = self._gateway()
+        key = _key(request)
+        raw, body = await self._read(endpoint, request, exchange)
+        model = exchange.model
         openai, dialect = request.openai, request.dialect
         if dialect is None:
             estimate = tokens.estimate_prompt(body)
@@ -255,21 +263,15 @@ class App:
             gateway.limiter.settle(admission, key.subject, prompt, completion)
 
     async def show(self, endpoint: Endpoint, request: Request, send: Send, exchange: Exchange) -> None:
-        gateway = self._gateway()
-        key = _key(request)
+        raw: bytes | None
         if request.param is not None:  # /v1/models/{model}
-            model: str | None = request.param
-            path, raw = endpoint.upstream + quote(request.param, safe=":/"), None
+            exchange.model, raw = request.param, None
+            _key(request).check_model(request.param)
+            path = endpoint.upstream + quote(request.param, safe=":/")
         else:
-            settings = gateway.settings
-            raw = await request.body(_body_limit(settings, endpoint), self.readers)
-            exchange.bytes_in = len(raw)
-            model = _model_of(parse_json(raw, settings.max_json_elements))
+            raw, _ = await self._read(endpoint, request, exchange)
             path = endpoint.upstream
-        exchange.model = model
-        if model is not None:
-            key.check_model(model)
-        await self._forward(request, send, exchange, model, path, raw)
+        await self._forward(request, send, exchange, exchange.model, path, raw)
 
     async def count_tokens(self, endpoint: Endpoint, request: Request, send: Send, exchange: Exchange) -> None:
         """POST /v1/messages/count_tokens, answered here from the gateway's prompt estimate:
@@ -277,13 +279,9 @@ class App:
         but it generates nothing, so it spends no tokens."""
         gateway = self._gateway()
         key = _key(request)
-        raw = await request.body(gateway.settings.max_body_bytes)
-        exchange.bytes_in = len(raw)
-        body = parse_json(raw)
-        model = exchange.model = _model_of(body)
-        if model is None:
+        _, body = await self._read(endpoint, request, exchange)
+        if exchange.model is None:
             raise BadRequest("The field 'model' is required.")
-        key.check_model(model)
         admission = await gateway.limiter.admit(key.subject, 0, 0)
         if admission is not None:
             request.response_headers.extend(admission.headers)
@@ -502,11 +500,14 @@ class App:
                 "disconnected": exchange.disconnected,
             }
         )
-        record = (
-            created, request.request_id, key.tenant_id if key else None, key.prefix if key else None,
-            _inet(request.client), request.method, route.path, exchange.model, exchange.backend, status,
-            exchange.error_code, exchange.stream, usage.prompt_tokens, usage.completion_tokens, exchange.bytes_in,
-            exchange.bytes_out, ttfb, duration * 1000, exchange.disconnected, exchange.removed_tools,
+        record = audit.Record(
+            created_at=created, request_id=request.request_id, tenant_id=key.tenant_id if key else None,
+            key_prefix=key.prefix if key else None, client_addr=_inet(request.client), method=request.method,
+            route=route.path, model=exchange.model, backend=exchange.backend, status=status,
+            error_code=exchange.error_code, stream=exchange.stream, prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens, bytes_in=exchange.bytes_in, bytes_out=exchange.bytes_out,
+            ttfb_ms=ttfb, duration_ms=duration * 1000, disconnected=exchange.disconnected,
+            removed_tools=exchange.removed_tools,
         )  # fmt: skip
         prompt = None
         if key is not None and key.log_prompts and key.prompt_ttl_days and exchange.prompt is not None:

@@ -25,7 +25,8 @@ import datetime as dt
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from ipaddress import IPv4Address, IPv6Address
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import asyncpg
 import orjson
@@ -37,11 +38,34 @@ from neuronetz.tasks import Supervisor
 
 log = logging.getLogger("neuronetz.audit")
 
-COLUMNS = (
-    "created_at", "request_id", "tenant_id", "key_prefix", "client_addr", "method", "route", "model", "backend",
-    "status", "error_code", "stream", "prompt_tokens", "completion_tokens", "bytes_in", "bytes_out", "ttfb_ms",
-    "duration_ms", "disconnected", "removed_tools",
-)  # fmt: skip
+
+class Record(NamedTuple):
+    """One row of `request_log`, fields in column order: COPY writes rows by position, so the
+    pipeline builds them by name here and nowhere else lists the columns."""
+
+    created_at: dt.datetime
+    request_id: str
+    tenant_id: int | None
+    key_prefix: str | None
+    client_addr: IPv4Address | IPv6Address | None
+    method: str
+    route: str
+    model: str | None
+    backend: str | None
+    status: int
+    error_code: str | None
+    stream: bool
+    prompt_tokens: int
+    completion_tokens: int
+    bytes_in: int
+    bytes_out: int
+    ttfb_ms: float | None
+    duration_ms: float
+    disconnected: bool
+    removed_tools: str | None  # server-side tools taken out of the request, comma-separated
+
+
+COLUMNS = Record._fields
 FLUSH_INTERVAL = 1.0
 BATCH = 2000
 MAINTENANCE_INTERVAL = 600.0
@@ -92,7 +116,7 @@ class AuditWriter:
             return
         self.records.append(record)
         if self.journal is not None:
-            self.journal.audit(record)
+            self.journal.audit(tuple(record))  # a plain tuple: the journal stores JSON
         if prompt is not None:
             # Prompt bodies are big; under pressure (the metadata queue half full) they go first.
             if len(self.prompts) >= self.prompt_capacity or len(self.records) > self.capacity // 2:

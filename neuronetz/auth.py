@@ -432,6 +432,8 @@ class Authenticator:
                 connection.add_termination_listener(lambda _, lost=lost: lost.set())
                 await connection.add_listener(CHANNEL, lambda _c, _p, _ch, payload: self.invalidate(payload))
                 self.clear()
+                # Postgres answers again: lookups must not wait out a backoff with the cache empty.
+                self.db_backoff = self.db_retry_at = 0.0
                 self.listening = True
                 # A silently dead network path delivers no termination event: probe it.
                 while not lost.is_set():

@@ -26,7 +26,7 @@ import orjson
 from neuronetz import tokens
 from neuronetz.auth import bearer_token
 from neuronetz.errors import ANTHROPIC, RESPONSES, BadRequest
-from neuronetz.relay import BodyRelay, Outcome, SseRelay, read_count, read_counters
+from neuronetz.relay import BodyRelay, Outcome, SseRelay, json_object, read_count, read_counters
 
 # Events that carry one generated token each (counted while the stream runs, for the cap).
 _DELTAS = {
@@ -198,14 +198,8 @@ class WholeRelay(BodyRelay):
     def __init__(self, outcome: Outcome, max_record: int) -> None:
         super().__init__(outcome, True, max_record)
 
-    def _read(self, body: bytes) -> None:
+    def _take(self, record: dict[str, Any]) -> None:
         outcome = self.outcome
-        try:
-            record = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            return
-        if not isinstance(record, dict):
-            return
         message = _error_message(record)
         if message is not None:
             outcome.error, outcome.refused = message, True
@@ -241,11 +235,8 @@ class EventRelay(SseRelay):
             outcome.usage.completion_tokens += 1
             if outcome.text is None:
                 return forwarded
-        try:
-            record = orjson.loads(b"\n".join(data))
-        except orjson.JSONDecodeError:
-            return forwarded
-        if not isinstance(record, dict):
+        record = json_object(b"\n".join(data))
+        if record is None:
             return forwarded
         if name == b"error":
             outcome.error = _error_message(record) or "error"

@@ -217,10 +217,18 @@ def chunk_size(line: bytes) -> int:
 
     chunk = chunk-size [ chunk-ext ] CRLF, and §7.1.1 says unrecognized extensions must be
     ignored; BWS is allowed before the ";". int(x, 16) alone would also take "0x1f", "+1f",
-    "1_f" and surrounding spaces, so the digits are checked first.
+    "1_f" and surrounding spaces, so the digits are checked first. Extensions hold tokens and
+    quoted strings, never a control byte: a bare LF there would let the line end where a
+    lenient parser further along ends it differently.
     """
-    size = line.partition(b";")[0].rstrip(_OWS)
-    if not size or len(size) > _MAX_CHUNK_SIZE_DIGITS or size.strip(_HEX_DIGITS):
+    size, _, extensions = line.partition(b";")
+    size = size.rstrip(_OWS)
+    if (
+        not size
+        or len(size) > _MAX_CHUNK_SIZE_DIGITS
+        or size.strip(_HEX_DIGITS)
+        or extensions.translate(None, _FIELD_VALUE)
+    ):
         raise malformed(f"chunk size line {line[:100]!r}")
     return int(size, 16)
 

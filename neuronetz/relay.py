@@ -140,7 +140,7 @@ class NdjsonRelay:
         if b'"done":false' in line and not line.startswith(b'{"error"') and outcome.text is None:
             outcome.usage.completion_tokens += 1
             return
-        record = _object(line)
+        record = json_object(line)
         if record is None:
             return
         if "error" in record:
@@ -193,7 +193,7 @@ class SseRelay:
         if b'"usage"' not in data and b'"error"' not in data and outcome.text is None:
             outcome.usage.completion_tokens += 1
             return event + b"\n\n"
-        record = _object(data)
+        record = json_object(data)
         if record is None:
             return event + b"\n\n"
         if record.get("error"):
@@ -253,10 +253,12 @@ class BodyRelay:
             outcome.usage.completion_tokens = min(math.ceil(self.size / BYTES_PER_TOKEN), MAX_TOKENS)
 
     def _read(self, body: bytes) -> None:
+        record = json_object(body)
+        if record is not None:
+            self._take(record)
+
+    def _take(self, record: dict[str, Any]) -> None:
         outcome = self.outcome
-        record = _object(body)
-        if record is None:
-            return
         if "error" in record:
             outcome.error = _error_message(record["error"])
             outcome.refused = True
@@ -270,8 +272,9 @@ class BodyRelay:
                 outcome.text.append(text)
 
 
-def _object(data: bytes) -> dict[str, Any] | None:
-    """`data` as a JSON object; None when it is not one (the relay passes it on regardless)."""
+def json_object(data: bytes) -> dict[str, Any] | None:
+    """The JSON object in `data`; None for anything else (malformed, or another JSON type),
+    which the relays pass on without reading."""
     try:
         record = orjson.loads(data)
     except orjson.JSONDecodeError:

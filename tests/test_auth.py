@@ -242,8 +242,10 @@ async def test_a_flood_of_bad_keys_leaves_good_keys_fast(gateway_env: dict[str, 
     assert 0 < statuses.count(401) <= 30
     assert 1 <= argon2 <= 30
     # ... and the good key, answered from the cache, kept its pace. The flood shares this
-    # 2-core machine with the good client and the gateway, so only the middle is held tight.
-    assert statistics.median(during) < max(5 * statistics.median(baseline), 0.02)
+    # 2-core machine with the good client and the gateway, so only the middle is held tight:
+    # below two Argon2id verifications (25-30 ms each here), which a good key queued behind the
+    # flood's verifications would pay at least.
+    assert statistics.median(during) < max(5 * statistics.median(baseline), 0.05)
     assert sorted(during)[int(len(during) * 0.95)] < 0.25
 
 
@@ -481,12 +483,17 @@ async def test_a_postgres_cut_costs_cached_keys_nothing_and_logs_a_few_lines(
                 refused = await client.get(process.url + "/api/version", headers=auth(uncached))
                 refused_in = time.perf_counter() - t0
                 proxy.restore()
-                deadline = time.monotonic() + 15
-                while (await client.get(process.url + "/api/version", headers=auth(uncached))).status_code != 200:
-                    assert time.monotonic() < deadline, "key lookups did not recover after Postgres returned"
-                    await asyncio.sleep(0.1)
+                # Past the lookup backoff's longest interval: the cache is emptied when the
+                # invalidation listener reconnects, and lookups must reach Postgres at once then.
+                after: list[int] = []
+                started = time.monotonic()
+                while time.monotonic() - started < 6.0:
+                    after.append((await client.get(process.url + "/api/version", headers=auth(cached))).status_code)
+                recovered = await client.get(process.url + "/api/version", headers=auth(uncached))
             lines = [line for line in process.log().splitlines() if "key lookup failed" in line]
     assert set(statuses) == {200}  # stale-if-error
+    assert set(after) == {200}
+    assert recovered.status_code == 200
     assert len(statuses) > 50
     assert len(lines) <= 3, lines  # once, then at most every few seconds with a count
     assert refused.status_code == 503

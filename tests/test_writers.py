@@ -31,10 +31,10 @@ async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool[Any]]:
     await pool.close()
 
 
-def record(request_id: str, *, model: str = "tiny", prompt_tokens: int = 3) -> tuple[Any, ...]:
-    return (
+def record(request_id: str, *, model: str = "tiny", prompt_tokens: int = 3) -> audit.Record:
+    return audit.Record(
         dt.datetime.now(dt.UTC), request_id, None, None, None, "POST", "/api/chat", model, None, 200, None, False,
-        prompt_tokens, 5, 10, 20, 1.0, 2.0, False,
+        prompt_tokens, 5, 10, 20, 1.0, 2.0, False, None,
     )  # fmt: skip
 
 
