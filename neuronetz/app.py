@@ -246,7 +246,7 @@ class App:
         try:
             await self._forward(
                 request, send, exchange, model, endpoint.upstream, orjson.dumps(body) if rewrite else raw,
-                strip_usage=strip_usage, cap=cap,
+                strip_usage=strip_usage, cap=cap, queued=True,
             )  # fmt: skip
         finally:
             usage = exchange.outcome.usage
@@ -315,6 +315,7 @@ class App:
         *,
         strip_usage: bool = False,
         cap: int | None = None,
+        queued: bool = False,
     ) -> None:
         """Proxy to a backend chosen for `model`, trying the next one while nothing reached the
         previous. The client going away cancels the upstream request: Granian reports a
@@ -344,8 +345,15 @@ class App:
             tried: set[Backend] = set()
             last: BackendUnreachable | None = None
             while True:
+                # A model request waits here for a backend slot (slots.py), fairly among tenants.
+                slot = await gateway.slots.acquire(_key(request), model, frozenset(tried)) if queued else None
+                if slot is not None:
+                    exchange.queue_wait_ms = (exchange.queue_wait_ms or 0.0) + slot.waited * 1000
+                    request.response_headers.append((b"x-queue-wait-ms", str(round(exchange.queue_wait_ms)).encode()))
                 try:
-                    backend = await gateway.backends.choose(model, frozenset(tried))
+                    backend = (
+                        slot.backend if slot is not None else await gateway.backends.choose(model, frozenset(tried))
+                    )
                 except ServiceUnavailable:
                     if last is None:
                         raise
@@ -367,6 +375,8 @@ class App:
                     continue
                 finally:
                     backend.in_flight -= 1
+                    if slot is not None:
+                        gateway.slots.release(slot)
                 gateway.backends.answered(backend, exchange.status)
                 return
         except asyncio.CancelledError:
@@ -465,7 +475,8 @@ class App:
         )
         registry.observe("neuronetz_request_duration_seconds", duration, metrics.labels(route=route.path))
         if exchange.forwarded_at is not None:
-            registry.observe("neuronetz_gateway_overhead_seconds", exchange.forwarded_at - exchange.started_at)
+            waited = (exchange.queue_wait_ms or 0.0) / 1000  # waiting for a slot is not overhead
+            registry.observe("neuronetz_gateway_overhead_seconds", exchange.forwarded_at - exchange.started_at - waited)
             if exchange.upstream_head_at is not None:
                 registry.observe(
                     "neuronetz_upstream_first_byte_seconds", exchange.upstream_head_at - exchange.forwarded_at
@@ -476,7 +487,7 @@ class App:
             )
             registry.inc("neuronetz_tokens_total", usage.completion_tokens, metrics.labels(direction="completion",
                          model=model_label))  # fmt: skip
-        if exchange.error_code in ("rate_limit_exceeded", "budget_exceeded"):
+        if exchange.error_code in ("rate_limit_exceeded", "budget_exceeded", "queue_full", "queue_timeout"):
             registry.inc("neuronetz_refusals_total", key=metrics.labels(reason=exchange.error_code))
         key = request.key if isinstance(request.key, KeyRecord) else None
         ttfb = (exchange.first_byte_at - exchange.started_at) * 1000 if exchange.first_byte_at is not None else None
@@ -498,6 +509,7 @@ class App:
                 "ttfb_ms": round(ttfb, 2) if ttfb is not None else None,
                 "duration_ms": round(duration * 1000, 2),
                 "disconnected": exchange.disconnected,
+                "queue_wait_ms": round(exchange.queue_wait_ms, 1) if exchange.queue_wait_ms is not None else None,
             }
         )
         record = audit.Record(

@@ -44,7 +44,6 @@ from ipaddress import IPv6Address, ip_address
 from typing import Any, NoReturn
 
 import asyncpg
-import redis.asyncio as aioredis
 
 from neuronetz import db, keys, models, tenants
 from neuronetz.errors import Forbidden, RateLimited, ServiceUnavailable, Unauthorized
@@ -91,6 +90,7 @@ class KeyRecord:
     prompt_ttl_days: int | None
     subject: Subject  # the key's and the tenant's own limits, for the limiter
     allow_cloud: bool = False  # cloud models and server-side tools (the key's setting, else the tenant's)
+    weight: int = 1  # the tenant's share in the queue for backend slots (slots.py)
 
     def usable(self, now: float) -> bool:
         return not self.revoked and (self.expires_at is None or now < self.expires_at)
@@ -127,6 +127,7 @@ def record_from_row(row: Any) -> KeyRecord:
         prompt_ttl_days=row["prompt_ttl_days"],
         subject=Subject(row["id"], row["tenant_id"], Limits.from_row(row), Limits.from_row(row, prefix="t_")),
         allow_cloud=row["allow_cloud"],
+        weight=row.get("t_weight", 1),
     )
 
 
@@ -212,7 +213,7 @@ class Authenticator:
     def __init__(
         self,
         pool: asyncpg.Pool[Any],
-        redis_client: aioredis.Redis,
+        redis_client: db.RedisClient,
         *,
         database_url: str,
         secret: str,

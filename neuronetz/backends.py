@@ -19,7 +19,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +65,8 @@ class Backend:
     error: str | None = None
     server_errors: int = 0  # 5xx answers in a row
     check_failures: int = 0  # failed health checks in a row
+    slots: int = 0  # requests per model at once (fair.py); 0: unbounded, no gateway queue
+    loaded: frozenset[str] = frozenset()  # normalised names of the models in memory (/api/ps)
 
     @property
     def host(self) -> str:
@@ -84,6 +86,8 @@ class Backend:
             "version": self.version,
             "models": sorted(self.models) if self.models is not None else None,
             "in_flight": self.in_flight,
+            "slots": self.slots,
+            "loaded": sorted(self.loaded),
             **({"error": self.error} if self.error else {}),
         }
 
@@ -96,12 +100,16 @@ class BackendPool:
         interval: float,
         cooldown: float,
         failures_to_mark_down: int = CHECK_FAILURES_TO_MARK_DOWN,
+        slots: int = 0,
+        slots_by_backend: Mapping[str, int | None] | None = None,
     ) -> None:
         self.client = client
         self.interval = interval
         self.cooldown = cooldown
         self.failures_to_mark_down = failures_to_mark_down
-        self.backends: list[Backend] = [Backend(url) for url in urls]
+        self.default_slots = slots
+        self.backends: list[Backend] = []
+        self.reconfigure(urls, slots_by_backend, quiet=True)
         self._ties = itertools.count()
         self._refreshing: asyncio.Task[None] | None = None
 
@@ -109,10 +117,17 @@ class BackendPool:
     def urls(self) -> tuple[str, ...]:
         return tuple(backend.url for backend in self.backends)
 
-    def reconfigure(self, urls: Iterable[str]) -> None:
+    def reconfigure(
+        self, urls: Iterable[str], slots_by_backend: Mapping[str, int | None] | None = None, *, quiet: bool = False
+    ) -> None:
         current = {backend.url: backend for backend in self.backends}
         self.backends = [current.get(url) or Backend(url) for url in urls]
-        log.info("backends reconfigured", extra={"fields": {"backends": list(self.urls)}})
+        overrides = slots_by_backend or {}
+        for backend in self.backends:
+            own = overrides.get(backend.url)
+            backend.slots = self.default_slots if own is None else own
+        if not quiet:
+            log.info("backends reconfigured", extra={"fields": {"backends": list(self.urls)}})
 
     # --- selection ------------------------------------------------------------------------
 
@@ -132,6 +147,11 @@ class BackendPool:
             return None
         fewest = min(b.in_flight for b in candidates)
         tied = [b for b in candidates if b.in_flight == fewest]
+        # Warm before cold: loading a model takes seconds to minutes, so of the equally busy
+        # backends one that has it in memory wins (with slots, slots.py prefers warm ones
+        # until all their slots are taken).
+        warm = [b for b in tied if wanted is not None and wanted in b.loaded]
+        tied = warm or tied
         return tied[next(self._ties) % len(tied)]
 
     async def choose(self, model: str | None, exclude: frozenset[Backend] = frozenset()) -> Backend:
@@ -219,6 +239,7 @@ class BackendPool:
             async with asyncio.timeout(CHECK_TIMEOUT):
                 version = await self._json(backend.url + "/api/version", CHECK_HEADERS)
                 listing = _entries(await self._json(backend.url + "/api/tags", CHECK_HEADERS), "models")
+                running = _entries(await self._json(backend.url + "/api/ps", CHECK_HEADERS), "models")
         except FETCH_ERRORS as exc:
             backend.check_failures += 1
             backend.error = failure_reason(exc)
@@ -234,6 +255,7 @@ class BackendPool:
         backend.error = None
         backend.version = str(version.get("version") or "") or None
         backend.models = frozenset(models.normalize(str(m.get("name", ""))) for m in listing)
+        backend.loaded = frozenset(models.normalize(str(m.get("name") or m.get("model") or "")) for m in running)
 
     async def refresh(self) -> None:
         """Check every backend now; concurrent callers share one refresh."""
@@ -290,15 +312,22 @@ class BackendsChange:
 def plan_backends_change(path: Path, url: str, add: bool) -> tuple[BackendsChange, str]:
     """The new OLLAMA_BACKENDS for the .env file at `path` after adding or removing `url`, and
     the file's new text. A missing file or variable counts as an empty list."""
-    canonical = config.parse_backend_url(url, "URL")
+    if ";" in url:  # `URL;slots=N`: the backend with its own slot count
+        ((canonical, slots),) = config.backend_specs(url, "URL").items()
+    else:
+        canonical, slots = config.parse_backend_url(url, "URL"), None
     text = path.read_text(encoding="utf-8") if path.exists() else ""
     values = envfile.parse(text, source=str(path))
     was_set = "OLLAMA_BACKENDS" in values
-    current = config.parse_backends(values.get("OLLAMA_BACKENDS", ""))
+    current = config.backend_specs(values.get("OLLAMA_BACKENDS", ""))
+    wanted = dict(current)
     if add:
-        urls = current if canonical in current else (*current, canonical)
+        # Adding a listed backend again keeps its slots unless new ones are given.
+        wanted[canonical] = slots if slots is not None else current.get(canonical)
     else:
-        urls = tuple(u for u in current if u != canonical)
-    value = ",".join(urls)
+        wanted.pop(canonical, None)
+    value = ",".join(config.render_backend(u, n) for u, n in wanted.items())
     line = envfile.render_assignment("OLLAMA_BACKENDS", value)
-    return BackendsChange(urls != current, urls, line, was_set), envfile.with_variable(text, "OLLAMA_BACKENDS", value)
+    return BackendsChange(wanted != current, tuple(wanted), line, was_set), envfile.with_variable(
+        text, "OLLAMA_BACKENDS", value
+    )

@@ -23,7 +23,6 @@ from typing import Any, NoReturn, TypeVar
 import asyncpg
 import httpx
 import orjson
-import redis.asyncio as aioredis
 
 from neuronetz import (
     __version__,
@@ -38,6 +37,7 @@ from neuronetz import (
     logs,
     migrate,
     models,
+    slots,
     tenants,
     usage,
 )
@@ -241,6 +241,33 @@ def add_limit_flags(parser: argparse.ArgumentParser) -> None:
         )
 
 
+def add_weight_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--weight",
+        metavar="W",
+        type=bounded_weight,
+        help="the tenant's share of busy backends (1-1000, default 1): 3 gets three times the slots of 1",
+    )
+
+
+def bounded_weight(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--weight must be a whole number, got {raw!r}") from None
+    if not 1 <= value <= MAX_WEIGHT:
+        raise argparse.ArgumentTypeError(f"--weight must be between 1 and {MAX_WEIGHT}, got {value}")
+    return value
+
+
+MAX_WEIGHT = 1000  # the tenants.weight column's CHECK
+
+
+def _weight(weight: int) -> str:
+    """A tenant's weight for a summary line; the default of 1 goes without saying."""
+    return "" if weight == 1 else f"; weight {weight}"
+
+
 def limits_from(args: argparse.Namespace) -> Limits:
     return Limits(**{name: getattr(args, name) for name in LIMIT_NAMES if name in args})
 
@@ -298,9 +325,13 @@ async def with_database(args: argparse.Namespace, work: Callable[[Any], Coroutin
 def cmd_create_tenant(args: argparse.Namespace) -> int:
     allow_cloud = bool(args.allow_cloud)
     tenant = run_async(
-        with_database(args, lambda c: tenants.create_tenant(c, args.name, limits_from(args), allow_cloud=allow_cloud))
-    )
-    print(f"created tenant {tenant.name} ({describe_limits(tenant.limits, 'unlimited')})")
+        with_database(
+            args,
+            lambda c: tenants.create_tenant(c, args.name, limits_from(args), allow_cloud=allow_cloud,
+                                            weight=args.weight or 1),
+        )
+    )  # fmt: skip
+    print(f"created tenant {tenant.name} ({describe_limits(tenant.limits, 'unlimited')}{_weight(tenant.weight)})")
     return 0
 
 
@@ -310,7 +341,7 @@ def cmd_list_tenants(args: argparse.Namespace) -> int:
         print_json(
             [
                 {"name": t.name, "keys": t.keys, "created_at": t.created_at, **t.limits.as_dict(),
-                 "allow_cloud": t.allow_cloud}
+                 "allow_cloud": t.allow_cloud, "weight": t.weight}
                 for t in found
             ]
         )  # fmt: skip
@@ -445,6 +476,10 @@ def cmd_revoke_key(args: argparse.Namespace) -> int:
 
 def cmd_set_limits(args: argparse.Namespace) -> int:
     changes: dict[str, Any] = limit_changes(args)
+    if args.weight is not None:
+        if args.tenant is None:
+            raise CliError("--weight applies to tenants: use --tenant.")
+        changes["weight"] = args.weight
     if args.allow_cloud is not None:
         changes["allow_cloud"] = args.allow_cloud
     if args.tenant is not None:
@@ -454,7 +489,7 @@ def cmd_set_limits(args: argparse.Namespace) -> int:
         if not changes:
             raise CliError("Nothing to change: give at least one limit flag, e.g. --rpm 60.")
         tenant = run_async(with_database(args, lambda c: tenants.update_tenant(c, args.tenant, changes)))
-        print(f"tenant {tenant.name}: {describe_limits(tenant.limits, 'unlimited')}")
+        print(f"tenant {tenant.name}: {describe_limits(tenant.limits, 'unlimited')}{_weight(tenant.weight)}")
         return 0
     if args.models is not None:
         models_ = parse_models(args.models)
@@ -546,8 +581,12 @@ def cmd_list_backends(args: argparse.Namespace) -> int:
     for row in rows:
         state = row.get("state") or {}
         health = "-" if not state else "up" if state.get("ok") else f"down ({state.get('error', 'unavailable')})"
-        table.append([row["url"], health, str(state.get("version") or "-"), ",".join(state.get("models") or []) or "-"])
-    print_table(["BACKEND", "HEALTH", "VERSION", "MODELS"], table)
+        own = settings.slots_by_backend.get(row["url"])
+        capacity = (settings.backend_slots if own is None else own) or "-"
+        use = f"{state['in_flight']}/{capacity}" if "in_flight" in state else f"-/{capacity}"
+        loaded, listed = ",".join(state.get("loaded") or []) or "-", ",".join(state.get("models") or []) or "-"
+        table.append([row["url"], health, str(state.get("version") or "-"), use, loaded, listed])
+    print_table(["BACKEND", "HEALTH", "VERSION", "IN USE/SLOTS", "LOADED", "MODELS"], table)
     return 0
 
 
@@ -597,7 +636,9 @@ def cmd_usage(args: argparse.Namespace) -> int:
         limits_of = {k.prefix: k for k in await tenants.list_keys(connection, args.tenant)}
         tenant_limits = {t.name: t.limits for t in await tenants.list_tenants(connection)}
         flights = await _in_flight(settings, report)
+        queued = await _waiting(settings)
         for row in report:
+            row["waiting_tenant"] = queued.get(row["tenant_id"], 0)
             key = limits_of[row["prefix"]]
             row["key_limits"] = key.limits.as_dict()
             row["tenant_limits"] = tenant_limits[row["tenant"]].as_dict()
@@ -611,6 +652,8 @@ def cmd_usage(args: argparse.Namespace) -> int:
     table = []
     for row in report:
         flight = "-" if row["in_flight_key"] is None else f"{row['in_flight_key']}/{row['in_flight_tenant']}"
+        if row["waiting_tenant"]:
+            flight += f" (tenant: {row['waiting_tenant']} waiting)"
         table.append([
             row["tenant"], row["prefix"], row["name"],
             f"{row['requests_today']} / {_against(row, 'tokens_today', 'daily_tokens')}",
@@ -689,7 +732,9 @@ def _against(row: dict[str, Any], used: str, budget: str) -> str:
 
 async def _in_flight(settings: config.Settings, report: list[dict[str, Any]]) -> dict[int, tuple[int, int]]:
     """Requests holding a lease right now, per key and its tenant; empty if Redis is away."""
-    client = aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=2)
+    from neuronetz.gateway import connect_redis  # the gateway's own client: standalone, Sentinel or Cluster
+
+    client = connect_redis(settings)
     prefix = settings.redis_prefix
     try:
         return {
@@ -699,6 +744,19 @@ async def _in_flight(settings: config.Settings, report: list[dict[str, Any]]) ->
             )
             for row in report
         }
+    except limits.REDIS_ERRORS:
+        return {}
+    finally:
+        await client.aclose()
+
+
+async def _waiting(settings: config.Settings) -> dict[int, int]:
+    """Requests waiting for a backend slot right now, per tenant id; empty if Redis is away."""
+    from neuronetz.gateway import connect_redis  # the gateway's own client: standalone, Sentinel or Cluster
+
+    client = connect_redis(settings)
+    try:
+        return await slots.waiting(client, settings.redis_prefix)
     except limits.REDIS_ERRORS:
         return {}
     finally:
@@ -887,6 +945,7 @@ def build_parser() -> argparse.ArgumentParser:
     create_tenant = command("create-tenant", cmd_create_tenant, "create a tenant, optionally with limits")
     create_tenant.add_argument("--name", required=True, help="unique tenant name (letters, digits, . _ -)")
     add_limit_flags(create_tenant)
+    add_weight_flag(create_tenant)
     add_cloud_flag(create_tenant)
     list_tenants = command("list-tenants", cmd_list_tenants, "list tenants with their limits")
     list_tenants.add_argument("--json", action="store_true", help="print one JSON array")
@@ -925,6 +984,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_prompt_flags(set_limits)
     set_limits.add_argument("--no-log-prompts", action="store_true", help="stop logging this key's prompts")
     add_limit_flags(set_limits)
+    add_weight_flag(set_limits)
     add_cloud_flag(set_limits)
 
     for name, add in (("add-backend", True), ("remove-backend", False)):

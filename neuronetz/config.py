@@ -96,6 +96,13 @@ def _redis_prefix(raw: str, name: str) -> str:
     return value
 
 
+def _sentinel_master(raw: str, name: str) -> str:
+    value = raw.strip()
+    if not value or len(value) > 200 or not value.isprintable() or any(ch.isspace() for ch in value):
+        raise ConfigError(f"{name} must be the name the Sentinels monitor the primary under, got {raw!r}.")
+    return value
+
+
 def _host(raw: str, name: str) -> str:
     value = raw.strip()
     if not value or any(ch.isspace() or ch in "/?#" for ch in value):
@@ -116,6 +123,13 @@ def _url(schemes: tuple[str, ...], example: str) -> Callable[[str, str], str]:
         return value
 
     return parse
+
+
+def _redis_urls(raw: str, name: str) -> str:
+    """One URL, or several separated by commas (seed nodes of a cluster, or Sentinels); each
+    is checked, and whether several fit REDIS_MODE is checked in `load`."""
+    one = _url(("redis", "rediss", "unix"), "redis://host:6379/0")
+    return ",".join(one(item, name) for item in raw.split(","))
 
 
 def parse_backend_url(raw: str, name: str = "OLLAMA_BACKENDS") -> str:
@@ -140,14 +154,40 @@ def parse_backend_url(raw: str, name: str = "OLLAMA_BACKENDS") -> str:
 
 
 def parse_backends(raw: str, name: str = "OLLAMA_BACKENDS") -> tuple[str, ...]:
-    """Comma-separated backend URLs, validated, canonical and de-duplicated in order."""
-    urls: list[str] = []
+    """Comma-separated backend URLs, validated, canonical and de-duplicated in order. An
+    entry may carry options after the URL (`http://gpu1:11434;slots=4`, see `backend_slots`)."""
+    return tuple(backend_specs(raw, name))
+
+
+def backend_specs(raw: str, name: str = "OLLAMA_BACKENDS") -> dict[str, int | None]:
+    """Each backend URL with its own slot count (None: GATEWAY_BACKEND_SLOTS applies), in order.
+
+    >>> backend_specs("http://a:11434;slots=4, http://b:11434")
+    {'http://a:11434': 4, 'http://b:11434': None}
+    """
+    specs: dict[str, int | None] = {}
     for item in raw.split(","):
-        if item.strip():
-            url = parse_backend_url(item, name)
-            if url not in urls:
-                urls.append(url)
-    return tuple(urls)
+        if not item.strip():
+            continue
+        url_part, *options = item.split(";")
+        url = parse_backend_url(url_part, name)
+        slots: int | None = None
+        for option in options:
+            option_name, _, value = option.strip().partition("=")
+            if option_name.strip() != "slots":
+                raise ConfigError(f"{name}: unknown option {option.strip()!r} after {url} (only ;slots=N is known).")
+            slots = _integer(0, MAX_SLOTS)(value, f"{name}: slots of {url}")
+        if url not in specs:
+            specs[url] = slots
+    return specs
+
+
+def render_backend(url: str, slots: int | None) -> str:
+    """One OLLAMA_BACKENDS entry, the inverse of `backend_specs` for one backend."""
+    return url if slots is None else f"{url};slots={slots}"
+
+
+MAX_SLOTS = 4096
 
 
 @dataclass(frozen=True)
@@ -166,17 +206,32 @@ VARIABLES: tuple[Variable, ...] = (
              _url(("postgres", "postgresql"), "postgresql://user:password@host:5432/neuronetz"),
              "Postgres: tenants, keys, the usage ledger and the audit log. Created if missing (needs a "
              "role that may `CREATE DATABASE`).", section="Dependencies"),
-    Variable("REDIS_URL", "redis_url", "redis://127.0.0.1:6379/0",
-             _url(("redis", "rediss", "unix"), "redis://host:6379/0"),
+    Variable("REDIS_URL", "redis_url", "redis://127.0.0.1:6379/0", _redis_urls,
              "Redis: the key cache, rate-limit and budget counters. Run it with `maxmemory-policy "
-             "noeviction`: an evicted counter is a forgotten limit."),
+             "noeviction`: an evicted counter is a forgotten limit. With REDIS_MODE cluster or sentinel: "
+             "comma-separated seed node or Sentinel URLs."),
+    Variable("REDIS_MODE", "redis_mode", "standalone", _choice("standalone", "cluster", "sentinel"),
+             "`standalone` (one server), `cluster` (Redis Cluster: REDIS_URL lists one or more seed "
+             "nodes) or `sentinel` (REDIS_URL lists the Sentinels; REDIS_SENTINEL_MASTER names the primary "
+             "they monitor). README, Scaling out."),
+    Variable("REDIS_SENTINEL_MASTER", "redis_sentinel_master", "mymaster", _sentinel_master,
+             "With REDIS_MODE=sentinel: the name under which the Sentinels monitor the primary."),
     Variable("REDIS_KEY_PREFIX", "redis_prefix", "nz:", _redis_prefix,
              "Prefix of every Redis key the gateway writes (to share one Redis between installations)."),
     Variable("OLLAMA_BACKENDS", "ollama_backends", "http://127.0.0.1:11434", parse_backends,
-             "Comma-separated Ollama base URLs (http/https, host, optional port and path). `add-backend` "
-             "and `remove-backend` edit this line of the env file and a running gateway applies the change "
+             "Comma-separated Ollama base URLs (http/https, host, optional port and path), each optionally "
+             "with its own slots: `http://gpu1:11434;slots=4` (README, Fair sharing). `add-backend` and "
+             "`remove-backend` edit this line of the env file and a running gateway applies the change "
              "within a few seconds (unless OLLAMA_BACKENDS is also set in the process environment, which "
              "wins)."),
+    Variable("GATEWAY_BACKEND_SLOTS", "backend_slots", "0", _integer(0, MAX_SLOTS),
+             "Requests each backend runs at once per model (set it to the backends' "
+             "`OLLAMA_NUM_PARALLEL`). Beyond it requests wait in the gateway, in fair order across "
+             "tenants. 0: no gateway queue."),
+    Variable("GATEWAY_QUEUE_MAX_WAIT", "queue_max_wait", "30", _seconds(0.1, 3600),
+             "Seconds a request may wait for a backend slot before 503 `queue_timeout` with `Retry-After`."),
+    Variable("GATEWAY_QUEUE_MAX_DEPTH", "queue_max_depth", "64", _integer(1, 100_000),
+             "Requests one tenant may have waiting for one model's slots before 429 `queue_full`."),
     Variable("GATEWAY_HOST", "host", "127.0.0.1", _host,
              "Address to listen on (`0.0.0.0` in the container).", section="Serving"),
     Variable("GATEWAY_PORT", "port", "8080", _integer(1, 65535),
@@ -268,6 +323,9 @@ class Settings:
     database_url: str
     redis_url: str
     ollama_backends: tuple[str, ...]
+    backend_slots: int
+    queue_max_wait: float
+    queue_max_depth: int
     host: str
     port: int
     workers: int
@@ -284,6 +342,8 @@ class Settings:
     log_level: str
     secret: str
     redis_prefix: str
+    redis_mode: str
+    redis_sentinel_master: str
     key_cache_ttl: float
     auth_failures_per_minute: int
     auth_threads: int
@@ -302,6 +362,7 @@ class Settings:
     audit_queue: int
     audit_retention_days: int
     env_file: Path | None = None
+    slots_by_backend: Mapping[str, int | None] = dataclasses.field(default_factory=dict)  # ;slots=N overrides
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -336,4 +397,9 @@ def load(env_file: Path | None = None, environ: Mapping[str, str] | None = None)
     for variable in VARIABLES:
         raw = environ.get(variable.name, file_values.get(variable.name, variable.default))
         values[variable.field] = variable.parse(raw, variable.name)
-    return Settings(**values, env_file=env_file)
+    if values["redis_mode"] == "standalone" and "," in values["redis_url"]:
+        raise ConfigError("REDIS_URL lists several servers: set REDIS_MODE to cluster or sentinel, or give one URL.")
+    if values["redis_mode"] != "standalone" and "unix://" in values["redis_url"]:
+        raise ConfigError(f"REDIS_MODE={values['redis_mode']} needs redis:// or rediss:// URLs in REDIS_URL.")
+    backends = environ.get("OLLAMA_BACKENDS", file_values.get("OLLAMA_BACKENDS", ""))
+    return Settings(**values, env_file=env_file, slots_by_backend=backend_specs(backends))

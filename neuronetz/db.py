@@ -11,6 +11,8 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import redis.asyncio as aioredis
+import redis.asyncio.cluster
 import redis.exceptions
 
 CONNECT_TIMEOUT = 5.0
@@ -23,8 +25,11 @@ ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 # Catch these before ERRORS, which holds some of them.
 # (asyncpg's client-side "invalid input for query argument" is a ValueError.)
 DATA_ERRORS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError, OverflowError, ValueError, TypeError)
-# The same for Redis: a refused command (RedisError), a dead socket, a timeout.
-REDIS_ERRORS = (redis.exceptions.RedisError, OSError, TimeoutError)
+# The same for Redis: a refused command (RedisError), a dead socket, a timeout, or a Redis
+# Cluster whose slots redis-py cannot reach (RedisClusterException is no RedisError).
+REDIS_ERRORS = (redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError, TimeoutError)
+# What gateway.redis_client builds: one server (directly or through Sentinel) or a Redis Cluster.
+RedisClient = aioredis.Redis | redis.asyncio.cluster.RedisCluster
 
 
 class DatabaseUnavailable(Exception):

@@ -21,6 +21,11 @@ import hiredis
 import httpx
 import redis.asyncio as aioredis
 import redis.exceptions
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import SSLConnection, parse_url
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelManagedConnection, SentinelManagedSSLConnection
+from redis.backoff import NoBackoff
 from redis.maint_notifications import MaintNotificationsConfig
 
 from neuronetz import config, db, envfile, metrics, proxy, tasks
@@ -30,6 +35,7 @@ from neuronetz.backends import BackendPool, failure_reason
 from neuronetz.budgets import Ledger
 from neuronetz.journal import Journal
 from neuronetz.limits import Limiter
+from neuronetz.slots import Scheduler
 from neuronetz.upstream import UpstreamTransport
 
 log = logging.getLogger("neuronetz.gateway")
@@ -42,7 +48,7 @@ class Gateway:
         self,
         settings: config.Settings,
         pool: asyncpg.Pool[Any],
-        redis: aioredis.Redis,
+        redis: db.RedisClient,
         transport: UpstreamTransport,
         http: httpx.AsyncClient,
     ) -> None:
@@ -61,7 +67,10 @@ class Gateway:
             failures_per_minute=settings.auth_failures_per_minute,
             threads=settings.auth_threads,
         )
-        self.backends = BackendPool(settings.ollama_backends, http, settings.health_interval, settings.backend_cooldown)
+        self.backends = BackendPool(
+            settings.ollama_backends, http, settings.health_interval, settings.backend_cooldown,
+            slots=settings.backend_slots, slots_by_backend=settings.slots_by_backend,
+        )  # fmt: skip
         self.journal = Journal(redis, pool, settings.redis_prefix)
         self.ledger = Ledger(pool, journal=self.journal)
         self.limiter = Limiter(
@@ -83,6 +92,10 @@ class Gateway:
             settings.connect_timeout, settings.first_byte_timeout, settings.idle_timeout, settings.total_timeout
         )
         self.metrics = metrics.Registry()
+        self.slots = Scheduler(
+            redis, self.backends, self.metrics, prefix=settings.redis_prefix, lease_ttl=settings.lease_ttl,
+            max_wait=settings.queue_max_wait, max_depth=settings.queue_max_depth,
+        )  # fmt: skip
         self.shared_metrics = metrics.Shared()
         self.in_flight: set[asyncio.Task[Any]] = set()
         self.draining = False
@@ -91,7 +104,7 @@ class Gateway:
     @classmethod
     async def open(cls, settings: config.Settings) -> Gateway:
         pool = await db.create_pool(settings.database_url, settings.db_pool_size)
-        redis = redis_client(settings.redis_url)
+        redis = connect_redis(settings)
         # Our own HTTP/1.1 transport (upstream.py): httpx's default one costs several times the
         # CPU per request (`python3 build.py bench upstream`). trust_env=False: proxy variables and .netrc must
         # not redirect traffic meant for the internal Ollama network.
@@ -112,6 +125,7 @@ class Gateway:
         self.auth.start()
         self.ledger.start()
         self.limiter.start()
+        self.slots.start()
         self.audit.start()
         # A dead worker's journal is handed to this worker's own writers (and so its journal).
         self.journal.start(
@@ -124,6 +138,7 @@ class Gateway:
 
     async def close(self) -> None:
         await self.tasks.stop()
+        await self.slots.stop()
         await self.limiter.stop()
         await self.ledger.stop()
         await self.audit.stop()
@@ -197,6 +212,7 @@ class Gateway:
             log.info("OLLAMA_BACKENDS is set in the environment; edits of the .env file are not applied live")
             return
         seen = _stamp(path)
+        known = dict(self.settings.slots_by_backend)
         while True:
             await asyncio.sleep(ENV_POLL_INTERVAL)
             stamp = _stamp(path)
@@ -205,12 +221,13 @@ class Gateway:
             seen = stamp
             try:
                 raw = envfile.read(path).get("OLLAMA_BACKENDS", "")
-                urls = config.parse_backends(raw)
+                specs = config.backend_specs(raw)
             except (envfile.EnvFileError, config.ConfigError) as exc:
                 log.error("ignoring the changed env file", extra={"fields": {"error": str(exc)}})
                 continue
-            if urls != self.backends.urls:
-                self.backends.reconfigure(urls)
+            if tuple(specs) != self.backends.urls or specs != known:
+                known = specs
+                self.backends.reconfigure(tuple(specs), specs)
                 await self.backends.refresh()
 
     # --- metrics --------------------------------------------------------------------------------
@@ -235,6 +252,7 @@ class Gateway:
             key = metrics.labels(backend=backend.url)
             registry.set("neuronetz_backend_up", 1.0 if backend.state()["ok"] else 0.0, key)
             registry.set("neuronetz_backend_in_flight", float(backend.in_flight), key)
+        self.slots.refresh_gauges()
 
     async def _publish_metrics(self) -> None:
         while True:
@@ -265,6 +283,19 @@ class _PackedInC:
             raise redis.exceptions.DataError(str(exc)) from None
 
 
+_OPTIONS: dict[str, Any] = {"socket_connect_timeout": 2, "socket_timeout": 5, "health_check_interval": 10}
+
+
+def connect_redis(settings: config.Settings) -> db.RedisClient:
+    """The client REDIS_MODE asks for (see `redis_client` for what they share)."""
+    urls = settings.redis_url.split(",")
+    if settings.redis_mode == "cluster":
+        return cluster_client(urls)
+    if settings.redis_mode == "sentinel":
+        return sentinel_client(urls, settings.redis_sentinel_master)
+    return redis_client(settings.redis_url)
+
+
 def redis_client(url: str) -> aioredis.Redis:
     """The worker's Redis pool. A pooled connection that the server closed while it sat idle
     (Redis restarted) must be replaced before a command is sent on it, or the first request
@@ -272,12 +303,50 @@ def redis_client(url: str) -> aioredis.Redis:
     checkout, but skips the check while "maintenance notifications" (a Redis Enterprise
     feature) may be on, which its default "auto" means; we turn them off."""
     pool = aioredis.ConnectionPool.from_url(
-        url, socket_connect_timeout=2, socket_timeout=5, health_check_interval=10,
-        maint_notifications_config=MaintNotificationsConfig(enabled=False),
-    )  # fmt: skip
+        url, **_OPTIONS, maint_notifications_config=MaintNotificationsConfig(enabled=False)
+    )
     base = pool.connection_class
     pool.connection_class = type(f"Packed{base.__name__}", (_PackedInC, base), {})
     return aioredis.Redis.from_pool(pool)  # closing the client closes the pool
+
+
+def sentinel_client(urls: list[str], master: str) -> aioredis.Redis:
+    """The primary the Sentinels at `urls` name `master`, followed through failovers. The
+    first URL's credentials, database and TLS are the primary's; the Sentinels are asked
+    without credentials (over TLS when the primary uses it). Commands are packed in C here
+    too: redis-py takes the Sentinel-managed connection class as a parameter."""
+    parsed = [parse_url(url) for url in urls]
+    tls = parsed[0].get("connection_class") is SSLConnection
+    base = SentinelManagedSSLConnection if tls else SentinelManagedConnection
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        [(item["host"], item.get("port", 26379)) for item in parsed],
+        sentinel_kwargs={"socket_connect_timeout": 2, "socket_timeout": 5, "ssl": tls},
+    )
+    client: aioredis.Redis = sentinel.master_for(
+        master, connection_class=type(f"Packed{base.__name__}", (_PackedInC, base), {}),
+        username=parsed[0].get("username"), password=parsed[0].get("password"), db=parsed[0].get("db", 0),
+        maint_notifications_config=MaintNotificationsConfig(enabled=False), **_OPTIONS,
+    )  # fmt: skip
+    return client
+
+
+def cluster_client(urls: list[str]) -> RedisCluster:
+    """A Redis Cluster, discovered from the seed nodes at `urls` (the first one's credentials
+    and TLS apply to all). Slots whose primary is down fail alone, so the other tenants stay
+    served (the servers need `cluster-require-full-coverage no` for the same reason); and
+    redis-py does not retry a failed node itself, since the limiter's callers already know
+    what to do (fail closed or open, keep settlements): its retries close and reopen every
+    node's connections, which would stall the healthy primaries too. Commands are packed in
+    Python here: RedisCluster builds its node connections from a class it takes no parameter
+    for."""
+    parsed = [parse_url(url) for url in urls]
+    return RedisCluster(
+        startup_nodes=[ClusterNode(item["host"], item.get("port", 6379)) for item in parsed],
+        require_full_coverage=False, retry=Retry(NoBackoff(), 0),
+        username=parsed[0].get("username"), password=parsed[0].get("password"),
+        ssl=parsed[0].get("connection_class") is SSLConnection,
+        maint_notifications_config=MaintNotificationsConfig(enabled=False), **_OPTIONS,
+    )  # fmt: skip
 
 
 def _stamp(path: Any) -> tuple[int, int, int] | None:

@@ -28,7 +28,6 @@ from typing import Any
 
 import asyncpg
 import orjson
-import redis.asyncio as aioredis
 
 from neuronetz import db
 from neuronetz.logs import Throttled
@@ -49,7 +48,7 @@ AUDIT = "a"
 
 
 class Journal:
-    def __init__(self, client: aioredis.Redis, pool: asyncpg.Pool[Any], prefix: str) -> None:
+    def __init__(self, client: db.RedisClient, pool: asyncpg.Pool[Any], prefix: str) -> None:
         self.redis = client
         self.pool = pool
         self.prefix = prefix

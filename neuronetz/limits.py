@@ -4,7 +4,7 @@
 `Limiter.settle` runs it once more with the real usage. The wire contract (keys, arguments,
 replies) is at the top of limits.lua; why it works this way (reservations, leases, failing
 closed for budgets and open for rates when Redis is away, rebuilds from the ledger) is in the
-README's "Limits and budgets".
+README's "Limits and budgets" (and "Scaling out" for Redis Cluster).
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from dataclasses import dataclass, fields
 from importlib import resources
 from typing import Any, NoReturn
 
-import redis.asyncio as aioredis
 import redis.exceptions
+from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
 
 from neuronetz import db
 from neuronetz.budgets import PERIODS, REBUILD_WAIT, Ledger, new_epoch, period
@@ -101,7 +102,7 @@ def _duration(ms: int) -> str:
 class Limiter:
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: db.RedisClient,
         ledger: Ledger,
         *,
         prefix: str,
@@ -296,24 +297,24 @@ class Limiter:
         calls = [(keys, argv) for keys, argv, _ in admissions] + [(keys, argv) for _, keys, argv in settlements]
         if not calls:
             return True
-        try:
-            replies = await self._pipelined(calls)
-        except REDIS_ERRORS as exc:
-            for _, _, future in admissions:
-                if not future.done():
-                    future.set_exception(exc)
-            self._keep(settlements, exc)
-            return False
+        replies = await self._pipelined(calls)
         for (_, _, future), reply in zip(admissions, replies, strict=False):
             if not future.done():  # the request may have been cancelled meanwhile
                 if isinstance(reply, Exception):
                     future.set_exception(reply)
                 else:
                     future.set_result(reply)
-        for reply in replies[len(admissions) :]:
-            if isinstance(reply, Exception):
+        unsent: list[tuple[float, list[str], list[str | int]]] = []
+        error: BaseException | None = None
+        for item, reply in zip(settlements, replies[len(admissions) :], strict=True):
+            if _unreachable(reply):
+                unsent.append(item)
+                error = reply
+            elif isinstance(reply, Exception):
                 log.error("settlement refused by Redis", extra={"fields": {"error": str(reply)}})
-        return True
+        if error is not None:
+            self._keep(unsent, error)
+        return error is None
 
     def _keep(self, settlements: list[tuple[float, list[str], list[str | int]]], exc: BaseException) -> None:
         """Hold settlements through a Redis outage until their leases would have expired anyway
@@ -332,20 +333,55 @@ class Limiter:
         return await self._send([], settlements)
 
     async def _pipelined(self, calls: list[tuple[list[str], list[str | int]]]) -> list[Any]:
-        """EVALSHA each call in one pipeline; the replies in order, errors in place. Sent
-        directly rather than through redis-py's Script, whose pipelines ask SCRIPT EXISTS
-        first (a second round trip every time); a Redis that forgot the script (restart,
-        failover) gets it loaded once, then the pipeline again."""
-        replies = await self._send_pipeline(calls)
-        if any(isinstance(reply, redis.exceptions.NoScriptError) for reply in replies):
-            await self.redis.script_load(self.script.script)
+        """EVALSHA each call; the replies in order, errors in place (a Redis that cannot be
+        reached: its error in place of every call it should have answered).
+
+        One pipeline per Redis server: on a Redis Cluster the calls are grouped by the
+        primary that holds their tenant's slot and sent to each concurrently, so a primary
+        that is down fails only its own tenants' calls. (redis-py's cluster pipeline splits
+        by node too, but fails the whole pipeline when any node fails.)"""
+        if not isinstance(self.redis, RedisCluster):
+            return await self._on_server(calls, None)
+        cluster = self.redis
+        groups: dict[str, list[int]] = {}
+        try:
+            await cluster.initialize()  # a no-op unless the topology is unknown or changed
+            for index, (keys, _) in enumerate(calls):
+                node = cluster.get_node_from_key(keys[0])
+                groups.setdefault(node.name if node is not None else "", []).append(index)
+        except REDIS_ERRORS as exc:  # no node answers, or a slot has no primary
+            return [exc] * len(calls)
+        replies: list[Any] = [None] * len(calls)
+        answers = await asyncio.gather(
+            *(self._on_server([calls[i] for i in indices], name or None) for name, indices in groups.items())
+        )
+        for indices, answer in zip(groups.values(), answers, strict=True):
+            for index, reply in zip(indices, answer, strict=True):
+                replies[index] = reply
+        return replies
+
+    async def _on_server(self, calls: list[tuple[list[str], list[str | int]]], node: str | None) -> list[Any]:
+        """One server's pipeline. Sent directly rather than through redis-py's Script, whose
+        pipelines ask SCRIPT EXISTS first (a second round trip every time); a server that
+        forgot the script (restart, failover) gets it loaded once, then the pipeline again."""
+        try:
             replies = await self._send_pipeline(calls)
+            if any(isinstance(reply, redis.exceptions.NoScriptError) for reply in replies):
+                if isinstance(self.redis, RedisCluster):
+                    primary = self.redis.get_node(node_name=node)
+                    await self.redis.execute_command("SCRIPT LOAD", self.script.script, target_nodes=primary)
+                else:
+                    await self.redis.script_load(self.script.script)
+                replies = await self._send_pipeline(calls)
+        except REDIS_ERRORS as exc:
+            return [exc] * len(calls)
         return replies
 
     async def _send_pipeline(self, calls: list[tuple[list[str], list[str | int]]]) -> list[Any]:
         async with self.redis.pipeline(transaction=False) as pipe:
             for keys, argv in calls:
-                pipe.evalsha(self.script.sha, len(keys), *keys, *argv)
+                # (redis-py's cluster pipelines refuse `evalsha` by name, not the command itself)
+                pipe.execute_command("EVALSHA", self.script.sha, len(keys), *keys, *argv)
             replies: list[Any] = await pipe.execute(raise_on_error=False)
         return replies
 
@@ -355,20 +391,49 @@ class Limiter:
         """Extend the leases of requests still in flight (long streams outlive one lease)."""
         if not self.leases:
             return
-        try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for lease, zsets in list(self.leases.items()):
-                    await self.script(keys=zsets, args=["renew", lease, self.lease_ttl_ms], client=pipe)
-                await pipe.execute()
-        except REDIS_ERRORS as exc:
-            self.renew_failed(error=type(exc).__name__)
+        calls: list[tuple[list[str], list[str | int]]] = [
+            (zsets, ["renew", lease, self.lease_ttl_ms]) for lease, zsets in list(self.leases.items())
+        ]
+        for reply in await self._pipelined(calls):
+            if isinstance(reply, Exception):
+                self.renew_failed(error=type(reply).__name__)
+                return
 
-    async def since_loss(self) -> float:
-        """Seconds since a gateway first saw this Redis instance's data. A Redis that lost its
-        data (restart, flush, failover to an empty replica) has lost this marker too, so the
-        first call after the loss creates it again and answers 0."""
-        reply = await self.script(keys=[self.prefix + "instance"], args=["instance"])
+    async def since_loss(self, tenant_id: int) -> float:
+        """Seconds since a gateway first saw the data of the Redis that holds a tenant's
+        counters. A Redis that lost its data (restart, flush, failover to an empty replica)
+        has lost this marker too, so the first call after the loss creates it again and
+        answers 0."""
+        return await self._marker_age(await self._marker(tenant_id))
+
+    async def _marker_age(self, marker: str) -> float:
+        reply = await self._script([marker], ["instance"])
         return int(reply[0]) / 1000
+
+    async def _marker(self, tenant_id: int) -> str:
+        """The instance marker of the server holding a tenant's slot. Each primary of a Redis
+        Cluster loses its data on its own, so each has a marker of its own: a key in the first
+        slot of the `{s<n>}` tags (n = 0, 1, 2, ...) that the primary serves; every gateway
+        finds the same one. (Moving that slot to another primary moves the marker with it;
+        the primary then starts a new one, which only makes a tenant whose counters are
+        missing at that moment wait for a rebuild.)"""
+        if not isinstance(self.redis, RedisCluster):
+            return self.prefix + "instance"
+        await self.redis.initialize()
+        slot = self.redis.keyslot(self._tag(tenant_id))
+        primary = self.redis.get_node_from_key(self._tag(tenant_id))
+        marker = _node_marker(self.redis, self.prefix, primary.name) if primary is not None else None
+        if marker is None:
+            raise redis.exceptions.SlotNotCoveredError(f"no primary serves slot {slot}")
+        return marker
+
+    async def _script(self, keys: list[str], argv: list[str | int]) -> list[Any]:
+        """One limits.lua call outside the request path, loading the script where missing."""
+        reply = (await self._pipelined([(keys, argv)]))[0]
+        if isinstance(reply, Exception):
+            raise reply
+        result: list[Any] = reply
+        return result
 
     async def _build_new(self, tenant_id: int) -> bool:
         """A tenant's counters are missing. If this Redis has held its data for longer than
@@ -376,7 +441,7 @@ class Limiter:
         budget): build them from the ledger now and say so (True). Otherwise Redis lost its
         data moments ago, and settlements of every replica may still be on their way to the
         ledger: start a rebuild that waits for them first, and fail closed meanwhile (False)."""
-        lost_ago = await self.since_loss()
+        lost_ago = await self.since_loss(tenant_id)
         if lost_ago >= REBUILD_WAIT:
             await self.rebuild(tenant_id, wait=0.0)
             return True
@@ -405,7 +470,7 @@ class Limiter:
                         current = period(name, now)
                         keys.append(f"{tag}used:{sid}:{current.id}")
                         args += [values[index], current.ttl]
-                await self.script(keys=keys, args=args)
+                await self._script(keys, args)
                 log.info("budget counters built", extra={"fields": {"tenant_id": tenant_id, "waited_s": wait}})
             finally:
                 await self.redis.delete(lock)
@@ -417,7 +482,14 @@ class Limiter:
         install the first budgeted request does not wait for a rebuild. If Redis is down, the
         first budgeted request after it is back creates it, and waits (it may be a loss)."""
         with contextlib.suppress(*REDIS_ERRORS):
-            await self.since_loss()
+            if not isinstance(self.redis, RedisCluster):
+                await self._marker_age(self.prefix + "instance")
+                return
+            await self.redis.initialize()
+            for primary in self.redis.get_primaries():
+                marker = _node_marker(self.redis, self.prefix, primary.name)
+                if marker is not None:
+                    await self._marker_age(marker)
 
     def start(self) -> None:
         self.tasks.every("limits.renewal", self.lease_ttl_ms / 3000, self.renew)
@@ -441,10 +513,31 @@ def tag(prefix: str, tenant_id: int) -> str:
     return f"{prefix}{{t{tenant_id}}}:"
 
 
-async def in_flight(client: aioredis.Redis, prefix: str, tenant_id: int, sid: str) -> int:
+async def in_flight(client: db.RedisClient, prefix: str, tenant_id: int, sid: str) -> int:
     """Requests holding an unexpired lease for a scope (`t` or `k<key id>`) right now."""
     count: int = await client.zcount(f"{tag(prefix, tenant_id)}lease:{sid}", f"({int(time.time() * 1000)}", "+inf")
     return count
+
+
+def _node_marker(cluster: RedisCluster, prefix: str, node: str) -> str | None:
+    """The instance marker of one cluster primary (see `Limiter._marker`); None if it serves
+    no slots. A primary serving 1/k of the slots is found in about k steps; the tags `{s0}` to
+    `{s155593}` cover every slot, so the search ends."""
+    owned = {slot for slot, nodes in cluster.nodes_manager.slots_cache.items() if nodes and nodes[0].name == node}
+    if not owned:
+        return None
+    n = 0
+    while key_slot(f"s{n}".encode()) not in owned:
+        n += 1
+    return f"{prefix}{{s{n}}}:instance"
+
+
+def _unreachable(reply: Any) -> bool:
+    """An error that says a server was not reached or is not serving its slots (retrying
+    later helps), as opposed to one refusing the call itself (retrying never helps)."""
+    if isinstance(reply, redis.exceptions.ResponseError):
+        return isinstance(reply, (redis.exceptions.ClusterDownError, redis.exceptions.TryAgainError))
+    return isinstance(reply, REDIS_ERRORS)
 
 
 def _text(value: Any) -> str:

@@ -48,6 +48,9 @@ HELP = {
     "neuronetz_ledger_pending": ("gauge", "Usage ledger rows waiting to be written."),
     "neuronetz_ledger_rows_dropped_total": ("counter", "Usage ledger rows Postgres refused for their content."),
     "neuronetz_background_task_restarts_total": ("counter", "Background tasks restarted after a failure, by task."),
+    "neuronetz_queue_waiting": ("gauge", "Requests waiting for a backend slot, by tenant."),
+    "neuronetz_queue_wait_seconds": ("histogram", "Time requests waited for a backend slot, by tenant."),
+    "neuronetz_backend_slots_in_use": ("gauge", "Backend slots this instance's requests hold, by backend, model."),
     "neuronetz_workers": ("gauge", "Worker processes reporting into this scrape."),
 }
 

@@ -89,6 +89,7 @@ class Exchange:
     bytes_in: int = 0
     bytes_out: int = 0
     disconnected: bool = False
+    queue_wait_ms: float | None = None  # time spent waiting for a backend slot (slots.py)
     prompt: dict[str, Any] | None = None  # kept only for keys that log prompts
     removed_tools: str | None = None  # server-side tools taken out of the request (dialects.py)
     outcome: Outcome = field(default_factory=Outcome)

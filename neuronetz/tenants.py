@@ -45,6 +45,7 @@ class Tenant:
     created_at: dt.datetime
     keys: int = 0
     allow_cloud: bool = False  # cloud models and server-side tools for the tenant's keys
+    weight: int = 1  # share of backend slots while several tenants wait (slots.py)
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,13 @@ class KeyInfo:
 
 def _tenant(row: Any) -> Tenant:
     return Tenant(
-        row["id"], row["name"], Limits.from_row(row), row["created_at"], row.get("keys", 0), row["allow_cloud"]
+        row["id"],
+        row["name"],
+        Limits.from_row(row),
+        row["created_at"],
+        row.get("keys", 0),
+        row["allow_cloud"],
+        row.get("weight", 1),
     )
 
 
@@ -101,15 +108,18 @@ def check_key_name(name: str) -> None:
         )
 
 
-async def create_tenant(db: Connection, name: str, limits: Limits, *, allow_cloud: bool = False) -> Tenant:
+async def create_tenant(
+    db: Connection, name: str, limits: Limits, *, allow_cloud: bool = False, weight: int = 1
+) -> Tenant:
     check_tenant_name(name)
     try:
         row = await db.fetchrow(
             "INSERT INTO tenants (name, rpm, tpm, max_concurrent, daily_tokens, monthly_tokens, total_tokens, "
-            "allow_cloud) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING *",
+            "allow_cloud, weight) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING *",
             name,
             *limits.as_dict().values(),
             allow_cloud,
+            weight,
         )
     except asyncpg.UniqueViolationError:
         raise AdminError(f"A tenant named {name!r} already exists.") from None
@@ -290,6 +300,10 @@ async def rotate_key(
 async def update_tenant(db: Connection, name: str, changes: dict[str, Any]) -> Tenant:
     """Apply `changes` (limit name → value, None clears the limit back to unlimited)."""
     owner = await tenant_id(db, name)
+    changes = dict(changes)
+    weight = changes.pop("weight", None)
+    if weight is not None:
+        await db.execute("UPDATE tenants SET weight = $2 WHERE id = $1", owner, weight)
     if changes:
         await _update(db, "tenants", owner, changes)
     row = await db.fetchrow("SELECT * FROM tenants WHERE id = $1", owner)
@@ -366,7 +380,7 @@ SELECT k.id, k.prefix, k.name, k.secret_hash, k.expires_at, k.revoked_at, k.allo
        k.prompt_ttl_days, k.rpm, k.tpm, k.max_concurrent, k.daily_tokens, k.monthly_tokens, k.total_tokens,
        t.id AS tenant_id, t.name AS tenant_name, t.rpm AS t_rpm, t.tpm AS t_tpm, t.max_concurrent AS t_max_concurrent,
        t.daily_tokens AS t_daily_tokens, t.monthly_tokens AS t_monthly_tokens, t.total_tokens AS t_total_tokens,
-       COALESCE(k.allow_cloud, t.allow_cloud) AS allow_cloud
+       COALESCE(k.allow_cloud, t.allow_cloud) AS allow_cloud, t.weight AS t_weight
 FROM api_keys k JOIN tenants t ON t.id = k.tenant_id
 WHERE k.prefix = $1
 """

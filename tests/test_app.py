@@ -9,6 +9,7 @@ import time
 import httpx
 import orjson
 import pytest
+from redis.asyncio import Redis
 
 from neuronetz import relay, tokens
 from tests.asgi import in_process, open_gateway
@@ -133,6 +134,7 @@ def test_sigterm_stops_the_server_with_exit_status_zero(gateway_env: dict[str, s
 
 async def test_closing_the_gateway_closes_its_redis_connections(gateway_env: dict[str, str]) -> None:
     async with open_gateway(gateway_env) as gateway:
+        assert isinstance(gateway.redis, Redis)  # standalone, as in gateway_env
         await gateway.redis.ping()
         pool = gateway.redis.connection_pool
         connections = [*pool._available_connections, *pool._in_use_connections]

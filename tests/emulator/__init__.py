@@ -30,7 +30,8 @@ Python API (in-process; every method is thread-safe)::
         emu.models(); emu.add_model("m", capabilities=("completion", "tools")); emu.remove_model("m")
         emu.set_models([ModelSpec("only")])
         emu.loaded()                             # names /api/ps lists
-        emu.stats()                              # Stats(requests, cancellations, in_flight, peak_in_flight)
+        emu.stats()                              # Stats(requests, cancellations, in_flight, peak_in_flight,
+                                                 #   generations, peak_generations: inference requests inside)
         emu.reset()                              # config, models, faults, records as at construction
 
 ``Config`` fields: version, tokens (10), thinking_tokens (3), first_token_delay_ms,
@@ -62,7 +63,8 @@ HTTP control API (JSON, never recorded, never faulted)::
     GET    /_emulator/faults | POST (a fault object or a list) | DELETE
     GET    /_emulator/config | POST (partial update, returns the new config)
     GET    /_emulator/models | PUT (replace with a list of specs) | POST (add one spec)
-    GET    /_emulator/stats                        {"requests", "cancellations", "in_flight", "peak_in_flight"}
+    GET    /_emulator/stats                        {"requests", "cancellations", "in_flight", "peak_in_flight",
+                                                    "generations", "peak_generations"}
     POST   /_emulator/reset
 
 Answers are deterministic: content is ``Config.tokens`` words of "Lorem ipsum

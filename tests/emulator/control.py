@@ -102,6 +102,8 @@ def _stats(state: State, request: Request) -> Any:
         "cancellations": stats.cancellations,
         "in_flight": stats.in_flight,
         "peak_in_flight": stats.peak_in_flight,
+        "generations": stats.generations,
+        "peak_generations": stats.peak_generations,
     }
 
 

@@ -87,6 +87,8 @@ class Stats:
     cancellations: int
     in_flight: int
     peak_in_flight: int
+    generations: int = 0  # inference requests in the server, running or queued by num_parallel
+    peak_generations: int = 0  # the most at once since the last reset: what a gateway sent it
 
 
 class Slots:
@@ -98,9 +100,21 @@ class Slots:
     def __init__(self) -> None:
         self.running = 0
         self.waiting: deque[asyncio.Future[None]] = deque()
+        self.active = 0  # every inference request inside, running or queued
+        self.peak = 0
 
     @asynccontextmanager
     async def hold(self, config: Config) -> AsyncIterator[None]:
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+        try:
+            async with self._hold(config):
+                yield
+        finally:
+            self.active -= 1
+
+    @asynccontextmanager
+    async def _hold(self, config: Config) -> AsyncIterator[None]:
         if config.num_parallel <= 0:
             yield
             return
@@ -161,6 +175,7 @@ class State:
             self._requests.clear()
             self._cancellations.clear()
             self._counts.update(requests=0, cancellations=0, peak=self._counts["in_flight"])
+            self.slots.peak = self.slots.active
 
     def note_request(self, request: Request) -> None:
         with self._cond:
@@ -220,4 +235,6 @@ class State:
     def stats(self) -> Stats:
         with self._cond:
             c = self._counts
-            return Stats(c["requests"], c["cancellations"], c["in_flight"], c["peak"])
+            return Stats(
+                c["requests"], c["cancellations"], c["in_flight"], c["peak"], self.slots.active, self.slots.peak
+            )
