@@ -12,6 +12,8 @@ python3 build.py demo [--port P] [--embedded]
                                       key, on the Postgres and Redis found (or embedded ones)
 python3 build.py audit                pip-audit of the pinned runtime dependencies
 python3 build.py bench [names]        the benchmarks in tests/bench (they print tables)
+python3 build.py docs                 .env.example and the README's settings table, from
+                                      the descriptions in neuronetz/config.py (VARIABLES)
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 import urllib.error
 import urllib.request
@@ -535,9 +538,80 @@ def bench(names: list[str]) -> None:
         run(python, script)
 
 
+# --- settings documentation: config.VARIABLES is the one place each setting is described ------
+
+SETTINGS_BEGIN = "<!-- settings:begin (python3 build.py docs writes this table) -->"
+SETTINGS_END = "<!-- settings:end -->"
+ENV_EXAMPLE_HEAD = """\
+# neuronetz-gateway settings. Copy to .env and adjust. The process environment wins over
+# this file; every value below is the default unless marked otherwise.
+# `neuronetz-gateway --env-file PATH` reads another file.
+# Written by `python3 build.py docs` from neuronetz/config.py: edit the descriptions there.
+"""
+# Compose's own variables: not the gateway's settings, so not in config.VARIABLES.
+ENV_EXAMPLE_TAIL = """\
+
+# --- docker compose (docker-compose.yml) -------------------------------------------------
+# Compose reads this file for the ${...} in docker-compose.yml: the values below reach the
+# containers through their environment. The gateway reads the rest of this file as /app/.env;
+# with compose, set OLLAMA_BACKENDS=http://ollama:11434 above. Compose refuses to start while
+# a required value (these three and GATEWAY_SECRET) is empty.
+# The public host name Caddy obtains a Let's Encrypt certificate for (DNS must point here).
+NEURONETZ_DOMAIN=
+# Let's Encrypt's contact address (expiry warnings).
+ACME_EMAIL=
+# Postgres password; it becomes part of DATABASE_URL, so keep it URL-safe: openssl rand -hex 32
+POSTGRES_PASSWORD=
+# Optional: your own Caddyfile instead of the example (cp ops/caddy/Caddyfile.example ops/caddy/Caddyfile).
+# CADDYFILE=./ops/caddy/Caddyfile
+# Optional: the subnet Caddy reaches the gateway on; its X-Forwarded-For is trusted. Change if it collides.
+# NEURONETZ_PROXY_SUBNET=172.30.250.0/24
+# Optional, for `docker compose --profile monitoring` (README, Monitoring), which also needs
+# GATEWAY_METRICS_TOKEN above: Grafana's admin password (Grafana refuses to start without one),
+# where Grafana is published, and how long Prometheus keeps data.
+# GRAFANA_ADMIN_PASSWORD=
+# GRAFANA_BIND=127.0.0.1
+# GRAFANA_PORT=3000
+# PROMETHEUS_RETENTION=30d
+"""
+
+
+def settings_documents() -> dict[Path, str]:
+    """.env.example and README.md as they must read for the descriptions in config.VARIABLES."""
+    sys.path.insert(0, str(ROOT))
+    from neuronetz import config  # here, not at the top: build.py's top level is stdlib only
+
+    env = [ENV_EXAMPLE_HEAD]
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for variable in config.VARIABLES:
+        if variable.section:
+            env.append(f"\n# --- {variable.section} ".ljust(93, "-") + "\n")
+        plain = variable.doc.replace("**", "")
+        env.append(textwrap.fill(plain, 96, initial_indent="# ", subsequent_indent="# ", break_on_hyphens=False))
+        env.append(f"\n{variable.name}={variable.default}\n")
+        shown = f"`{variable.default}`" if variable.default else "empty"
+        if variable.name.endswith("_BYTES") and int(variable.default) % (1 << 20) == 0:
+            shown += f" ({int(variable.default) >> 20} MiB)"
+        rows.append(f"| `{variable.name}` | {shown} | {variable.doc} |")
+    env.append(ENV_EXAMPLE_TAIL)
+    readme = (ROOT / "README.md").read_text()
+    before, rest = readme.split(SETTINGS_BEGIN, 1)
+    after = rest.split(SETTINGS_END, 1)[1]
+    table = "\n".join([SETTINGS_BEGIN, *rows, SETTINGS_END])
+    return {ROOT / ".env.example": "".join(env), ROOT / "README.md": before + table + after}
+
+
+def docs() -> None:
+    for path, text in settings_documents().items():
+        if path.read_text() != text:
+            path.write_text(text)
+            print(f"wrote {path.relative_to(ROOT)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", nargs="?", default="build", choices=["build", "test", "demo", "audit", "bench"])
+    commands = ["build", "test", "demo", "audit", "bench", "docs"]
+    parser.add_argument("command", nargs="?", default="build", choices=commands)
     parser.add_argument(
         "--python",
         default=os.path.realpath(sys.executable),
@@ -554,6 +628,8 @@ def main() -> None:
         bench(rest)
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    elif args.command == "docs":
+        docs()
     elif args.command == "build":
         build(args.python, args.root, args.output.resolve())
     else:

@@ -537,8 +537,7 @@ class App:
         if not model:
             return ""
         name = models.normalize(model)
-        known = any(b.models is not None and name in b.models for b in gateway.backends.backends)
-        return name if known else "other"
+        return name if gateway.backends.known(name) else "other"
 
 
 def _body_limit(settings: config.Settings, endpoint: Endpoint) -> int:

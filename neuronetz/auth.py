@@ -48,6 +48,7 @@ import asyncpg
 from neuronetz import db, keys, models, tenants
 from neuronetz.errors import Forbidden, RateLimited, ServiceUnavailable, Unauthorized
 from neuronetz.limits import Limits, Subject
+from neuronetz.logs import Throttled
 from neuronetz.tasks import Supervisor
 
 log = logging.getLogger("neuronetz.auth")
@@ -208,27 +209,6 @@ class FailureLimiter:
             self.windows.popitem(last=False)
 
 
-class _Throttled:
-    """A warning that would otherwise repeat on every request while a dependency is down:
-    logged at once, then at most every `interval` seconds with the count held back."""
-
-    def __init__(self, message: str, interval: float = 5.0) -> None:
-        self.message = message
-        self.interval = interval
-        self.held = 0
-        self.last = -float("inf")
-
-    def __call__(self, **fields: Any) -> None:
-        now = time.monotonic()
-        if now - self.last < self.interval:
-            self.held += 1
-            return
-        if self.held:
-            fields["repeated"] = self.held
-        self.held, self.last = 0, now
-        log.warning(self.message, extra={"fields": fields})
-
-
 class Authenticator:
     def __init__(
         self,
@@ -259,7 +239,7 @@ class Authenticator:
         self.refused: dict[bytes, _Entry] = {}  # refused keys, apart: they cannot evict the verified
         self.db_backoff = 0.0
         self.db_retry_at = 0.0
-        self.db_unreachable = _Throttled("key lookup failed: Postgres unreachable")
+        self.db_unreachable = Throttled(log, "key lookup failed: Postgres unreachable")
         self.inflight: dict[bytes, asyncio.Future[KeyRecord | None]] = {}
         self.generation = 0  # bumped by tenant changes and listener (re)connects
         self.key_generations: dict[str, int] = {}
@@ -354,7 +334,7 @@ class Authenticator:
             self.db_retry_at = now + self.db_backoff  # this lookup probes; the others wait for it
         try:
             row = await tenants.fetch_key(self.pool, prefix)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+        except db.ERRORS as exc:
             low, high = DB_BACKOFF
             self.db_backoff = min(high, max(low, self.db_backoff * 2))
             self.db_retry_at = time.monotonic() + self.db_backoff
@@ -490,18 +470,13 @@ class Authenticator:
                 prefixes,
                 stamps,
             )
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+        except db.ERRORS:
             for prefix, stamp in used.items():  # keep them for the next attempt
                 self.last_used[prefix] = max(stamp, self.last_used.get(prefix, 0.0))
 
-    async def _flush_periodically(self) -> None:
-        while True:
-            await asyncio.sleep(LAST_USED_INTERVAL)
-            await self.flush_last_used()
-
     def start(self) -> None:
         self.tasks.start("auth.listener", self.listen)
-        self.tasks.start("auth.last_used", self._flush_periodically)
+        self.tasks.every("auth.last_used", LAST_USED_INTERVAL, self.flush_last_used)
 
     async def stop(self) -> None:
         await self.tasks.stop()

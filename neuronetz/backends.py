@@ -70,7 +70,7 @@ class Backend:
 
     @property
     def host(self) -> str:
-        """The Host header Ollama expects: its own host:port (ollama-api.md §6)."""
+        """The Host header Ollama expects: its own host:port (docs/ollama.md §6)."""
         return urlsplit(self.url).netloc
 
     def available(self, now: float) -> bool:
@@ -131,6 +131,10 @@ class BackendPool:
 
     # --- selection ------------------------------------------------------------------------
 
+    def known(self, model: str) -> bool:
+        """Whether some backend's last model list has `model` (a normalized name)."""
+        return any(b.models is not None and model in b.models for b in self.backends)
+
     def select(self, model: str | None, exclude: frozenset[Backend] = frozenset()) -> Backend | None:
         """The available backend with the fewest requests in flight that may have `model`
         (any available backend when `model` is None); None when there is none."""
@@ -160,7 +164,7 @@ class BackendPool:
             raise ServiceUnavailable("No Ollama backend is configured.", retry_after=5)
         if model and not exclude:
             wanted = models.normalize(model)
-            if not any(b.models is not None and wanted in b.models for b in self.backends):
+            if not self.known(wanted):
                 await self.refresh()
                 backend = self.select(model, exclude)
                 if backend is not None:

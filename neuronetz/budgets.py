@@ -188,13 +188,8 @@ class Ledger:
             return rows, exc
         return [], None
 
-    async def run(self) -> None:
-        while True:
-            await asyncio.sleep(LEDGER_INTERVAL)
-            await self.flush()
-
     def start(self) -> None:
-        self.tasks.start("ledger.writer", self.run)
+        self.tasks.every("ledger.writer", LEDGER_INTERVAL, self.flush)
 
     async def stop(self, attempts: int = 5) -> None:
         """Stop the timer and write what is left, retrying briefly: spend is never dropped

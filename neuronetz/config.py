@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from neuronetz import envfile
@@ -25,6 +25,8 @@ DEFAULT_ENV_FILE = Path(".env")
 # so every worker builds the same Settings as the process that started it.
 ENV_FILE_VARIABLE = "NEURONETZ_ENV_FILE"
 
+_N = TypeVar("_N", int, float)
+
 
 class ConfigError(Exception):
     """A configuration value is missing or wrong; str(error) is the sentence for the user."""
@@ -33,30 +35,28 @@ class ConfigError(Exception):
 # --- value parsers: each takes the raw string and the variable name, returns the value ---
 
 
-def _integer(low: int, high: int) -> Callable[[str, str], int]:
-    def parse(raw: str, name: str) -> int:
+def _number(
+    convert: Callable[[str], _N], low: _N, high: _N, noun: str, shown: str = "{}", unit: str = ""
+) -> Callable[[str, str], _N]:
+    def parse(raw: str, name: str) -> _N:
         try:
-            value = int(raw.strip())
+            value = convert(raw.strip())
         except ValueError:
-            raise ConfigError(f"{name} must be a whole number, got {raw!r}.") from None
+            raise ConfigError(f"{name} must be {noun}, got {raw!r}.") from None
         if not low <= value <= high:
-            raise ConfigError(f"{name} must be between {low} and {high}, got {value}.")
+            between = f"{shown.format(low)} and {shown.format(high)}{unit}"
+            raise ConfigError(f"{name} must be between {between}, got {shown.format(value)}.")
         return value
 
     return parse
+
+
+def _integer(low: int, high: int) -> Callable[[str, str], int]:
+    return _number(int, low, high, "a whole number")
 
 
 def _seconds(low: float, high: float) -> Callable[[str, str], float]:
-    def parse(raw: str, name: str) -> float:
-        try:
-            value = float(raw.strip())
-        except ValueError:
-            raise ConfigError(f"{name} must be a number of seconds, got {raw!r}.") from None
-        if not low <= value <= high:
-            raise ConfigError(f"{name} must be between {low:g} and {high:g} seconds, got {value:g}.")
-        return value
-
-    return parse
+    return _number(float, low, high, "a number of seconds", "{:g}", " seconds")
 
 
 def _boolean(raw: str, name: str) -> bool:
@@ -196,71 +196,93 @@ class Variable:
     field: str
     default: str
     parse: Callable[[str, str], Any]
-    doc: str
+    doc: str  # the one description: `python3 build.py docs` writes it into .env.example and README.md
+    section: str = ""  # set on the first variable of a section of .env.example
 
 
 # fmt: off
 VARIABLES: tuple[Variable, ...] = (
     Variable("DATABASE_URL", "database_url", "postgresql://127.0.0.1:5432/neuronetz",
              _url(("postgres", "postgresql"), "postgresql://user:password@host:5432/neuronetz"),
-             "Postgres connection URL (tenants, keys, usage ledger, audit). The database is created if missing."),
+             "Postgres: tenants, keys, the usage ledger and the audit log. Created if missing (needs a "
+             "role that may `CREATE DATABASE`).", section="Dependencies"),
     Variable("REDIS_URL", "redis_url", "redis://127.0.0.1:6379/0", _redis_urls,
-             "Redis connection URL (key cache, rate-limit and budget counters); with REDIS_MODE cluster or "
-             "sentinel, comma-separated seed node or Sentinel URLs."),
+             "Redis: the key cache, rate-limit and budget counters. Run it with `maxmemory-policy "
+             "noeviction`: an evicted counter is a forgotten limit. With REDIS_MODE cluster or sentinel: "
+             "comma-separated seed node or Sentinel URLs."),
     Variable("REDIS_MODE", "redis_mode", "standalone", _choice("standalone", "cluster", "sentinel"),
-             "standalone: REDIS_URL is the server; cluster: a Redis Cluster; sentinel: REDIS_URL names the Sentinels."),
+             "`standalone` (one server), `cluster` (Redis Cluster: REDIS_URL lists one or more seed "
+             "nodes) or `sentinel` (REDIS_URL lists the Sentinels; REDIS_SENTINEL_MASTER names the primary "
+             "they monitor). README, Scaling out."),
     Variable("REDIS_SENTINEL_MASTER", "redis_sentinel_master", "mymaster", _sentinel_master,
              "With REDIS_MODE=sentinel: the name under which the Sentinels monitor the primary."),
+    Variable("REDIS_KEY_PREFIX", "redis_prefix", "nz:", _redis_prefix,
+             "Prefix of every Redis key the gateway writes (to share one Redis between installations)."),
     Variable("OLLAMA_BACKENDS", "ollama_backends", "http://127.0.0.1:11434", parse_backends,
-             "Comma-separated Ollama base URLs, each optionally with `;slots=N`; edited by add-backend/remove-backend, "
-             "reloaded live."),
+             "Comma-separated Ollama base URLs (http/https, host, optional port and path), each optionally "
+             "with its own slots: `http://gpu1:11434;slots=4` (README, Fair sharing). `add-backend` and "
+             "`remove-backend` edit this line of the env file and a running gateway applies the change "
+             "within a few seconds (unless OLLAMA_BACKENDS is also set in the process environment, which "
+             "wins)."),
     Variable("GATEWAY_BACKEND_SLOTS", "backend_slots", "0", _integer(0, MAX_SLOTS),
-             "Requests each backend runs at once per model (its OLLAMA_NUM_PARALLEL); 0: no gateway queue."),
+             "Requests each backend runs at once per model (set it to the backends' "
+             "`OLLAMA_NUM_PARALLEL`). Beyond it requests wait in the gateway, in fair order across "
+             "tenants. 0: no gateway queue."),
     Variable("GATEWAY_QUEUE_MAX_WAIT", "queue_max_wait", "30", _seconds(0.1, 3600),
-             "Seconds a request may wait for a backend slot before 503 with Retry-After."),
+             "Seconds a request may wait for a backend slot before 503 `queue_timeout` with `Retry-After`."),
     Variable("GATEWAY_QUEUE_MAX_DEPTH", "queue_max_depth", "64", _integer(1, 100_000),
-             "Requests one tenant may have waiting for slots (per model) before 429 queue_full."),
+             "Requests one tenant may have waiting for one model's slots before 429 `queue_full`."),
     Variable("GATEWAY_HOST", "host", "127.0.0.1", _host,
-             "Address to listen on (0.0.0.0 in the container)."),
-    Variable("GATEWAY_PORT", "port", "8080", _integer(1, 65535), "TCP port to listen on."),
+             "Address to listen on (`0.0.0.0` in the container).", section="Serving"),
+    Variable("GATEWAY_PORT", "port", "8080", _integer(1, 65535),
+             "TCP port to listen on."),
     Variable("GATEWAY_WORKERS", "workers", "1", _integer(1, 64),
-             "Granian worker processes (one per core is a good start)."),
+             "Granian worker processes; one per core is a good start."),
     Variable("GATEWAY_MIGRATE_ON_START", "migrate_on_start", "true", _boolean,
-             "Apply pending migrations when `serve` starts."),
+             "`serve` applies pending migrations before it starts (true/false)."),
     Variable("GATEWAY_MAX_BODY_BYTES", "max_body_bytes", str(32 * 1024 * 1024), _integer(1024, 1 << 30),
-             "Largest request body accepted (413 above it); base64 images need tens of MB."),
+             "Largest request body in bytes; larger ones get 413. Base64 images need tens of MB."),
     Variable("GATEWAY_MAX_RECORD_BYTES", "max_record_bytes", str(16 * 1024 * 1024), _integer(65536, 1 << 30),
-             "Longest backend record read: an NDJSON line, an SSE event or a whole non-streaming answer."),
+             "Longest backend record the gateway reads, in bytes: one NDJSON line or SSE event (a longer "
+             "one ends the stream with an error record), or a whole non-streaming answer (a longer one is "
+             "passed through but is a backend error; README, Streaming and usage). Raise it for very large "
+             "embedding batches."),
     Variable("GATEWAY_MAX_TEXT_BODY_BYTES", "max_text_body_bytes", str(4 * 1024 * 1024), _integer(1024, 1 << 30),
-             "Largest body on routes that carry no images (embeddings, /v1/completions, /api/show); 413 above it."),
+             "Largest body in bytes on routes that carry no images: `/api/embed`, `/api/embeddings`, "
+             "`/v1/embeddings`, `/v1/completions`, `/api/show`; 413 above it."),
     Variable("GATEWAY_MAX_JSON_ELEMENTS", "max_json_elements", str(1 << 18), _integer(1024, 100_000_000),
-             "Most JSON values (commas and brackets) a request body may hold; bounds parse memory (413 above it)."),
+             "Most JSON values (commas plus opening brackets) a request body may hold; bounds the memory "
+             "and time parsing one body can take (413 above it; README, Security model)."),
     Variable("GATEWAY_BODY_TIMEOUT", "body_timeout", "60", _seconds(1, 3600),
-             "Seconds a client has to send a whole request body (408 after it)."),
+             "Seconds a client has to send its whole request body; 408 after it."),
     Variable("GATEWAY_MAX_BODY_READERS", "max_body_readers", "256", _integer(1, 100_000),
-             "Request bodies a worker receives at once; beyond it new ones get 503 at once."),
+             "Request bodies one worker receives at once; beyond it new ones get 503 at once."),
     Variable("GATEWAY_READY_TIMEOUT", "ready_timeout", "1.0", _seconds(0.05, 30),
-             "Time each /readyz dependency check may take before it counts as failed."),
+             "Seconds each `/readyz` check (Postgres, Redis, backends) may take before it counts as "
+             "failed."),
     Variable("GATEWAY_SHUTDOWN_TIMEOUT", "shutdown_timeout", "30", _integer(1, 3600),
-             "Seconds in-flight requests get to finish after SIGTERM before workers are killed."),
+             "Seconds in-flight requests get to finish after SIGTERM; answers still streaming near the end "
+             "are cut with an error record, settled and audited before the worker exits."),
     Variable("GATEWAY_DB_POOL_SIZE", "db_pool_size", "10", _integer(1, 500),
              "Postgres connections per worker process."),
     Variable("GATEWAY_LOG_LEVEL", "log_level", "info", _choice("debug", "info", "warning", "error"),
-             "Log level of the JSON log lines on stdout."),
+             "`debug`, `info`, `warning` or `error`: the level of the JSON log lines on stdout; `info` "
+             "writes one line per request."),
     Variable("GATEWAY_SECRET", "secret", "", _text,
-             "Server secret keying the hash under which verified keys are cached in Redis; the same on every replica."),
-    Variable("REDIS_KEY_PREFIX", "redis_prefix", "nz:", _redis_prefix,
-             "Prefix of every Redis key the gateway writes (to share one Redis between installations)."),
+             "**Set it in production**, the same on every replica: verified keys are cached in Redis under "
+             "an HMAC with it. Generate one with `openssl rand -hex 32`. Empty: each process draws its own "
+             "(everything works, but workers do not share verifications).", section="Keys and authentication"),
     Variable("GATEWAY_KEY_CACHE_TTL", "key_cache_ttl", "30", _seconds(1, 3600),
-             "Seconds a verified key stays in a worker's memory; changes arrive sooner through NOTIFY."),
+             "Seconds a verified key stays in a worker's memory. Revocations, expiry and limit changes "
+             "arrive within a second anyway (Postgres NOTIFY); this is only the backstop."),
     Variable("GATEWAY_AUTH_FAILURES_PER_MINUTE", "auth_failures_per_minute", "60", _integer(1, 1_000_000),
-             "Failed authentications a client address may cause per minute (per worker) before 429."),
+             "Refused authentications a client address may cause per minute (per worker) before 429."),
     Variable("GATEWAY_AUTH_THREADS", "auth_threads", "1", _integer(1, 64),
-             "Threads per worker verifying Argon2id hashes on a cache miss."),
+             "Threads per worker that verify Argon2id hashes (cache misses only)."),
     Variable("GATEWAY_TRUSTED_PROXIES", "trusted_proxies", "127.0.0.1,::1", _networks,
-             "Peers whose X-Forwarded-For is believed (Caddy); comma-separated IPs or CIDRs."),
+             "Peers whose `X-Forwarded-For` is believed (Caddy): comma-separated IPs or CIDR ranges."),
     Variable("GATEWAY_UPSTREAM_CONNECT_TIMEOUT", "connect_timeout", "5", _seconds(0.1, 600),
-             "Seconds to open a connection to a backend."),
+             "Seconds to open a connection to a backend.", section="Backends"),
     Variable("GATEWAY_UPSTREAM_FIRST_BYTE_TIMEOUT", "first_byte_timeout", "300", _seconds(1, 86400),
              "Seconds a backend may take to start answering (loading a model takes a while)."),
     Variable("GATEWAY_UPSTREAM_IDLE_TIMEOUT", "idle_timeout", "120", _seconds(1, 86400),
@@ -268,21 +290,26 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("GATEWAY_UPSTREAM_TOTAL_TIMEOUT", "total_timeout", "1800", _seconds(1, 86400),
              "Seconds one request to a backend may take in all."),
     Variable("GATEWAY_UPSTREAM_MAX_CONNECTIONS", "upstream_connections", "4096", _integer(1, 100_000),
-             "Connections per backend per worker (requests beyond it wait); one per stream in flight."),
+             "Connections per backend per worker: one per request in flight (a stream holds its own for "
+             "its whole length); requests beyond it wait. An idle connection costs about 2 KB."),
     Variable("GATEWAY_HEALTH_INTERVAL", "health_interval", "5", _seconds(0.2, 3600),
              "Seconds between active health checks (and model-list refreshes) of each backend."),
     Variable("GATEWAY_BACKEND_COOLDOWN", "backend_cooldown", "10", _seconds(0.1, 3600),
-             "Seconds a backend is benched after a connection failure or repeated 5xx answers."),
+             "Seconds a backend is benched after a connection failure or three answers >= 500 in a row."),
     Variable("GATEWAY_DEFAULT_MAX_TOKENS", "default_max_tokens", "1024", _integer(1, 1_000_000),
-             "Output cap written into requests without one when a TPM limit or budget applies."),
+             "Output cap written into requests that set none when a TPM limit or a budget applies.",
+             section="Limits and budgets"),
     Variable("GATEWAY_MIN_OUTPUT_TOKENS", "min_output_tokens", "16", _integer(0, 1_000_000),
              "Fewest output tokens worth admitting a request for; below that it is refused (429)."),
     Variable("GATEWAY_LEASE_TTL", "lease_ttl", "60", _seconds(5, 3600),
-             "Seconds a request's concurrency/reservation lease lives unless renewed (crashed replicas)."),
+             "Seconds a request's concurrency/reservation lease lives unless renewed: how long the slots "
+             "and reservations of a crashed replica stay taken."),
     Variable("GATEWAY_METRICS_TOKEN", "metrics_token", "", _text,
-             "Bearer token that GET /metrics requires; empty: /metrics is disabled (404)."),
+             "Bearer token that `GET /metrics` requires. Empty: `/metrics` is disabled (404).",
+             section="Observability"),
     Variable("GATEWAY_AUDIT_QUEUE", "audit_queue", "20000", _integer(100, 10_000_000),
-             "Audit records a worker holds while Postgres is slow or away; beyond it new records are dropped."),
+             "Audit records a worker holds while Postgres is slow or away; beyond it, new records are "
+             "dropped and counted (`neuronetz_audit_records_dropped_total`)."),
     Variable("GATEWAY_AUDIT_RETENTION_DAYS", "audit_retention_days", "90", _integer(1, 36500),
              "Days of request metadata kept; older monthly partitions are dropped."),
 )

@@ -29,6 +29,13 @@ _ANTHROPIC_TYPES = {
 }
 
 
+def error_body(openai_dialect: bool, message: str, type_: str, code: str) -> bytes:
+    """An error in the caller's dialect: OpenAI's error object or Ollama's `{"error": message}`."""
+    if openai_dialect:
+        return orjson.dumps({"error": {"message": message, "type": type_, "code": code, "param": None}})
+    return orjson.dumps({"error": message})
+
+
 class GatewayError(Exception):
     status: int = 500
     type: str = "api_error"
@@ -64,11 +71,7 @@ class GatewayError(Exception):
         return headers
 
     def body(self, openai_dialect: bool) -> bytes:
-        if openai_dialect:
-            return orjson.dumps(
-                {"error": {"message": self.message, "type": self.type, "code": self.code, "param": None}}
-            )
-        return orjson.dumps({"error": self.message})
+        return error_body(openai_dialect, self.message, self.type, self.code)
 
 
 class BadRequest(GatewayError):

@@ -106,7 +106,7 @@ class Gateway:
         pool = await db.create_pool(settings.database_url, settings.db_pool_size)
         redis = connect_redis(settings)
         # Our own HTTP/1.1 transport (upstream.py): httpx's default one costs several times the
-        # CPU per request (measurements.md). trust_env=False: proxy variables and .netrc must
+        # CPU per request (`python3 build.py bench upstream`). trust_env=False: proxy variables and .netrc must
         # not redirect traffic meant for the internal Ollama network.
         transport = UpstreamTransport(
             max_connections=settings.upstream_connections, max_keepalive=settings.upstream_connections
@@ -269,10 +269,10 @@ class Gateway:
 
 
 class _PackedInC:
-    """redis-py's asyncio connections pack commands in Python, which costs 45 µs for one
-    admission (an EVALSHA with some 70 arguments); hiredis, already installed for parsing,
-    packs in C for a tenth of that. (redis-py's own HiredisRespSerializer would first walk
-    every argument in Python, which is most of the cost again.)"""
+    """redis-py's asyncio connections pack commands in Python, a large share of the CPU of one
+    admission (an EVALSHA with some 70 arguments; `python3 build.py bench limits`); hiredis,
+    already installed for parsing, packs in C for a fraction of that. (redis-py's own
+    HiredisRespSerializer would first walk every argument in Python, which is most of the cost again.)"""
 
     def pack_command(self, *args: Any) -> list[bytes]:
         if isinstance(args[0], str) and " " in args[0]:  # "SCRIPT LOAD" is two words on the wire
@@ -307,7 +307,7 @@ def redis_client(url: str) -> aioredis.Redis:
     )
     base = pool.connection_class
     pool.connection_class = type(f"Packed{base.__name__}", (_PackedInC, base), {})
-    return aioredis.Redis(connection_pool=pool)
+    return aioredis.Redis.from_pool(pool)  # closing the client closes the pool
 
 
 def sentinel_client(urls: list[str], master: str) -> aioredis.Redis:

@@ -105,7 +105,6 @@ class Request:
         "openai",
         "param",
         "path",
-        "query",
         "receive",
         "request_id",
         "response_headers",
@@ -117,7 +116,6 @@ class Request:
         self.receive = receive
         self.method: str = scope["method"]
         self.path = path
-        self.query: bytes = scope.get("query_string", b"")
         # Header names arrive lower-cased (ASGI spec); a repeated header keeps its last value,
         # which is all the gateway ever needs (Content-Length, X-Request-ID) — except for
         # Authorization, where a repetition is refused (see `authorization`).

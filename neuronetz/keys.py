@@ -4,10 +4,11 @@ A key is `nz_` + 8 lowercase alphanumerics (the public prefix, shown in logs and
 `list-keys`, used by `revoke-key --prefix`) followed by a secret of 43 URL-safe characters
 (`secrets.token_urlsafe(32)`, 256 bits). Only an Argon2id hash of the whole key is stored.
 
-Argon2id parameters follow OWASP's password storage cheat sheet (m=19 MiB, t=2, p=1): about
-23 ms of CPU per verification on our machines. Keys carry 256 random bits, so the slow hash
-guards against a leaked database rather than guessing; verification happens only on a cache
-miss, in a bounded thread pool (auth.py), never on the event loop.
+Argon2id parameters follow OWASP's password storage cheat sheet (m=19 MiB, t=2, p=1): tens of
+milliseconds of CPU per verification (`python3 build.py bench auth` measures it). Keys carry 256
+random bits, so the slow hash guards against a leaked database rather than guessing;
+verification happens only on a cache miss, in a bounded thread pool (auth.py), never on the
+event loop.
 """
 
 from __future__ import annotations

@@ -1,24 +1,10 @@
 """Rate limits, concurrency and token budgets: admission and settlement in one round trip each.
 
-Per key and per tenant: `rpm`, `tpm`, `max_concurrent`, and token budgets `daily_tokens`,
-`monthly_tokens`, `total_tokens`. A key's unset value inherits the tenant's and both apply,
-so the stricter wins and all keys of a tenant share the tenant's limits. (An inherited key
-limit equals the tenant's, which already bounds the key's share, so it needs no counter of
-its own: only values set on the key itself are checked at key level.)
-
-`Limiter.admit` runs limits.lua once: every limit of the key and its tenant is checked and
-either all of them are charged or none (GCRA for RPM and TPM, leases for concurrency and
-for reserved tokens, counters for budgets). Tokens are reserved before forwarding: the
-prompt estimate plus the output cap, which the gateway injects when the client set none.
-`Limiter.settle` runs it once more with the real usage, exactly once per admission, and
-refunds what was reserved but not used.
-
-If Redis cannot be reached, a request with a budget anywhere in its chain is refused (503,
-fail closed). Requests without budgets are admitted without their rate and concurrency
-limits (fail open), because those protect capacity rather than commitments, and an outage
-of Redis should not become an outage of every model. On a Redis Cluster each tenant's keys
-live on one primary (the tenant's hash tag), and only the tenants of a primary that is down
-are affected.
+`Limiter.admit` runs limits.lua once to check and charge every limit of a key and its tenant;
+`Limiter.settle` runs it once more with the real usage. The wire contract (keys, arguments,
+replies) is at the top of limits.lua; why it works this way (reservations, leases, failing
+closed for budgets and open for rates when Redis is away, rebuilds from the ledger) is in the
+README's "Limits and budgets" (and "Scaling out" for Redis Cluster).
 """
 
 from __future__ import annotations
@@ -413,11 +399,6 @@ class Limiter:
                 self.renew_failed(error=type(reply).__name__)
                 return
 
-    async def _renew_periodically(self) -> None:
-        while True:
-            await asyncio.sleep(self.lease_ttl_ms / 3000)
-            await self.renew()
-
     async def since_loss(self, tenant_id: int) -> float:
         """Seconds since a gateway first saw the data of the Redis that holds a tenant's
         counters. A Redis that lost its data (restart, flush, failover to an empty replica)
@@ -496,13 +477,6 @@ class Limiter:
         except (*REDIS_ERRORS, *db.ERRORS) as exc:  # the next budgeted request tries again
             self.rebuild_failed(tenant_id=tenant_id, error=repr(exc))
 
-    async def in_flight(self, tenant_id: int, sid: str) -> int:
-        """Requests holding a lease for a scope (`t` or `k<id>`) right now, for `usage`."""
-        count: int = await self.redis.zcount(
-            f"{self._tag(tenant_id)}lease:{sid}", f"({int(self.clock() * 1000)}", "+inf"
-        )
-        return count
-
     async def _mark_instance(self) -> None:
         """Create this Redis's instance marker at startup if it has none, so that on a fresh
         install the first budgeted request does not wait for a rebuild. If Redis is down, the
@@ -518,7 +492,7 @@ class Limiter:
                     await self._marker_age(marker)
 
     def start(self) -> None:
-        self.tasks.start("limits.renewal", self._renew_periodically)
+        self.tasks.every("limits.renewal", self.lease_ttl_ms / 3000, self.renew)
         self.tasks.start("limits.instance", self._mark_instance)
 
     async def stop(self) -> None:

@@ -1,7 +1,7 @@
 """Model names, compared the way Ollama compares them.
 
 Ollama stores every model with a tag and looks names up case-insensitively, so `llama3.2`,
-`Llama3.2:latest` and `llama3.2:LATEST` are one model (ollama-api.md §5). Every comparison
+`Llama3.2:latest` and `llama3.2:LATEST` are one model (docs/ollama.md §5). Every comparison
 in the gateway (allow-lists, backend routing) goes through `normalize`.
 """
 

@@ -3,7 +3,7 @@
 What goes upstream is built here, not copied: the canonical path of the matched route, an
 allow-list of request headers (so `Authorization`, cookies, `Origin` and hop-by-hop headers
 never reach Ollama), and `Host` set for the backend, which Ollama checks on loopback
-(ollama-api.md §6). The answer goes back chunk by chunk through a relay (relay.py) that
+(docs/ollama.md §6). The answer goes back chunk by chunk through a relay (relay.py) that
 reads the usage on the way.
 
 Failures map to statuses in one place, `upstream_error`: before any byte from the backend a
@@ -23,10 +23,9 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import httpx
-import orjson
 
 from neuronetz import __version__, dialects, http
-from neuronetz.errors import BadGateway, GatewayError, GatewayTimeout, ServiceUnavailable
+from neuronetz.errors import BadGateway, GatewayError, GatewayTimeout, ServiceUnavailable, error_body
 from neuronetz.http import Request
 from neuronetz.relay import BodyRelay, NdjsonRelay, Outcome, RecordTooLong, SseRelay
 from neuronetz.types import Send
@@ -124,10 +123,8 @@ def upstream_headers(request: Request, backend_host: str) -> list[tuple[bytes, b
 
 def error_record(openai: bool, message: str, code: str) -> bytes:
     """The record that ends a stream that failed after it started, in the caller's dialect."""
-    if openai:
-        error = {"message": message, "type": "api_error", "code": code, "param": None}
-        return b"data: " + orjson.dumps({"error": error}) + b"\n\n"
-    return orjson.dumps({"error": message}) + b"\n"
+    body = error_body(openai, message, "api_error", code)
+    return b"data: " + body + b"\n\n" if openai else body + b"\n"
 
 
 async def forward(
@@ -196,7 +193,7 @@ async def _exchange(
         status = response.status_code
         if status == 503:
             # Ollama's "server busy" (queue full) comes before any work: another backend may
-            # take it (ollama-api.md §9.10). The caller decides; nothing was sent yet.
+            # take it (docs/ollama.md §9.10). The caller decides; nothing was sent yet.
             raise BackendUnreachable(backend, "busy (503)")
         content_type = _content_type(response)
         exchange.status = status

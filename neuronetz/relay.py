@@ -110,7 +110,7 @@ class _Records:
 
 
 class NdjsonRelay:
-    """Native streams (`application/x-ndjson`): one JSON object per line (ollama-api.md §2.3)."""
+    """Native streams (`application/x-ndjson`): one JSON object per line (docs/ollama.md §2.3)."""
 
     def __init__(self, outcome: Outcome, max_record: int) -> None:
         self.outcome = outcome
@@ -158,7 +158,7 @@ class NdjsonRelay:
 
 class SseRelay:
     """OpenAI streams (`text/event-stream`): `data: {json}` events separated by a blank line
-    (ollama-api.md §3). With `strip_usage`, usage the client did not ask for is removed."""
+    (docs/ollama.md §3). With `strip_usage`, usage the client did not ask for is removed."""
 
     def __init__(self, outcome: Outcome, strip_usage: bool, max_record: int) -> None:
         self.outcome = outcome
@@ -213,7 +213,7 @@ class SseRelay:
             if choices == []:
                 return None  # the usage-only event exists because the gateway asked for it
             # /v1/completions puts zeroed usage on every event once usage is requested
-            # (ollama-api.md §3, CompleteWriter): drop it there too.
+            # (docs/ollama.md §3, CompleteWriter): drop it there too.
             del record["usage"]
             return b"data: " + orjson.dumps(record) + b"\n\n"
         return event + b"\n\n"

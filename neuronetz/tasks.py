@@ -37,6 +37,16 @@ class Supervisor:
     def start(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
         self.tasks.append(asyncio.create_task(self._supervise(name, loop), name=name))
 
+    def every(self, name: str, seconds: float, step: Callable[[], Awaitable[None]]) -> None:
+        """Run `step` every `seconds` (the first time after one interval), supervised."""
+
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(seconds)
+                await step()
+
+        self.start(name, loop)
+
     async def _supervise(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
         clock = asyncio.get_running_loop().time
         delay = FIRST_DELAY

@@ -93,7 +93,7 @@ def requested_cap(body: dict[str, Any], openai: bool, produces_text: bool) -> in
 
 
 def set_cap(body: dict[str, Any], openai: bool, cap: int) -> None:
-    """Write the output cap into the body where the backend reads it (ollama-api.md §3:
+    """Write the output cap into the body where the backend reads it (docs/ollama.md §3:
     `max_tokens` becomes `options.num_predict`)."""
     if openai:
         body["max_tokens"] = cap

@@ -1,9 +1,9 @@
 """The upstream transport: a keep-alive pool of HTTP/1.1 connections to the Ollama backends.
 
 `UpstreamTransport` plugs into `httpx.AsyncClient(transport=...)`. It exists because httpx's
-default transport (httpcore over anyio) costs several times the CPU per request of a plain
-asyncio protocol, and the gateway's whole budget is 1 ms of added latency (the README has the
-figures, `python3 build.py bench upstream` measures them). The bytes on each socket are
+default transport (httpcore over anyio) costs more CPU per request than the gateway's latency
+budget allows (the README's architecture section has the figures; `python3 build.py bench
+upstream` measures them). The bytes on each socket are
 `h1.py`'s business; this module decides which socket a request uses, when a request is retried
 and when a socket is closed.
 

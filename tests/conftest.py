@@ -1,4 +1,4 @@
-"""Fixtures: a Postgres database and a Redis key prefix of this run's own (services.md).
+"""Fixtures: a Postgres database and a Redis key prefix of this run's own.
 
 Each run creates `neuronetz_test_<random>`, migrates it and drops it at the end; it never
 touches a database it did not create. Redis keys live under a per-run prefix and only
@@ -15,11 +15,13 @@ from collections.abc import AsyncIterator, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import httpx
 import pytest
 import pytest_asyncio
 import redis
 
 from neuronetz import migrate
+from tests.asgi import in_process
 from tests.emulator import Emulator
 from tests.support import METRICS_TOKEN, Admin, GatewayProcess
 
@@ -122,6 +124,14 @@ def gateway(gateway_env: dict[str, str]) -> Iterator[GatewayProcess]:
     """One gateway process for the module, on the module's emulator."""
     with GatewayProcess(gateway_env) as process:
         yield process
+
+
+@pytest_asyncio.fixture(scope="module")
+async def asgi(gateway_env: dict[str, str]) -> AsyncIterator[httpx.AsyncClient]:
+    """The module's gateway in this process, driven through its ASGI callable (tests/asgi.py):
+    for tests that need no server in front of the application."""
+    async with in_process(gateway_env) as client:
+        yield client
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")

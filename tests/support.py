@@ -120,7 +120,7 @@ class GatewayProcess:
 
 class PrivateRedis:
     """A redis-server of the test's own on a free port, for tests that stop Redis. The
-    shared Redis is never stopped (services.md)."""
+    shared Redis (other test runs use it at the same time) is never stopped."""
 
     def __init__(self) -> None:
         self.port = free_port()

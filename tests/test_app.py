@@ -1,41 +1,38 @@
-"""The application over real HTTP: health, readiness, errors, request ids and shutdown."""
+"""The application: health, readiness, errors, request ids, unexpected failures and shutdown
+(in process through its ASGI callable where no server is needed, else over real HTTP)."""
 
 from __future__ import annotations
 
 import asyncio
-import signal
 import time
-from collections.abc import AsyncIterator
 
 import httpx
 import orjson
 import pytest
-import pytest_asyncio
 from redis.asyncio import Redis
 
-from neuronetz import config, relay, tokens
-from neuronetz.app import App
-from neuronetz.gateway import Gateway
+from neuronetz import relay, tokens
+from tests.asgi import in_process, open_gateway
 from tests.emulator import Emulator
 from tests.support import METRICS_TOKEN, Admin, GatewayProcess, PrivateRedis, auth, free_port
 
 DETAIL = auth(METRICS_TOKEN)  # /readyz shows its detail only to the holder of the metrics token
 
 
-def test_healthz_is_ok_with_a_request_id(gateway: GatewayProcess) -> None:
-    response = httpx.get(gateway.url + "/healthz")
+async def test_healthz_is_ok_with_a_request_id(asgi: httpx.AsyncClient) -> None:
+    response = await asgi.get("/healthz")
     assert response.status_code == 200
     assert response.json() == {"status": "ok"}
     assert len(response.headers["x-request-id"]) == 24
 
 
-def test_a_sane_request_id_is_echoed(gateway: GatewayProcess) -> None:
-    response = httpx.get(gateway.url + "/healthz", headers={"x-request-id": "trace-42"})
+async def test_a_sane_request_id_is_echoed(asgi: httpx.AsyncClient) -> None:
+    response = await asgi.get("/healthz", headers={"x-request-id": "trace-42"})
     assert response.headers["x-request-id"] == "trace-42"
 
 
-def test_readyz_is_ready_when_every_dependency_answers(gateway: GatewayProcess, emulator: Emulator) -> None:
-    response = httpx.get(gateway.url + "/readyz", headers=DETAIL)
+async def test_readyz_is_ready_when_every_dependency_answers(asgi: httpx.AsyncClient, emulator: Emulator) -> None:
+    response = await asgi.get("/readyz", headers=DETAIL)
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["status"] == "ready"
@@ -48,20 +45,20 @@ def test_readyz_is_ready_when_every_dependency_answers(gateway: GatewayProcess, 
     assert "tiny:latest" in backend["models"]
 
 
-def test_readyz_tells_strangers_only_ready_or_not(gateway: GatewayProcess, emulator: Emulator) -> None:
+async def test_readyz_tells_strangers_only_ready_or_not(asgi: httpx.AsyncClient, emulator: Emulator) -> None:
     for headers in ({}, auth("not-the-token"), auth("nz_abcdefgh" + "A" * 43)):
-        response = httpx.get(gateway.url + "/readyz", headers=headers)
+        response = await asgi.get("/readyz", headers=headers)
         assert response.status_code == 200
         assert response.json() == {"status": "ready", "failing": []}
         assert emulator.url not in response.text
 
 
-def test_errors_speak_each_callers_dialect(gateway: GatewayProcess) -> None:
-    native = httpx.get(gateway.url + "/api/nothing-here")
+async def test_errors_speak_each_callers_dialect(asgi: httpx.AsyncClient) -> None:
+    native = await asgi.get("/api/nothing-here")
     assert native.status_code == 404
     assert native.json() == {"error": "There is no route /api/nothing-here on this gateway."}
     assert "x-request-id" in native.headers
-    openai = httpx.get(gateway.url + "/v1/nothing-here")
+    openai = await asgi.get("/v1/nothing-here")
     assert openai.status_code == 404
     assert openai.json() == {
         "error": {
@@ -73,28 +70,27 @@ def test_errors_speak_each_callers_dialect(gateway: GatewayProcess) -> None:
     }
 
 
-def test_wrong_method_is_405_with_allow(gateway: GatewayProcess) -> None:
-    response = httpx.post(gateway.url + "/healthz")
+async def test_wrong_method_is_405_with_allow(asgi: httpx.AsyncClient) -> None:
+    response = await asgi.post("/healthz")
     assert response.status_code == 405
     assert response.headers["allow"] == "GET, HEAD"
 
 
-def test_blocked_endpoint_is_403_without_a_key(gateway: GatewayProcess) -> None:
-    response = httpx.post(gateway.url + "/api/pull", json={"model": "x"})
+async def test_blocked_endpoint_is_403_without_a_key(asgi: httpx.AsyncClient) -> None:
+    response = await asgi.post("/api/pull", json={"model": "x"})
     assert response.status_code == 403
     assert "blocked" in response.json()["error"]
 
 
-def test_readyz_names_redis_when_it_is_down(gateway_env: dict[str, str]) -> None:
+async def test_readyz_names_redis_when_it_is_down(gateway_env: dict[str, str]) -> None:
     with PrivateRedis() as private:
-        env = {**gateway_env, "REDIS_URL": private.url}
-        with GatewayProcess(env) as process:
-            assert httpx.get(process.url + "/readyz").status_code == 200
+        async with in_process({**gateway_env, "REDIS_URL": private.url}) as client:
+            assert (await client.get("/readyz")).status_code == 200
             private.stop()
-            response = httpx.get(process.url + "/readyz")
+            response = await client.get("/readyz")
             assert response.status_code == 503
             assert response.json() == {"status": "not ready", "failing": ["redis"]}
-            response = httpx.get(process.url + "/readyz", headers=DETAIL)
+            response = await client.get("/readyz", headers=DETAIL)
             assert response.status_code == 503
             body = response.json()
             assert body["redis"]["ok"] is False
@@ -120,10 +116,9 @@ def test_readyz_names_postgres_and_backends_when_they_are_down(gateway_env: dict
         assert "secret-pw" not in response.text
 
 
-def test_readyz_is_503_without_backends(gateway_env: dict[str, str]) -> None:
-    env = {**gateway_env, "OLLAMA_BACKENDS": ""}
-    with GatewayProcess(env) as process:
-        response = httpx.get(process.url + "/readyz", headers=DETAIL)
+async def test_readyz_is_503_without_backends(gateway_env: dict[str, str]) -> None:
+    async with in_process({**gateway_env, "OLLAMA_BACKENDS": ""}) as client:
+        response = await client.get("/readyz", headers=DETAIL)
         assert response.status_code == 503
         assert response.json()["backends"] == {
             "ok": False,
@@ -137,24 +132,14 @@ def test_sigterm_stops_the_server_with_exit_status_zero(gateway_env: dict[str, s
     assert "Granian shutdown completed" in process.log()
 
 
-@pytest_asyncio.fixture
-async def in_process(gateway_env: dict[str, str]) -> AsyncIterator[App]:
-    """The application driven through its ASGI callable, with a real Gateway (Postgres,
-    Redis, the emulator) and no Granian: faults can be planted with monkeypatch."""
-    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
-    application = App()
-    application.attach(await Gateway.open(config.load(None, environ=gateway_env)))
-    try:
-        yield application
-    finally:
-        assert application.gateway is not None
-        await application.gateway.close()
-        # Redis.aclose leaves a pool it was given alone; a worker process exits right after.
-        redis = application.gateway.redis
-        assert isinstance(redis, Redis)
-        await redis.connection_pool.disconnect()
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
+async def test_closing_the_gateway_closes_its_redis_connections(gateway_env: dict[str, str]) -> None:
+    async with open_gateway(gateway_env) as gateway:
+        assert isinstance(gateway.redis, Redis)  # standalone, as in gateway_env
+        await gateway.redis.ping()
+        pool = gateway.redis.connection_pool
+        connections = [*pool._available_connections, *pool._in_use_connections]
+        assert connections
+    assert not any(connection.is_connected for connection in connections)
 
 
 async def _audited(admin: Admin, request_id: str) -> dict[str, object]:
@@ -166,7 +151,7 @@ async def _audited(admin: Admin, request_id: str) -> dict[str, object]:
 
 
 async def test_a_bug_before_the_answer_is_a_500_in_the_callers_dialect_logged_and_audited(
-    in_process: App, admin: Admin, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    asgi: httpx.AsyncClient, admin: Admin, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     key = await admin.key()
 
@@ -174,10 +159,8 @@ async def test_a_bug_before_the_answer_is_a_500_in_the_callers_dialect_logged_an
         raise ZeroDivisionError("planted")
 
     monkeypatch.setattr(tokens, "estimate_prompt", broken)
-    transport = httpx.ASGITransport(app=in_process)
-    async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
-        openai = await client.post("/v1/chat/completions", json={"model": "tiny", "messages": []}, headers=auth(key))
-        native = await client.post("/api/chat", json={"model": "tiny", "messages": []}, headers=auth(key))
+    openai = await asgi.post("/v1/chat/completions", json={"model": "tiny", "messages": []}, headers=auth(key))
+    native = await asgi.post("/api/chat", json={"model": "tiny", "messages": []}, headers=auth(key))
     assert openai.status_code == native.status_code == 500
     assert openai.json()["error"]["code"] == "internal_error"
     assert native.json() == {"error": "The gateway failed unexpectedly; the error is logged under this request id."}
@@ -189,7 +172,7 @@ async def test_a_bug_before_the_answer_is_a_500_in_the_callers_dialect_logged_an
 
 
 async def test_a_bug_after_the_answer_started_ends_it_with_an_error_record(
-    in_process: App, admin: Admin, monkeypatch: pytest.MonkeyPatch
+    asgi: httpx.AsyncClient, admin: Admin, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     key = await admin.key()
 
@@ -197,9 +180,7 @@ async def test_a_bug_after_the_answer_started_ends_it_with_an_error_record(
         raise ZeroDivisionError("planted")
 
     monkeypatch.setattr(relay.NdjsonRelay, "feed", broken)
-    transport = httpx.ASGITransport(app=in_process)
-    async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
-        response = await client.post("/api/generate", json={"model": "tiny", "prompt": "hi"}, headers=auth(key))
+    response = await asgi.post("/api/generate", json={"model": "tiny", "prompt": "hi"}, headers=auth(key))
     assert response.status_code == 200  # the head went out before the fault
     records = [orjson.loads(line) for line in response.content.splitlines() if line]
     assert records[-1] == {"error": "The gateway failed unexpectedly; the error is logged under this request id."}

@@ -22,6 +22,7 @@ from neuronetz import tenants
 from neuronetz.budgets import Ledger
 from neuronetz.errors import BudgetExceeded, RateLimited
 from neuronetz.limits import Limiter, Limits, Subject
+from tests.asgi import in_process
 from tests.emulator import Emulator
 from tests.support import Admin, GatewayProcess, PrivateRedis, auth
 
@@ -252,43 +253,39 @@ async def test_budgets_fail_closed_while_redis_is_down_and_recover_without_resta
     gateway_env: dict[str, str], admin: Admin, private_redis: PrivateRedis
 ) -> None:
     budgeted, free = await admin.key(daily_tokens=10_000), await admin.key(rpm=1000)
-    with GatewayProcess({**gateway_env, "REDIS_URL": private_redis.url}) as process:
-        async with httpx.AsyncClient() as client:
-            assert (await wait_until_budgets_ready(client, process.url, budgeted)).status_code == 200
-            private_redis.stop()
-            down = await client.post(process.url + "/api/generate", json=GENERATE, headers=auth(budgeted))
-            assert down.status_code == 503
-            assert "budget store is unreachable" in down.json()["error"]
-            # Without a budget, limits fail open: an outage of Redis is not an outage of the models.
-            assert (
-                await client.post(process.url + "/api/generate", json=GENERATE, headers=auth(free))
-            ).status_code == 200
-            private_redis.start()
-            back = await wait_until_budgets_ready(client, process.url, budgeted)
-            assert back.status_code == 200
+    async with in_process({**gateway_env, "REDIS_URL": private_redis.url}) as client:
+        assert (await wait_until_budgets_ready(client, "", budgeted)).status_code == 200
+        private_redis.stop()
+        down = await client.post("/api/generate", json=GENERATE, headers=auth(budgeted))
+        assert down.status_code == 503
+        assert "budget store is unreachable" in down.json()["error"]
+        # Without a budget, limits fail open: an outage of Redis is not an outage of the models.
+        assert (await client.post("/api/generate", json=GENERATE, headers=auth(free))).status_code == 200
+        private_redis.start()
+        back = await wait_until_budgets_ready(client, "", budgeted)
+        assert back.status_code == 200
 
 
 async def test_spend_survives_a_redis_restart(
     gateway_env: dict[str, str], admin: Admin, private_redis: PrivateRedis
 ) -> None:
     key = await admin.key(total_tokens=12)
-    with GatewayProcess({**gateway_env, "REDIS_URL": private_redis.url}) as process:
-        async with httpx.AsyncClient() as client:
-            await wait_until_budgets_ready(client, process.url, key)  # 2 tokens
-            body = {**GENERATE, "options": {"num_predict": 9}}
-            assert (await client.post(process.url + "/api/generate", json=body, headers=auth(key))).status_code == 200
-            refused = await client.post(process.url + "/api/generate", json=GENERATE, headers=auth(key))
-            assert refused.status_code == 429
-            await asyncio.sleep(1.2)  # let the ledger write
-            private_redis.stop()
-            private_redis.start()  # empty: every counter is gone
-            # A real loss: fail closed until the ledger's sums are back (not "a new tenant").
-            first = await client.post(process.url + "/api/generate", json=GENERATE, headers=auth(key))
-            assert first.status_code == 503
-            assert "rebuilt from the usage ledger" in first.json()["error"]
-            again = await wait_until_budgets_ready(client, process.url, key)
-            assert again.status_code == 429
-            assert again.json()["error"] == "The key's total token budget of 12 is used up."
+    async with in_process({**gateway_env, "REDIS_URL": private_redis.url}) as client:
+        await wait_until_budgets_ready(client, "", key)  # 2 tokens
+        body = {**GENERATE, "options": {"num_predict": 9}}
+        assert (await client.post("/api/generate", json=body, headers=auth(key))).status_code == 200
+        refused = await client.post("/api/generate", json=GENERATE, headers=auth(key))
+        assert refused.status_code == 429
+        await asyncio.sleep(1.2)  # let the ledger write
+        private_redis.stop()
+        private_redis.start()  # empty: every counter is gone
+        # A real loss: fail closed until the ledger's sums are back (not "a new tenant").
+        first = await client.post("/api/generate", json=GENERATE, headers=auth(key))
+        assert first.status_code == 503
+        assert "rebuilt from the usage ledger" in first.json()["error"]
+        again = await wait_until_budgets_ready(client, "", key)
+        assert again.status_code == 429
+        assert again.json()["error"] == "The key's total token budget of 12 is used up."
 
 
 # --- the limiter itself, with an injected clock ----------------------------------------------------------
@@ -526,21 +523,20 @@ async def test_budgeted_requests_succeed_at_once_after_redis_restarts_with_its_d
     gateway_env: dict[str, str], admin: Admin, private_redis: PrivateRedis
 ) -> None:
     key = await admin.key(daily_tokens=1_000_000)
-    with GatewayProcess({**gateway_env, "REDIS_URL": private_redis.url}) as process:
-        async with httpx.AsyncClient() as client:
-            assert (await wait_until_budgets_ready(client, process.url, key)).status_code == 200
-            for _ in range(5):  # several pooled connections in use
-                await asyncio.gather(*(client.post(process.url + "/api/generate", json=GENERATE,
-                                                   headers=auth(key)) for _ in range(4)))  # fmt: skip
-            redis = aioredis.Redis.from_url(private_redis.url)
-            with contextlib.suppress(redis_exceptions.ConnectionError):
-                await redis.shutdown(save=True)  # keeps its data on disk, as a persistent Redis would
-            await redis.aclose()
-            assert private_redis.process is not None
-            private_redis.process.wait(10)
-            private_redis.start()
-            started = time.monotonic()
-            answer = await client.post(process.url + "/api/generate", json=GENERATE, headers=auth(key))
-            elapsed = time.monotonic() - started
+    async with in_process({**gateway_env, "REDIS_URL": private_redis.url}) as client:
+        assert (await wait_until_budgets_ready(client, "", key)).status_code == 200
+        for _ in range(5):  # several pooled connections in use
+            await asyncio.gather(*(client.post("/api/generate", json=GENERATE,
+                                               headers=auth(key)) for _ in range(4)))  # fmt: skip
+        redis = aioredis.Redis.from_url(private_redis.url)
+        with contextlib.suppress(redis_exceptions.ConnectionError):
+            await redis.shutdown(save=True)  # keeps its data on disk, as a persistent Redis would
+        await redis.aclose()
+        assert private_redis.process is not None
+        private_redis.process.wait(10)
+        private_redis.start()
+        started = time.monotonic()
+        answer = await client.post("/api/generate", json=GENERATE, headers=auth(key))
+        elapsed = time.monotonic() - started
     assert answer.status_code == 200, answer.text
     assert elapsed < 1.0

@@ -1,4 +1,5 @@
-"""The proxy over real HTTP: routes, forwarding, streaming, usage, failures and disconnects."""
+"""The proxy: routes, forwarding, streaming, usage, failures and disconnects (in process through
+the ASGI callable where no server is needed, else over real HTTP)."""
 
 from __future__ import annotations
 
@@ -67,11 +68,10 @@ FORWARDED = [
 
 @pytest.mark.parametrize(("method", "path", "body"), FORWARDED)
 async def test_every_forwarded_route_reaches_the_backend_at_its_canonical_path(
-    gateway: GatewayProcess, emulator: Emulator, admin: Admin, method: str, path: str, body: dict[str, Any] | None
+    asgi: httpx.AsyncClient, emulator: Emulator, admin: Admin, method: str, path: str, body: dict[str, Any] | None
 ) -> None:
     key = await admin.key()
-    async with httpx.AsyncClient() as client:
-        response = await client.request(method, gateway.url + path, json=body, headers=auth(key))
+    response = await asgi.request(method, path, json=body, headers=auth(key))
     assert response.status_code == 200, response.text
     if path in ("/api/tags", "/api/ps", "/v1/models"):
         return  # aggregated by the gateway: their own test below
@@ -83,10 +83,9 @@ async def test_every_forwarded_route_reaches_the_backend_at_its_canonical_path(
                                   "/api/blobs/sha256:abc", "/API/Pull", "/api//delete/", "/api/blobs"])  # fmt: skip
 @pytest.mark.parametrize("method", ["GET", "POST", "PUT", "DELETE", "HEAD", "PATCH"])
 async def test_model_mutating_endpoints_are_403_for_every_method(
-    gateway: GatewayProcess, emulator: Emulator, path: str, method: str
+    asgi: httpx.AsyncClient, emulator: Emulator, path: str, method: str
 ) -> None:
-    async with httpx.AsyncClient() as client:
-        response = await client.request(method, gateway.url + path, content=b'{"model":"tiny"}')
+    response = await asgi.request(method, path, content=b'{"model":"tiny"}')
     assert response.status_code == 403
     if method != "HEAD":
         assert response.json() == {
@@ -99,11 +98,10 @@ async def test_model_mutating_endpoints_are_403_for_every_method(
     "path", ["/api/experimental/model-recommendations", "/v1/audio/transcriptions", "/api/signin", "/metricz"]
 )
 async def test_routes_outside_the_allow_list_are_404_and_never_forwarded(
-    gateway: GatewayProcess, emulator: Emulator, admin: Admin, path: str
+    asgi: httpx.AsyncClient, emulator: Emulator, admin: Admin, path: str
 ) -> None:
     key = await admin.key()
-    async with httpx.AsyncClient() as client:
-        response = await client.post(gateway.url + path, json={"model": "tiny"}, headers=auth(key))
+    response = await asgi.post(path, json={"model": "tiny"}, headers=auth(key))
     assert response.status_code == 404
     assert forwarded(emulator) == []
 
@@ -171,7 +169,7 @@ def test_no_encoding_of_a_blocked_path_reaches_the_backend(
 
 
 async def test_headers_are_rebuilt_for_the_backend(gateway: GatewayProcess, emulator: Emulator, admin: Admin) -> None:
-    emulator.configure(loopback=True)  # Ollama on loopback refuses foreign Host headers (ollama-api.md §6)
+    emulator.configure(loopback=True)  # Ollama on loopback refuses foreign Host headers (docs/ollama.md §6)
     key = await admin.key()
     headers = {
         **auth(key),
@@ -196,23 +194,21 @@ async def test_headers_are_rebuilt_for_the_backend(gateway: GatewayProcess, emul
     assert seen.body == raw  # forwarded unchanged: nothing needed rewriting
 
 
-async def test_model_lists_are_filtered_by_the_allow_list(gateway: GatewayProcess, admin: Admin) -> None:
+async def test_model_lists_are_filtered_by_the_allow_list(asgi: httpx.AsyncClient, admin: Admin) -> None:
     key = await admin.key(models=("tiny", "qwen3"))
-    async with httpx.AsyncClient() as client:
-        tags = await client.get(gateway.url + "/api/tags", headers=auth(key))
-        models = await client.get(gateway.url + "/v1/models", headers=auth(key))
-        hidden = await client.get(gateway.url + "/v1/models/llava", headers=auth(key))
-        shown = await client.post(gateway.url + "/api/show", json={"model": "llava"}, headers=auth(key))
+    tags = await asgi.get("/api/tags", headers=auth(key))
+    models = await asgi.get("/v1/models", headers=auth(key))
+    hidden = await asgi.get("/v1/models/llava", headers=auth(key))
+    shown = await asgi.post("/api/show", json={"model": "llava"}, headers=auth(key))
     assert sorted(m["name"] for m in tags.json()["models"]) == ["qwen3:latest", "tiny:latest"]
     assert sorted(m["id"] for m in models.json()["data"]) == ["qwen3:latest", "tiny:latest"]
     assert hidden.status_code == shown.status_code == 403
 
 
-async def test_a_key_allowed_no_listed_model_sees_the_empty_shapes(gateway: GatewayProcess, admin: Admin) -> None:
+async def test_a_key_allowed_no_listed_model_sees_the_empty_shapes(asgi: httpx.AsyncClient, admin: Admin) -> None:
     key = await admin.key(models=("not-installed",))
-    async with httpx.AsyncClient() as client:
-        tags = await client.get(gateway.url + "/api/tags", headers=auth(key))
-        models = await client.get(gateway.url + "/v1/models", headers=auth(key))
+    tags = await asgi.get("/api/tags", headers=auth(key))
+    models = await asgi.get("/v1/models", headers=auth(key))
     assert tags.json() == {"models": []}
     assert models.json() == {"object": "list", "data": None}  # Ollama's own empty answer
 
@@ -246,10 +242,9 @@ async def test_tokens_stream_through_at_the_backends_pace(
     assert sum(gap > 0.03 for gap in gaps) >= 0.8 * len(gaps), gaps
 
 
-async def test_a_non_streaming_answer_passes_through_whole(gateway: GatewayProcess, admin: Admin) -> None:
+async def test_a_non_streaming_answer_passes_through_whole(asgi: httpx.AsyncClient, admin: Admin) -> None:
     key = await admin.key()
-    async with httpx.AsyncClient() as client:
-        response = await client.post(gateway.url + "/api/chat", json={**CHAT, "stream": False}, headers=auth(key))
+    response = await asgi.post("/api/chat", json={**CHAT, "stream": False}, headers=auth(key))
     body = response.json()
     assert response.headers["content-type"].startswith("application/json")
     assert int(response.headers["content-length"]) == len(response.content)
@@ -260,12 +255,11 @@ async def test_a_non_streaming_answer_passes_through_whole(gateway: GatewayProce
 # --- usage -------------------------------------------------------------------------------------------------
 
 
-async def test_native_usage_is_taken_from_the_final_chunk(gateway: GatewayProcess, admin: Admin) -> None:
+async def test_native_usage_is_taken_from_the_final_chunk(asgi: httpx.AsyncClient, admin: Admin) -> None:
     key = await admin.key()
     request_id, headers = traced(key)
     body = {"model": "tiny", "prompt": "one two three four", "options": {"num_predict": 4}}
-    async with httpx.AsyncClient() as client:
-        lines = (await client.post(gateway.url + "/api/generate", json=body, headers=headers)).text.splitlines()
+    lines = (await asgi.post("/api/generate", json=body, headers=headers)).text.splitlines()
     final = orjson.loads(lines[-1])
     row = await audit_row(admin, request_id)
     assert (row["prompt_tokens"], row["completion_tokens"]) == (final["prompt_eval_count"], final["eval_count"])
@@ -274,13 +268,12 @@ async def test_native_usage_is_taken_from_the_final_chunk(gateway: GatewayProces
 
 
 async def test_openai_streams_are_accounted_without_showing_unasked_usage(
-    gateway: GatewayProcess, emulator: Emulator, admin: Admin
+    asgi: httpx.AsyncClient, emulator: Emulator, admin: Admin
 ) -> None:
     key = await admin.key()
     request_id, headers = traced(key)
     body = {**CHAT, "stream": True}
-    async with httpx.AsyncClient() as client:
-        text = (await client.post(gateway.url + "/v1/chat/completions", json=body, headers=headers)).text
+    text = (await asgi.post("/v1/chat/completions", json=body, headers=headers)).text
     events = [e.removeprefix("data: ") for e in text.split("\n\n") if e]
     assert events[-1] == "[DONE]"
     assert all('"usage"' not in e for e in events)  # the client did not ask for usage
@@ -289,22 +282,20 @@ async def test_openai_streams_are_accounted_without_showing_unasked_usage(
     assert (row["prompt_tokens"], row["completion_tokens"]) == (count_prompt_tokens("/v1/chat/completions", body), 10)
 
 
-async def test_openai_streams_keep_usage_the_client_asked_for(gateway: GatewayProcess, admin: Admin) -> None:
+async def test_openai_streams_keep_usage_the_client_asked_for(asgi: httpx.AsyncClient, admin: Admin) -> None:
     key = await admin.key()
     body = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
-    async with httpx.AsyncClient() as client:
-        text = (await client.post(gateway.url + "/v1/chat/completions", json=body, headers=auth(key))).text
+    text = (await asgi.post("/v1/chat/completions", json=body, headers=auth(key))).text
     events = [orjson.loads(e.removeprefix("data: ")) for e in text.split("\n\n") if e and "[DONE]" not in e]
     assert events[-1]["choices"] == []
     assert events[-1]["usage"]["completion_tokens"] == 10
 
 
-async def test_completions_streams_lose_the_zero_usage_of_each_event(gateway: GatewayProcess, admin: Admin) -> None:
+async def test_completions_streams_lose_the_zero_usage_of_each_event(asgi: httpx.AsyncClient, admin: Admin) -> None:
     key = await admin.key()
     request_id, headers = traced(key)
     body = {"model": "tiny", "prompt": "a b c", "stream": True, "max_tokens": 3}
-    async with httpx.AsyncClient() as client:
-        text = (await client.post(gateway.url + "/v1/completions", json=body, headers=headers)).text
+    text = (await asgi.post("/v1/completions", json=body, headers=headers)).text
     assert '"usage"' not in text
     row = await audit_row(admin, request_id)
     assert (row["prompt_tokens"], row["completion_tokens"]) == (3, 3)
@@ -313,12 +304,10 @@ async def test_completions_streams_lose_the_zero_usage_of_each_event(gateway: Ga
 # --- failures ---------------------------------------------------------------------------------------------
 
 
-async def test_backend_errors_before_the_answer_pass_through(gateway: GatewayProcess, admin: Admin) -> None:
+async def test_backend_errors_before_the_answer_pass_through(asgi: httpx.AsyncClient, admin: Admin) -> None:
     key = await admin.key()
-    async with httpx.AsyncClient() as client:
-        native = await client.post(gateway.url + "/api/chat", json={**CHAT, "model": "nope"}, headers=auth(key))
-        openai = await client.post(gateway.url + "/v1/chat/completions", json={**CHAT, "model": "nope"},
-                                   headers=auth(key))  # fmt: skip
+    native = await asgi.post("/api/chat", json={**CHAT, "model": "nope"}, headers=auth(key))
+    openai = await asgi.post("/v1/chat/completions", json={**CHAT, "model": "nope"}, headers=auth(key))
     assert native.status_code == openai.status_code == 404
     assert native.json() == {"error": "model 'nope' not found"}
     assert openai.json()["error"]["type"] == "not_found_error"
@@ -344,7 +333,7 @@ async def test_a_native_error_line_mid_stream_is_passed_on(
 async def test_openai_streams_that_break_end_with_an_error_event(
     gateway: GatewayProcess, emulator: Emulator, admin: Admin, kind: str
 ) -> None:
-    emulator.inject(kind, after_tokens=2)  # "error" on /v1 is Ollama's silent truncation (ollama-api.md §4)
+    emulator.inject(kind, after_tokens=2)  # "error" on /v1 is Ollama's silent truncation (docs/ollama.md §4)
     key = await admin.key()
     async with httpx.AsyncClient() as client:
         text = (await client.post(gateway.url + "/v1/chat/completions", json={**CHAT, "stream": True},
@@ -421,10 +410,9 @@ async def test_bodies_over_the_limit_are_413(gateway_env: dict[str, str], admin:
         (b"", "The request body is empty"),
     ],
 )
-async def test_malformed_bodies_are_400(gateway: GatewayProcess, admin: Admin, body: bytes, message: str) -> None:
+async def test_malformed_bodies_are_400(asgi: httpx.AsyncClient, admin: Admin, body: bytes, message: str) -> None:
     key = await admin.key()
-    async with httpx.AsyncClient() as client:
-        response = await client.post(gateway.url + "/api/chat", content=body, headers=auth(key))
+    response = await asgi.post("/api/chat", content=body, headers=auth(key))
     assert response.status_code == 400
     assert response.json()["error"].startswith(message)
 

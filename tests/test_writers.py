@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import itertools
 import logging
 import secrets
 import time
@@ -153,6 +154,27 @@ async def test_a_failing_background_task_is_logged_restarted_and_counted(caplog:
     failures = [r for r in caplog.records if r.name == "neuronetz.tasks"]
     assert len(failures) == 2
     assert all(r.exc_info for r in failures)
+
+
+async def test_a_periodic_step_runs_again_after_each_interval() -> None:
+    calls: list[float] = []
+    third = asyncio.Event()
+
+    async def step() -> None:
+        calls.append(time.monotonic())
+        if len(calls) == 3:
+            third.set()
+
+    supervisor = tasks.Supervisor()
+    started = time.monotonic()
+    supervisor.every("test.periodic", 0.05, step)
+    try:
+        await asyncio.wait_for(third.wait(), 10)
+    finally:
+        await supervisor.stop()
+    # the first run waits one interval too (the loop's clock may round a little: 0.04)
+    assert calls[0] - started >= 0.04
+    assert all(later - earlier >= 0.04 for earlier, later in itertools.pairwise(calls))
 
 
 def test_an_outage_warning_is_logged_once_then_with_a_count(caplog: pytest.LogCaptureFixture) -> None:

@@ -1,6 +1,6 @@
 """Benchmark: what each httpx transport costs per request against a local Ollama stand-in.
 
-    /tmp/v1/bin/python tests/bench/bench_upstream.py [--requests 3000] [--seconds 3] [--repeat 3]
+    python3 build.py bench upstream         (or: .venv/bin/python tests/bench/bench_upstream.py --help)
 
 The upstream is a tiny asyncio server in a separate process that answers every request with
 a ~1.4 KB JSON body, like a non-streaming `POST /api/chat`, on keep-alive connections. When

@@ -3,7 +3,7 @@ tiny models.
 
 Where the server comes from, first match wins:
 
-1. ``<repository>/../shared/ollama/`` holding ``ollama-*-linux-amd64.xz`` (CI): the binary is
+1. a ``shared/ollama/`` folder beside the repository holding ``ollama-*-linux-amd64.xz`` (CI): the binary is
    unpacked once into ``.build/ollama-<checksum>/`` and started here.
 2. An ``ollama`` on PATH: started here the same way (a private port, a private model store).
 3. ``NEURONETZ_TEST_OLLAMA_URL``: an Ollama someone else runs; it is used as it is, and the tiny

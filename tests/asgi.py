@@ -1,0 +1,110 @@
+"""The fast tier: the gateway in the test process, driven through its ASGI callable.
+
+No Granian and no sockets between the test and the application, but everything behind it is
+real: `open_gateway` builds the same `Gateway` a worker builds (Postgres, Redis, the backends,
+the background tasks). `ASGITransport` plugs the application into an `httpx.AsyncClient`, so a
+test reads the same as one against a `GatewayProcess`. Like Starlette's TestClient it builds
+the scope, feeds the request body through `receive` and collects what the application sends;
+after the answer, `receive` reports the client gone, as a server does.
+
+Use it for what does not depend on the server in front of the application: routing, errors
+and their dialects, authentication, limits, model checks. Framing, timeouts, disconnects and
+signals need a real server (tests/support.py's GatewayProcess).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+from urllib.parse import unquote
+
+import httpx
+
+from neuronetz import config
+from neuronetz.app import App
+from neuronetz.gateway import Gateway
+
+
+@asynccontextmanager
+async def open_gateway(environ: Mapping[str, str]) -> AsyncIterator[Gateway]:
+    """A started Gateway for `environ`, closed at the end; the signal handlers it installs
+    (to drain on SIGTERM) are put back, so they never outlive the test."""
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        gateway = await Gateway.open(config.load(None, environ=dict(environ)))
+        try:
+            yield gateway
+        finally:
+            await gateway.close()
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
+@asynccontextmanager
+async def in_process(environ: Mapping[str, str]) -> AsyncIterator[httpx.AsyncClient]:
+    """An httpx client whose requests go straight into an App serving a Gateway for `environ`."""
+    async with open_gateway(environ) as gateway:
+        application = App()
+        application.attach(gateway)
+        transport = ASGITransport(application)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+            yield client
+
+
+class ASGITransport(httpx.AsyncBaseTransport):
+    """Send each request to `app` as one ASGI `http` call; the answer is collected whole."""
+
+    def __init__(self, app: Any, client: tuple[str, int] = ("127.0.0.1", 50000)) -> None:
+        self.app = app
+        self.client = client
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        body = await request.aread()
+        raw_path = request.url.raw_path.split(b"?", 1)[0]
+        scope: dict[str, Any] = {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "http_version": "1.1",
+            "method": request.method,
+            "scheme": request.url.scheme,
+            "path": unquote(raw_path.decode("ascii")),
+            "raw_path": raw_path,
+            "query_string": request.url.query,
+            "root_path": "",
+            "headers": [(name.lower(), value) for name, value in request.headers.raw],
+            "client": self.client,
+            "server": ("gateway", 80),
+        }
+        answered = asyncio.Event()
+        body_sent = False
+        start: dict[str, Any] = {}
+        chunks: list[bytes] = []
+
+        async def receive() -> dict[str, Any]:
+            nonlocal body_sent
+            if not body_sent:
+                body_sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await answered.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                assert not start, "the response started twice"
+                start.update(message)
+            elif message["type"] == "http.response.body":
+                assert start, "a body before the response started"
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    answered.set()
+
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            answered.set()
+        assert start, "the application answered nothing"
+        return httpx.Response(start["status"], headers=start.get("headers", []), content=b"".join(chunks))
