@@ -239,7 +239,12 @@ class BackendPool:
             async with asyncio.timeout(CHECK_TIMEOUT):
                 version = await self._json(backend.url + "/api/version", CHECK_HEADERS)
                 listing = _entries(await self._json(backend.url + "/api/tags", CHECK_HEADERS), "models")
-                running = _entries(await self._json(backend.url + "/api/ps", CHECK_HEADERS), "models")
+                try:
+                    running: list[dict[str, Any]] | None = _entries(
+                        await self._json(backend.url + "/api/ps", CHECK_HEADERS), "models"
+                    )
+                except FETCH_ERRORS:  # /api/ps only informs warm-before-cold: a backend without it still serves
+                    running = None
         except FETCH_ERRORS as exc:
             backend.check_failures += 1
             backend.error = failure_reason(exc)
@@ -255,7 +260,8 @@ class BackendPool:
         backend.error = None
         backend.version = str(version.get("version") or "") or None
         backend.models = frozenset(models.normalize(str(m.get("name", ""))) for m in listing)
-        backend.loaded = frozenset(models.normalize(str(m.get("name") or m.get("model") or "")) for m in running)
+        if running is not None:
+            backend.loaded = frozenset(models.normalize(str(m.get("name") or m.get("model") or "")) for m in running)
 
     async def refresh(self) -> None:
         """Check every backend now; concurrent callers share one refresh."""

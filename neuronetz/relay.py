@@ -266,6 +266,10 @@ class BodyRelay:
             read_counters(record["usage"], "prompt_tokens", "completion_tokens", outcome)
         elif "prompt_eval_count" in record or "eval_count" in record:
             read_counters(record, "prompt_eval_count", "eval_count", outcome)
+        elif record.get("done") is False:
+            # Ollama cut a generation short (a runner that fell into repeating itself) and sent
+            # what it had without counts: the work was done all the same, so it is charged by size.
+            outcome.invalid = "The backend's answer ended unfinished, without token counts."
         if outcome.text is not None:
             text = _answer_text(record)
             if text:

@@ -1,7 +1,7 @@
 """A deliberately broken Ollama for the tests: a raw asyncio HTTP/1.1 server on its own thread
 whose answers to model requests are whatever bytes a test scripts, however wrong.
 
-It answers `/api/version` and `/api/tags` (the gateway's health checks; the model list can be
+It answers `/api/version`, `/api/tags` and `/api/ps` (the gateway's health checks; the model list can be
 scripted too) and every other request with `answer(path, body)`, written as the given status
 line, headers and body chunks, framed by closing the connection (RFC 9112 §6.3 item 8), so
 no length or chunk framing gets in the way of what is being tested.
@@ -78,6 +78,8 @@ class BrokenBackend:
                 answer = Answer(chunks=[b'{"version":"0.12.0"}'])
             elif path == "/api/tags":
                 answer = Answer(chunks=self.tags())
+            elif path == "/api/ps":  # the health checks' loaded-models probe: nothing loaded
+                answer = Answer(chunks=[b'{"models":[]}'])
             else:
                 body = orjson.loads(raw) if raw else {}
                 self.bodies.append(body)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import math
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -18,7 +19,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from neuronetz.relay import NdjsonRelay, Outcome, RecordTooLong, SseRelay
+from neuronetz.relay import BodyRelay, NdjsonRelay, Outcome, RecordTooLong, SseRelay
 from neuronetz.tokens import MAX_TOKENS
 from tests.broken_backend import Answer, BrokenBackend, default_tags, native_chunk, native_done
 from tests.emulator import Emulator
@@ -430,3 +431,15 @@ async def test_concurrent_uncapped_requests_stay_within_the_budget(
     assert {a.status_code for a in answers} <= {200, 429}
     assert 5 + 1 + sum(served) <= 200  # the estimate is exact here (a word is a token, 4 bytes each)
     await ledger_settles(admin, key, 5 + 1 + sum(served))
+
+
+def test_a_whole_answer_cut_short_without_counts_is_charged_by_its_size() -> None:
+    """Ollama ends a runner that keeps repeating itself early and sends a whole answer with
+    `done: false` and no counters (seen on v0.24 with the tiny test model at temperature 0)."""
+    outcome = Outcome()
+    relay = BodyRelay(outcome, False, max_record=1 << 20)
+    body = b'{"model":"tiny","response":"' + b"q" * 400 + b'","done":false}'
+    assert relay.feed(body) == body
+    relay.close()
+    assert outcome.invalid is not None
+    assert (outcome.usage.exact, outcome.usage.completion_tokens) == (False, math.ceil(len(body) / 4))

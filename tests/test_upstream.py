@@ -1007,6 +1007,8 @@ async def hostile(server: Upstream, reader: asyncio.StreamReader, writer: asynci
             writer.write(reply(b'{"version":"0.5.0"}'))
         elif path == b"/api/tags":
             writer.write(reply(orjson.dumps({"models": [{"name": f"{model}:latest"} for model in HOSTILE]})))
+        elif path == b"/api/ps":
+            writer.write(reply(b'{"models":[]}'))
         else:
             model = orjson.loads(request.body)["model"]
             writer.write(HOSTILE[model])
