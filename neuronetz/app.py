@@ -349,7 +349,10 @@ class App:
                 slot = await gateway.slots.acquire(_key(request), model, frozenset(tried)) if queued else None
                 if slot is not None:
                     exchange.queue_wait_ms = (exchange.queue_wait_ms or 0.0) + slot.waited * 1000
-                    request.response_headers.append((b"x-queue-wait-ms", str(round(exchange.queue_wait_ms)).encode()))
+                    headers = request.response_headers
+                    # After a failover the request waited again: one header, with the total wait.
+                    headers[:] = [header for header in headers if header[0] != b"x-queue-wait-ms"]
+                    headers.append((b"x-queue-wait-ms", str(round(exchange.queue_wait_ms)).encode()))
                 try:
                     backend = (
                         slot.backend if slot is not None else await gateway.backends.choose(model, frozenset(tried))
