@@ -79,10 +79,13 @@ async def test_a_sigkilled_worker_loses_no_finished_request(
                     "SELECT sum(requests) AS requests, sum(prompt_tokens + completion_tokens) AS tokens "
                     "FROM usage_daily u JOIN api_keys k ON k.id = u.key_id WHERE k.prefix = $1", key[:11],
                 )  # fmt: skip
-                if audited >= 61 and ledger is not None and (ledger["requests"] or 0) >= 61:
+                # The takeover's log line comes after the handed-on records, which the survivor's
+                # writers may already have flushed: wait for all three.
+                survivor_log = survivor.log()
+                took_over = "took over a dead worker's journal" in survivor_log
+                if took_over and audited >= 61 and ledger is not None and (ledger["requests"] or 0) >= 61:
                     break
                 await asyncio.sleep(0.25)
-            survivor_log = survivor.log()
     assert audited == 61
     assert ledger is not None
     assert (ledger["requests"], ledger["tokens"]) == (61, tokens)
