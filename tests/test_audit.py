@@ -161,7 +161,7 @@ async def test_sigterm_with_80_requests_in_flight_writes_80_records(
             answers = await asyncio.gather(*requests)
             assert await stopping == 0
     assert [a.status_code for a in answers] == [200] * 80
-    rows = await rows_for(admin, "key_prefix", key[:11], 80, wait=2)
+    rows = await rows_for(admin, "key_prefix", key[:11], 80, wait=10)
     assert len(rows) == 80
     assert all(r["completion_tokens"] == 10 for r in rows)
 

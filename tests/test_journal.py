@@ -51,7 +51,7 @@ async def test_a_sigkilled_worker_loses_no_finished_request(
     postgres = urlsplit(gateway_env["DATABASE_URL"])
     with TcpProxy(postgres.port or 5432) as proxy:
         cut_env = {**gateway_env, "DATABASE_URL": postgres._replace(netloc=f"127.0.0.1:{proxy.port}").geturl()}
-        with GatewayProcess(cut_env) as victim, GatewayProcess(gateway_env) as survivor:
+        with GatewayProcess(cut_env) as victim, GatewayProcess(gateway_env):
             async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=50)) as client:
 
                 async def chat(i: int) -> httpx.Response:
@@ -79,15 +79,11 @@ async def test_a_sigkilled_worker_loses_no_finished_request(
                     "SELECT sum(requests) AS requests, sum(prompt_tokens + completion_tokens) AS tokens "
                     "FROM usage_daily u JOIN api_keys k ON k.id = u.key_id WHERE k.prefix = $1", key[:11],
                 )  # fmt: skip
-                # The takeover's log line comes after the handed-on records, which the taker's
-                # writers may already have flushed: wait for all three. The taker is the other
-                # replica or the worker Granian starts in the dead one's place, whichever looks first.
-                logs = survivor.log() + victim.log()
-                took_over = "took over a dead worker's journal" in logs
-                if took_over and audited >= 61 and ledger is not None and (ledger["requests"] or 0) >= 61:
+                # Written by whichever worker takes the dead one's journal over: the other replica
+                # or the worker Granian starts in its place.
+                if audited >= 61 and ledger is not None and (ledger["requests"] or 0) >= 61:
                     break
                 await asyncio.sleep(0.25)
     assert audited == 61
     assert ledger is not None
     assert (ledger["requests"], ledger["tokens"]) == (61, tokens)
-    assert "took over a dead worker's journal" in logs
