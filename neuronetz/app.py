@@ -42,6 +42,9 @@ GET_ONLY = frozenset({"GET"})
 POST = frozenset({"POST"})
 PROMETHEUS = b"text/plain; version=0.0.4; charset=utf-8"
 WATCH_AFTER = 0.05  # seconds into a forwarded request before its disconnect watcher starts
+# How long a stopping worker waits for requests to finish before closing its writers. Streams
+# still running then were cut by the drain (gateway.py); what is left is their bookkeeping.
+REQUESTS_PATIENCE = 5.0
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,7 @@ ENDPOINTS = {
 class App:
     def __init__(self) -> None:
         self.gateway: Gateway | None = None
+        self.requests: set[asyncio.Task[Any]] = set()  # being handled: a stop waits for them
         self.readers = BodyReaders(1, 1.0)  # replaced by the configured bounds in `attach`
         routes = [
             Route("/", GET, self.root, public=True),
@@ -105,7 +109,14 @@ class App:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            await self.handle(scope, receive, send)
+            task = asyncio.current_task()
+            if task is None:  # Granian runs every request in a task; this is a bug if reached
+                raise RuntimeError("an ASGI call must run inside a task")
+            self.requests.add(task)
+            try:
+                await self.handle(scope, receive, send)
+            finally:
+                self.requests.discard(task)
         elif scope["type"] == "lifespan":
             await self.lifespan(receive, send)
 
@@ -119,11 +130,24 @@ class App:
         self.attach(gateway)
         log.info("worker started", extra={"fields": {"backends": list(gateway.backends.urls)}})
         await send({"type": "lifespan.startup.complete"})
-        await receive()  # lifespan.shutdown: Granian sends it once in-flight requests are done
+        await receive()  # lifespan.shutdown: Granian sends it once its connections are closed
         log.info("worker stopping")
+        await self.finish_requests(REQUESTS_PATIENCE)
         await gateway.close()
         log.info("worker stopped")
         await send({"type": "lifespan.shutdown.complete"})
+
+    async def finish_requests(self, patience: float) -> None:
+        """Wait for the requests still being handled. A connection is closed once the last byte
+        of its answer is sent, which can be before the request's coroutine has settled its
+        usage and handed over its audit record; closing the writers first would lose both."""
+        pending = [task for task in self.requests if not task.done()]
+        if not pending:
+            return
+        log.info("waiting for requests to finish", extra={"fields": {"requests": len(pending)}})
+        _, left = await asyncio.wait(pending, timeout=patience)
+        if left:
+            log.error("requests unfinished at shutdown", extra={"fields": {"requests": len(left)}})
 
     def attach(self, gateway: Gateway) -> None:
         """Serve with `gateway` (the lifespan's, or a test's)."""
@@ -324,7 +348,7 @@ class App:
         left earlier is still noticed at once when it starts, well within 100 ms."""
         gateway = self._gateway()
         task = asyncio.current_task()
-        if task is None:  # Granian runs every request in a task; this is a bug if reached
+        if task is None:  # handled in __call__: never reached
             raise RuntimeError("_forward must run inside a task")
         disconnected = False
         watcher: asyncio.Task[None] | None = None

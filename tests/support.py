@@ -21,7 +21,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,15 @@ def http_status(url: str, timeout: float = 2.0) -> int | None:
         return exc.code
     except (urllib.error.URLError, OSError):
         return None
+
+
+async def wait_until(condition: Callable[[], bool], within: float, what: str = "the condition") -> None:
+    """Poll `condition` until it holds; fail after `within` seconds (a deadline, never a fixed sleep)."""
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within} s waiting for {what}")
+        await asyncio.sleep(0.02)
 
 
 def wait_for(

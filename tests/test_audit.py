@@ -16,8 +16,10 @@ import orjson
 import pytest
 
 from neuronetz import audit
+from neuronetz.app import App
+from tests.asgi import ASGITransport
 from tests.emulator import Emulator
-from tests.support import METRICS_TOKEN, ROOT, Admin, GatewayProcess, TcpProxy, auth, metric
+from tests.support import METRICS_TOKEN, ROOT, Admin, GatewayProcess, TcpProxy, auth, metric, wait_until
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "a secret recipe"}], "stream": False}
 
@@ -160,10 +162,47 @@ async def test_sigterm_with_80_requests_in_flight_writes_80_records(
             stopping = asyncio.create_task(asyncio.to_thread(process.stop))
             answers = await asyncio.gather(*requests)
             assert await stopping == 0
+            log = process.log()
     assert [a.status_code for a in answers] == [200] * 80
     rows = await rows_for(admin, "key_prefix", key[:11], 80, wait=10)
-    assert len(rows) == 80
+    assert len(rows) == 80, log
     assert all(r["completion_tokens"] == 10 for r in rows)
+
+
+async def test_a_stop_signalled_while_a_request_runs_still_gets_its_record(
+    gateway_env: dict[str, str], emulator: Emulator, admin: Admin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Granian starts the lifespan shutdown once the connections are closed, which can come
+    before a request's coroutine has handed over its record; here it comes even earlier."""
+    emulator.configure(token_delay_ms=100, tokens=5)
+    key = await admin.key()
+    for name, value in gateway_env.items():
+        monkeypatch.setenv(name, value)
+    application = App()
+    events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await events.put({"type": "lifespan.startup"})
+    lifespan = asyncio.create_task(application({"type": "lifespan"}, events.get, send))
+    try:
+        await wait_until(lambda: application.gateway is not None or lifespan.done(), 30, "the startup")
+        assert application.gateway is not None, sent
+        async with httpx.AsyncClient(transport=ASGITransport(application), base_url="http://gateway") as client:
+            answer = asyncio.create_task(client.post("/api/chat", json=CHAT, headers=auth(key)))
+            await wait_until(lambda: emulator.stats().in_flight == 1, 30, "the request at the backend")
+            await events.put({"type": "lifespan.shutdown"})
+            assert (await answer).status_code == 200
+            await asyncio.wait_for(lifespan, 30)
+    finally:
+        if not lifespan.done():
+            await events.put({"type": "lifespan.shutdown"})
+            await asyncio.wait_for(lifespan, 30)
+    assert sent[-1] == {"type": "lifespan.shutdown.complete"}
+    rows = await rows_for(admin, "key_prefix", key[:11], 1, wait=0)
+    assert [r["completion_tokens"] for r in rows] == [5]
 
 
 async def test_records_survive_a_postgres_outage(gateway_env: dict[str, str], admin: Admin) -> None:
