@@ -586,13 +586,14 @@ def settings_documents() -> dict[Path, str]:
     for variable in config.VARIABLES:
         if variable.section:
             env.append(f"\n# --- {variable.section} ".ljust(93, "-") + "\n")
-        plain = variable.doc.replace("**", "")
+        doc = variable.doc + (f" Formerly `{variable.former}`, still read." if variable.former else "")
+        plain = doc.replace("**", "")
         env.append(textwrap.fill(plain, 96, initial_indent="# ", subsequent_indent="# ", break_on_hyphens=False))
         env.append(f"\n{variable.name}={variable.default}\n")
         shown = f"`{variable.default}`" if variable.default else "empty"
         if variable.name.endswith("_BYTES") and int(variable.default) % (1 << 20) == 0:
             shown += f" ({int(variable.default) >> 20} MiB)"
-        rows.append(f"| `{variable.name}` | {shown} | {variable.doc} |")
+        rows.append(f"| `{variable.name}` | {shown} | {doc} |")
     env.append(ENV_EXAMPLE_TAIL)
     readme = (ROOT / "README.md").read_text()
     before, rest = readme.split(SETTINGS_BEGIN, 1)

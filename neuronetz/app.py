@@ -1,7 +1,7 @@
 """Composition root: the ASGI application, its lifespan and the request pipeline.
 
 Granian imports `neuronetz.app:app` in every worker process. The lifespan opens one
-`Gateway` (gateway.py) per worker. Every HTTP request runs through `App.handle`, and model
+`Worker` (worker.py) per worker. Every HTTP request runs through `App.handle`, and model
 requests continue in `App.inference`; read together, top to bottom:
 
     normalise the path → block model-mutating endpoints → route → authenticate →
@@ -26,15 +26,15 @@ from urllib.parse import quote
 
 import orjson
 
-from neuronetz import audit, config, dialects, logs, metrics, models, proxy, tokens
+from neuronetz import audit, config, dialects, llm_tokens, logs, metrics, models, proxy
 from neuronetz.auth import KeyRecord, bearer_token
 from neuronetz.backends import Backend
 from neuronetz.errors import ANTHROPIC, BadGateway, BadRequest, Forbidden, GatewayError, NotFound, ServiceUnavailable
-from neuronetz.gateway import Gateway
 from neuronetz.http import BodyReaders, Request, client_address, parse_json, send_bytes, send_error, send_json
 from neuronetz.proxy import BackendUnreachable, Exchange
 from neuronetz.router import Route, Router, is_account, is_blocked, normalize_path
 from neuronetz.types import Receive, Scope, Send
+from neuronetz.worker import Worker
 
 log = logging.getLogger("neuronetz.app")
 GET = frozenset({"GET", "HEAD"})
@@ -43,15 +43,15 @@ POST = frozenset({"POST"})
 PROMETHEUS = b"text/plain; version=0.0.4; charset=utf-8"
 WATCH_AFTER = 0.05  # seconds into a forwarded request before its disconnect watcher starts
 # How long a stopping worker waits for requests to finish before closing its writers. Streams
-# still running then were cut by the drain (gateway.py); what is left is their bookkeeping.
+# still running then were cut by the drain (worker.py); what is left is their bookkeeping.
 REQUESTS_PATIENCE = 5.0
 
 
 @dataclass(frozen=True)
 class Endpoint:
-    """A forwarded route: where it goes upstream and how its answer is read."""
+    """A forwarded route: where it goes on the backend and how its answer is read."""
 
-    upstream: str  # the canonical path sent to the backend
+    backend_path: str  # the canonical path sent to the backend
     kind: str  # "inference", "show", "listing" or "info"
     methods: frozenset[str] = POST
     stream_default: bool = False  # native generation streams unless told otherwise
@@ -90,7 +90,7 @@ ENDPOINTS = {
 
 class App:
     def __init__(self) -> None:
-        self.gateway: Gateway | None = None
+        self.worker: Worker | None = None
         self.requests: set[asyncio.Task[Any]] = set()  # being handled: a stop waits for them
         self.readers = BodyReaders(1, 1.0)  # replaced by the configured bounds in `attach`
         routes = [
@@ -123,17 +123,17 @@ class App:
     async def lifespan(self, receive: Receive, send: Send) -> None:
         await receive()  # lifespan.startup
         try:
-            gateway = await Gateway.open(config.load(config.resolve_env_file(None)))
+            worker = await Worker.open(config.load(config.resolve_env_file(None)))
         except Exception as exc:
             await send({"type": "lifespan.startup.failed", "message": f"neuronetz could not start: {exc}"})
             return
-        self.attach(gateway)
-        log.info("worker started", extra={"fields": {"backends": list(gateway.backends.urls)}})
+        self.attach(worker)
+        log.info("worker started", extra={"fields": {"backends": list(worker.backends.urls)}})
         await send({"type": "lifespan.startup.complete"})
         await receive()  # lifespan.shutdown: Granian sends it once its connections are closed
         log.info("worker stopping")
         await self.finish_requests(REQUESTS_PATIENCE)
-        await gateway.close()
+        await worker.close()
         log.info("worker stopped")
         await send({"type": "lifespan.shutdown.complete"})
 
@@ -149,15 +149,15 @@ class App:
         if left:
             log.error("requests unfinished at shutdown", extra={"fields": {"requests": len(left)}})
 
-    def attach(self, gateway: Gateway) -> None:
-        """Serve with `gateway` (the lifespan's, or a test's)."""
-        self.gateway = gateway
-        self.readers = BodyReaders(gateway.settings.max_body_readers, gateway.settings.body_timeout)
+    def attach(self, worker: Worker) -> None:
+        """Serve with `worker` (the lifespan's, or a test's)."""
+        self.worker = worker
+        self.readers = BodyReaders(worker.settings.max_body_readers, worker.settings.body_timeout)
 
-    def _gateway(self) -> Gateway:
-        if self.gateway is None:
+    def _worker(self) -> Worker:
+        if self.worker is None:
             raise ServiceUnavailable("The gateway is still starting.", retry_after=1)
-        return self.gateway
+        return self.worker
 
     # --- the pipeline -------------------------------------------------------------------------
 
@@ -186,14 +186,14 @@ class App:
                 )
             route, request.param = self.router.resolve(path, request.method)
             if not route.public:
-                gateway = self._gateway()
+                worker = self._worker()
                 request.client = client_address(
-                    request.client, request.headers.get(b"x-forwarded-for"), gateway.settings.trusted_proxies
+                    request.client, request.headers.get(b"x-forwarded-for"), worker.settings.trusted_proxies
                 )
                 authorization = dialects.credential(
                     request.dialect, request.single_header(b"authorization"), request.single_header(b"x-api-key")
                 )
-                request.key = await gateway.auth.authenticate(authorization, request.client)
+                request.key = await worker.auth.authenticate(authorization, request.client)
             await route.handler(request, send, exchange)
         except GatewayError as error:
             exchange.status, exchange.error_code = error.status, error.code
@@ -220,7 +220,7 @@ class App:
     async def _read(self, endpoint: Endpoint, request: Request, exchange: Exchange) -> tuple[bytes, dict[str, Any]]:
         """The request body, read within its route's bounds and parsed, and its model checked
         against the key's allow-list (a body without a model is the backend's to answer)."""
-        settings = self._gateway().settings
+        settings = self._worker().settings
         raw = await request.body(_body_limit(settings, endpoint), self.readers)
         exchange.bytes_in = len(raw)
         body = parse_json(raw, settings.max_json_elements)
@@ -230,14 +230,14 @@ class App:
         return raw, body
 
     async def inference(self, endpoint: Endpoint, request: Request, send: Send, exchange: Exchange) -> None:
-        gateway = self._gateway()
+        worker = self._worker()
         key = _key(request)
         raw, body = await self._read(endpoint, request, exchange)
         model = exchange.model
         openai, dialect = request.openai, request.dialect
         if dialect is None:
-            estimate = tokens.estimate_prompt(body)
-            requested = tokens.requested_cap(body, openai, endpoint.generates)
+            estimate = llm_tokens.estimate_prompt(body)
+            requested = llm_tokens.requested_cap(body, openai, endpoint.generates)
         else:
             estimate, requested = dialects.estimate_prompt(body, dialect), dialects.requested_cap(body, dialect)
         removed = [] if key.allow_cloud or not endpoint.generates else dialects.remove_server_tools(body)
@@ -245,7 +245,7 @@ class App:
             # Removed, not refused: Codex declares web_search on every request.
             exchange.removed_tools = ",".join(removed)
             request.response_headers.append((dialects.REMOVED_TOOLS_HEADER, exchange.removed_tools.encode()))
-        admission = await gateway.limiter.admit(key.subject, estimate, requested)
+        admission = await worker.limiter.admit(key.subject, estimate, requested)
         rewrite, strip_usage = bool(removed), False
         cap = None
         if admission is not None:
@@ -253,7 +253,7 @@ class App:
             cap = admission.cap if endpoint.generates else None
             if cap is not None and cap != requested:
                 if dialect is None:
-                    tokens.set_cap(body, openai, cap)
+                    llm_tokens.set_cap(body, openai, cap)
                 else:
                     dialects.set_cap(body, dialect, cap)
                 rewrite = True
@@ -269,7 +269,7 @@ class App:
             exchange.outcome.text = []
         try:
             await self._forward(
-                request, send, exchange, model, endpoint.upstream, orjson.dumps(body) if rewrite else raw,
+                request, send, exchange, model, endpoint.backend_path, orjson.dumps(body) if rewrite else raw,
                 strip_usage=strip_usage, cap=cap, queued=True,
             )  # fmt: skip
         finally:
@@ -284,45 +284,45 @@ class App:
                 prompt, completion = estimate, usage.completion_tokens
                 usage.prompt_tokens = estimate
             # Synchronous (queued for the next Redis pipeline): a cancelled request settles too.
-            gateway.limiter.settle(admission, key.subject, prompt, completion)
+            worker.limiter.settle(admission, key.subject, prompt, completion)
 
     async def show(self, endpoint: Endpoint, request: Request, send: Send, exchange: Exchange) -> None:
         raw: bytes | None
         if request.param is not None:  # /v1/models/{model}
             exchange.model, raw = request.param, None
             _key(request).check_model(request.param)
-            path = endpoint.upstream + quote(request.param, safe=":/")
+            path = endpoint.backend_path + quote(request.param, safe=":/")
         else:
             raw, _ = await self._read(endpoint, request, exchange)
-            path = endpoint.upstream
+            path = endpoint.backend_path
         await self._forward(request, send, exchange, exchange.model, path, raw)
 
     async def count_tokens(self, endpoint: Endpoint, request: Request, send: Send, exchange: Exchange) -> None:
         """POST /v1/messages/count_tokens, answered here from the gateway's prompt estimate:
         authenticated, checked against the model allow-list and counted as a request (RPM),
         but it generates nothing, so it spends no tokens."""
-        gateway = self._gateway()
+        worker = self._worker()
         key = _key(request)
         _, body = await self._read(endpoint, request, exchange)
         if exchange.model is None:
             raise BadRequest("The field 'model' is required.")
-        admission = await gateway.limiter.admit(key.subject, 0, 0)
+        admission = await worker.limiter.admit(key.subject, 0, 0)
         if admission is not None:
             request.response_headers.extend(admission.headers)
-        gateway.limiter.settle(admission, key.subject, 0, 0)
+        worker.limiter.settle(admission, key.subject, 0, 0)
         exchange.status = 200
         await send_json(send, request, 200, {"input_tokens": dialects.estimate_prompt(body, ANTHROPIC)})
 
     async def info(self, endpoint: Endpoint, request: Request, send: Send, exchange: Exchange) -> None:
-        await self._forward(request, send, exchange, None, endpoint.upstream, None)
+        await self._forward(request, send, exchange, None, endpoint.backend_path, None)
 
     async def listing(self, endpoint: Endpoint, request: Request, send: Send, exchange: Exchange) -> None:
         """/api/tags, /api/ps and /v1/models: every available backend's list, merged without
         duplicates and reduced to the models this key may use."""
-        gateway = self._gateway()
+        worker = self._worker()
         key = _key(request)
         openai = request.openai
-        entries = await gateway.backends.gather_listing(endpoint.upstream, "data" if openai else "models")
+        entries = await worker.backends.gather_listing(endpoint.backend_path, "data" if openai else "models")
         allowed = [e for e in entries if key.allows(str(e.get("id" if openai else "name", "")))]
         body = {"object": "list", "data": allowed or None} if openai else {"models": allowed}
         exchange.status = 200
@@ -342,11 +342,11 @@ class App:
         queued: bool = False,
     ) -> None:
         """Proxy to a backend chosen for `model`, trying the next one while nothing reached the
-        previous. The client going away cancels the upstream request: Granian reports a
+        previous. The client going away cancels the backend request: Granian reports a
         disconnect only through receive(), so a watcher task listens. It
         starts WATCH_AFTER into the request: most answers are done by then, and a client that
         left earlier is still noticed at once when it starts, well within 100 ms."""
-        gateway = self._gateway()
+        worker = self._worker()
         task = asyncio.current_task()
         if task is None:  # handled in __call__: never reached
             raise RuntimeError("_forward must run inside a task")
@@ -364,13 +364,13 @@ class App:
             watcher = asyncio.create_task(watch())
 
         timer = asyncio.get_running_loop().call_later(WATCH_AFTER, start_watching)
-        gateway.in_flight.add(task)
+        worker.in_flight.add(task)
         try:
             tried: set[Backend] = set()
             last: BackendUnreachable | None = None
             while True:
                 # A model request waits here for a backend slot (slots.py), fairly among tenants.
-                slot = await gateway.slots.acquire(_key(request), model, frozenset(tried)) if queued else None
+                slot = await worker.slots.acquire(_key(request), model, frozenset(tried)) if queued else None
                 if slot is not None:
                     exchange.queue_wait_ms = (exchange.queue_wait_ms or 0.0) + slot.waited * 1000
                     headers = request.response_headers
@@ -379,7 +379,7 @@ class App:
                     headers.append((b"x-queue-wait-ms", str(round(exchange.queue_wait_ms)).encode()))
                 try:
                     backend = (
-                        slot.backend if slot is not None else await gateway.backends.choose(model, frozenset(tried))
+                        slot.backend if slot is not None else await worker.backends.choose(model, frozenset(tried))
                     )
                 except ServiceUnavailable:
                     if last is None:
@@ -390,24 +390,24 @@ class App:
                 backend.in_flight += 1
                 try:
                     await proxy.forward(
-                        gateway.transport, backend.url, backend.host, path, request, body, send, exchange,
-                        gateway.timeouts, gateway.settings.max_record_bytes, strip_usage=strip_usage, cap=cap,
+                        worker.transport, backend.url, backend.host, path, request, body, send, exchange,
+                        worker.timeouts, worker.settings.max_record_bytes, strip_usage=strip_usage, cap=cap,
                     )  # fmt: skip
                 except BackendUnreachable as exc:
                     exchange.backend = None
                     if not exc.reason.startswith("busy"):
-                        gateway.backends.failed(backend, exc.reason)
+                        worker.backends.failed(backend, exc.reason)
                     tried.add(backend)
                     last = exc
                     continue
                 finally:
                     backend.in_flight -= 1
                     if slot is not None:
-                        gateway.slots.release(slot)
-                gateway.backends.answered(backend, exchange.status)
+                        worker.slots.release(slot)
+                worker.backends.answered(backend, exchange.status)
                 return
         except asyncio.CancelledError:
-            if not (disconnected or gateway.draining):
+            if not (disconnected or worker.draining):
                 raise
             task.uncancel()
             if disconnected:
@@ -419,7 +419,7 @@ class App:
             else:
                 raise ServiceUnavailable("The gateway is restarting; retry.", retry_after=1) from None
         finally:
-            gateway.in_flight.discard(task)
+            worker.in_flight.discard(task)
             timer.cancel()
             if watcher is not None:
                 watcher.cancel()
@@ -449,15 +449,15 @@ class App:
         """Ready or not, with the names of the failing checks. The detail — backend URLs,
         versions, model lists, requests in flight — maps the internal network, so only a
         caller with the metrics token sees it; a failure's detail also goes to the log."""
-        if self.gateway is None:
+        if self.worker is None:
             await send_json(send, request, 503, {"status": "starting"})
             return
-        checks = await self.gateway.readiness()
+        checks = await self.worker.readiness()
         failing = [name for name, check in checks.items() if not check["ok"]]
         status = 503 if failing else 200
         if failing:
             log.warning("not ready", extra={"fields": {"failing": failing, "checks": checks}})
-        if self._metrics_token_presented(self.gateway, request):
+        if self._metrics_token_presented(self.worker, request):
             await send_json(send, request, status, {"status": "not ready" if failing else "ready", **checks})
         else:
             await send_json(send, request, status, {"status": "not ready" if failing else "ready", "failing": failing})
@@ -465,16 +465,16 @@ class App:
     async def metrics(self, request: Request, send: Send, exchange: Exchange) -> None:
         """Prometheus text for this instance (all its workers). Requires GATEWAY_METRICS_TOKEN
         as a bearer token; without one configured, the route does not exist."""
-        gateway = self._gateway()
-        if not gateway.settings.metrics_token:
+        worker = self._worker()
+        if not worker.settings.metrics_token:
             raise NotFound("There is no route /metrics on this gateway (set GATEWAY_METRICS_TOKEN to enable it).")
-        if not self._metrics_token_presented(gateway, request):
+        if not self._metrics_token_presented(worker, request):
             raise Forbidden("GET /metrics needs `Authorization: Bearer <GATEWAY_METRICS_TOKEN>`.", code="forbidden")
-        await send_bytes(send, request, 200, gateway.metrics_text(), content_type=PROMETHEUS)
+        await send_bytes(send, request, 200, worker.metrics_text(), content_type=PROMETHEUS)
 
     @staticmethod
-    def _metrics_token_presented(gateway: Gateway, request: Request) -> bool:
-        expected = gateway.settings.metrics_token
+    def _metrics_token_presented(worker: Worker, request: Request) -> bool:
+        expected = worker.settings.metrics_token
         presented = bearer_token(request.single_header(b"authorization")) or ""
         return bool(expected) and hmac.compare_digest(presented.encode(), expected.encode())
 
@@ -482,21 +482,21 @@ class App:
 
     def _count(self, route: Route | None, status: int, exchange: Exchange) -> None:
         """Metrics for a request refused before it reached authentication."""
-        if self.gateway is not None:
+        if self.worker is not None:
             key = metrics.labels(route=route.path if route else "unmatched", status=str(status), model="")
-            self.gateway.metrics.inc("neuronetz_requests_total", key=key)
+            self.worker.metrics.inc("neuronetz_requests_total", key=key)
 
     def _record(self, request: Request, route: Route, exchange: Exchange) -> None:
         """Metrics, the request's JSON log line and its audit row (and prompt row, if the key
         opted in). Never a secret or a prompt in the first three."""
-        gateway = self.gateway
-        if gateway is None:
+        worker = self.worker
+        if worker is None:
             return
         duration = time.perf_counter() - exchange.started_at
         status = exchange.status or (499 if exchange.disconnected else 500)
         usage = exchange.outcome.usage
-        model_label = self._model_label(gateway, exchange.model)
-        registry = gateway.metrics
+        model_label = self._model_label(worker, exchange.model)
+        registry = worker.metrics
         registry.inc(
             "neuronetz_requests_total", key=metrics.labels(route=route.path, status=str(status), model=model_label)
         )
@@ -504,9 +504,9 @@ class App:
         if exchange.forwarded_at is not None:
             waited = (exchange.queue_wait_ms or 0.0) / 1000  # waiting for a slot is not overhead
             registry.observe("neuronetz_gateway_overhead_seconds", exchange.forwarded_at - exchange.started_at - waited)
-            if exchange.upstream_head_at is not None:
+            if exchange.backend_head_at is not None:
                 registry.observe(
-                    "neuronetz_upstream_first_byte_seconds", exchange.upstream_head_at - exchange.forwarded_at
+                    "neuronetz_backend_first_byte_seconds", exchange.backend_head_at - exchange.forwarded_at
                 )
         if usage.prompt_tokens or usage.completion_tokens:
             registry.inc(
@@ -555,16 +555,16 @@ class App:
                 created + dt.timedelta(days=key.prompt_ttl_days), orjson.dumps(exchange.prompt).decode(),
                 "".join(exchange.outcome.text or []),
             )  # fmt: skip
-        gateway.audit.submit(record, prompt)
+        worker.audit.submit(record, prompt)
 
     @staticmethod
-    def _model_label(gateway: Gateway, model: str | None) -> str:
+    def _model_label(worker: Worker, model: str | None) -> str:
         """The model as a metrics label: only names some backend has, so a client cannot blow
         up the number of series with made-up names."""
         if not model:
             return ""
         name = models.normalize(model)
-        return name if gateway.backends.known(name) else "other"
+        return name if worker.backends.known(name) else "other"
 
 
 def _body_limit(settings: config.Settings, endpoint: Endpoint) -> int:

@@ -732,7 +732,7 @@ def _against(row: dict[str, Any], used: str, budget: str) -> str:
 
 async def _in_flight(settings: config.Settings, report: list[dict[str, Any]]) -> dict[int, tuple[int, int]]:
     """Requests holding a lease right now, per key and its tenant; empty if Redis is away."""
-    from neuronetz.gateway import connect_redis  # the gateway's own client: standalone, Sentinel or Cluster
+    from neuronetz.worker import connect_redis  # the gateway's own client: standalone, Sentinel or Cluster
 
     client = connect_redis(settings)
     prefix = settings.redis_prefix
@@ -752,7 +752,7 @@ async def _in_flight(settings: config.Settings, report: list[dict[str, Any]]) ->
 
 async def _waiting(settings: config.Settings) -> dict[int, int]:
     """Requests waiting for a backend slot right now, per tenant id; empty if Redis is away."""
-    from neuronetz.gateway import connect_redis  # the gateway's own client: standalone, Sentinel or Cluster
+    from neuronetz.worker import connect_redis  # the gateway's own client: standalone, Sentinel or Cluster
 
     client = connect_redis(settings)
     try:

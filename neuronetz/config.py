@@ -198,6 +198,16 @@ class Variable:
     parse: Callable[[str, str], Any]
     doc: str  # the one description: `python3 build.py docs` writes it into .env.example and README.md
     section: str = ""  # set on the first variable of a section of .env.example
+    former: str = ""  # the name it had before, still read so that older .env files keep working
+
+    def raw(self, environ: Mapping[str, str], file_values: Mapping[str, str]) -> tuple[str, str]:
+        """(value, the name it was given under): the environment before the file, the current
+        name before the former one, else the default."""
+        for source in (environ, file_values):
+            for name in (self.name, self.former):
+                if name and name in source:
+                    return source[name], name
+        return self.default, self.name
 
 
 # fmt: off
@@ -281,17 +291,22 @@ VARIABLES: tuple[Variable, ...] = (
              "Threads per worker that verify Argon2id hashes (cache misses only)."),
     Variable("GATEWAY_TRUSTED_PROXIES", "trusted_proxies", "127.0.0.1,::1", _networks,
              "Peers whose `X-Forwarded-For` is believed (Caddy): comma-separated IPs or CIDR ranges."),
-    Variable("GATEWAY_UPSTREAM_CONNECT_TIMEOUT", "connect_timeout", "5", _seconds(0.1, 600),
-             "Seconds to open a connection to a backend.", section="Backends"),
-    Variable("GATEWAY_UPSTREAM_FIRST_BYTE_TIMEOUT", "first_byte_timeout", "300", _seconds(1, 86400),
-             "Seconds a backend may take to start answering (loading a model takes a while)."),
-    Variable("GATEWAY_UPSTREAM_IDLE_TIMEOUT", "idle_timeout", "120", _seconds(1, 86400),
-             "Seconds a backend may stay silent in the middle of an answer."),
-    Variable("GATEWAY_UPSTREAM_TOTAL_TIMEOUT", "total_timeout", "1800", _seconds(1, 86400),
-             "Seconds one request to a backend may take in all."),
-    Variable("GATEWAY_UPSTREAM_MAX_CONNECTIONS", "upstream_connections", "4096", _integer(1, 100_000),
+    Variable("GATEWAY_BACKEND_CONNECT_TIMEOUT", "connect_timeout", "5", _seconds(0.1, 600),
+             "Seconds to open a connection to a backend.", section="Backends",
+             former="GATEWAY_UPSTREAM_CONNECT_TIMEOUT"),
+    Variable("GATEWAY_BACKEND_FIRST_BYTE_TIMEOUT", "first_byte_timeout", "300", _seconds(1, 86400),
+             "Seconds a backend may take to start answering (loading a model takes a while).",
+             former="GATEWAY_UPSTREAM_FIRST_BYTE_TIMEOUT"),
+    Variable("GATEWAY_BACKEND_IDLE_TIMEOUT", "idle_timeout", "120", _seconds(1, 86400),
+             "Seconds a backend may stay silent in the middle of an answer.",
+             former="GATEWAY_UPSTREAM_IDLE_TIMEOUT"),
+    Variable("GATEWAY_BACKEND_TOTAL_TIMEOUT", "total_timeout", "1800", _seconds(1, 86400),
+             "Seconds one request to a backend may take in all.",
+             former="GATEWAY_UPSTREAM_TOTAL_TIMEOUT"),
+    Variable("GATEWAY_BACKEND_MAX_CONNECTIONS", "backend_connections", "4096", _integer(1, 100_000),
              "Connections per backend per worker: one per request in flight (a stream holds its own for "
-             "its whole length); requests beyond it wait. An idle connection costs about 2 KB."),
+             "its whole length); requests beyond it wait. An idle connection costs about 2 KB.",
+             former="GATEWAY_UPSTREAM_MAX_CONNECTIONS"),
     Variable("GATEWAY_HEALTH_INTERVAL", "health_interval", "5", _seconds(0.2, 3600),
              "Seconds between active health checks (and model-list refreshes) of each backend."),
     Variable("GATEWAY_BACKEND_COOLDOWN", "backend_cooldown", "10", _seconds(0.1, 3600),
@@ -352,7 +367,7 @@ class Settings:
     first_byte_timeout: float
     idle_timeout: float
     total_timeout: float
-    upstream_connections: int
+    backend_connections: int
     health_interval: float
     backend_cooldown: float
     default_max_tokens: int
@@ -395,8 +410,8 @@ def load(env_file: Path | None = None, environ: Mapping[str, str] | None = None)
         raise ConfigError(str(exc)) from None
     values: dict[str, Any] = {}
     for variable in VARIABLES:
-        raw = environ.get(variable.name, file_values.get(variable.name, variable.default))
-        values[variable.field] = variable.parse(raw, variable.name)
+        raw, name = variable.raw(environ, file_values)
+        values[variable.field] = variable.parse(raw, name)
     if values["redis_mode"] == "standalone" and "," in values["redis_url"]:
         raise ConfigError("REDIS_URL lists several servers: set REDIS_MODE to cluster or sentinel, or give one URL.")
     if values["redis_mode"] != "standalone" and "unix://" in values["redis_url"]:

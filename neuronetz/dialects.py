@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 
-from neuronetz import tokens
+from neuronetz import llm_tokens
 from neuronetz.auth import bearer_token
 from neuronetz.errors import ANTHROPIC, RESPONSES, BadRequest
 from neuronetz.relay import BodyRelay, Outcome, SseRelay, json_object, read_count, read_counters
@@ -105,7 +105,7 @@ def set_cap(body: dict[str, Any], dialect: str, cap: int) -> None:
 
 
 def _parts(content: Any) -> Any:
-    """Content blocks of either dialect as the chat content parts tokens.estimate_prompt reads:
+    """Content blocks of either dialect as the chat content parts llm_tokens.estimate_prompt reads:
     text stays text, images become image parts, tool calls and results count as their text."""
     if not isinstance(content, list):
         return content
@@ -144,7 +144,7 @@ def estimate_prompt(body: dict[str, Any], dialect: str) -> int:
         if isinstance(item, dict):
             content = item.get("content", item.get("output", item.get("arguments")))
             messages.append({"content": _parts(content)})
-    return tokens.estimate_prompt({"messages": messages, "tools": body.get("tools")})
+    return llm_tokens.estimate_prompt({"messages": messages, "tools": body.get("tools")})
 
 
 # --- reading the answer ------------------------------------------------------------------------------

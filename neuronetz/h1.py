@@ -1,6 +1,6 @@
 """One HTTP/1.1 client connection: the wire format and the asyncio protocol that reads it.
 
-`upstream.py` pools these and adapts them to httpx; everything about bytes on one socket is here.
+`transport.py` pools these and adapts them to httpx; everything about bytes on one socket is here.
 `Connection` is an `asyncio.Protocol` without the StreamReader/StreamWriter layer: the loop
 appends to a bytearray and wakes the one task reading it, and a timeout is a timer handle on
 that wake-up future rather than an `asyncio.wait_for` task.
@@ -76,7 +76,7 @@ class RequestFraming(NamedTuple):
 
 
 def malformed(what: str) -> httpx.RemoteProtocolError:
-    return httpx.RemoteProtocolError(f"The upstream sent a malformed response: {what}.")
+    return httpx.RemoteProtocolError(f"The backend sent a malformed response: {what}.")
 
 
 def _is_length(value: bytes) -> bool:
@@ -308,8 +308,8 @@ class Connection(asyncio.Protocol):
 
     def ended(self, where: str) -> httpx.TransportError:
         if self.error is not None:
-            return httpx.ReadError(f"The upstream connection broke {where}: {self.error!r}.")
-        return httpx.RemoteProtocolError(f"The upstream closed the connection {where}.")
+            return httpx.ReadError(f"The backend connection broke {where}: {self.error!r}.")
+        return httpx.RemoteProtocolError(f"The backend closed the connection {where}.")
 
     async def wait(self, seconds: float | None, on_timeout: type[httpx.TimeoutException]) -> None:
         """Sleep until bytes, EOF or write buffer space arrive; more than `seconds` of silence raise."""
@@ -321,7 +321,7 @@ class Connection(asyncio.Protocol):
         try:
             await waiter
         except TimeoutError:
-            raise on_timeout(f"The upstream connection made no progress for {seconds} s.") from None
+            raise on_timeout(f"The backend connection made no progress for {seconds} s.") from None
         finally:
             self._waiter = None
             if timer is not None:
@@ -330,7 +330,7 @@ class Connection(asyncio.Protocol):
     async def drain(self, seconds: float | None) -> None:
         while self._writing_paused:
             if self.eof:
-                raise httpx.WriteError("The upstream connection closed while the request was being sent.")
+                raise httpx.WriteError("The backend connection closed while the request was being sent.")
             await self.wait(seconds, httpx.WriteTimeout)
 
     async def read_response_head(
@@ -381,7 +381,7 @@ class Connection(asyncio.Protocol):
             except httpx.ReadTimeout:
                 if deadline is not None and self.loop.time() >= deadline:
                     raise httpx.ReadTimeout(
-                        "The upstream sent no final response head within the first-byte timeout."
+                        "The backend sent no final response head within the first-byte timeout."
                     ) from None
                 raise
         if end > limit:
@@ -424,7 +424,7 @@ class Connection(asyncio.Protocol):
         """The body after `head`, each piece yielded as soon as the socket delivers it.
 
         `seconds` bounds each wait for more bytes, not the whole body: an LLM stream may run for
-        minutes, but an upstream silent for longer than the read timeout is stuck.
+        minutes, but a backend silent for longer than the read timeout is stuck.
         """
         if head.framing is Framing.LENGTH:
             remaining = head.length

@@ -33,7 +33,7 @@ HELP = {
     "neuronetz_tokens_total": ("counter", "Tokens processed, by direction (prompt, completion) and model."),
     "neuronetz_request_duration_seconds": ("histogram", "Time from request to the end of the answer, by route."),
     "neuronetz_gateway_overhead_seconds": ("histogram", "Time spent in the gateway before the backend was asked."),
-    "neuronetz_upstream_first_byte_seconds": ("histogram", "Time from asking a backend to its first byte."),
+    "neuronetz_backend_first_byte_seconds": ("histogram", "Time from asking a backend to its first byte."),
     "neuronetz_in_flight_requests": ("gauge", "Requests being answered right now."),
     "neuronetz_refusals_total": ("counter", "Requests refused by a limit, by reason (rpm, tpm, concurrency, budget)."),
     "neuronetz_auth_failures_total": ("counter", "Refused authentications."),

@@ -1,12 +1,12 @@
 """Forward one request to one backend and stream the answer back.
 
-What goes upstream is built here, not copied: the canonical path of the matched route, an
+What goes to the backend is built here, not copied: the canonical path of the matched route, an
 allow-list of request headers (so `Authorization`, cookies, `Origin` and hop-by-hop headers
 never reach Ollama), and `Host` set for the backend, which Ollama checks on loopback
 (docs/ollama.md §6). The answer goes back chunk by chunk through a relay (relay.py) that
 reads the usage on the way.
 
-Failures map to statuses in one place, `upstream_error`: before any byte from the backend a
+Failures map to statuses in one place, `backend_error`: before any byte from the backend a
 connect failure is `BackendUnreachable` (the caller may try another backend, because nothing
 reached this one), a timeout 504 and anything else 502. After the answer started, the
 stream is ended with an error record in the caller's dialect — Ollama itself sends none on
@@ -84,7 +84,7 @@ class Exchange:
     stream: bool = False
     started: bool = False  # the response head went to the client
     forwarded_at: float | None = None  # time the request went to the backend
-    upstream_head_at: float | None = None  # time the backend's response head arrived
+    backend_head_at: float | None = None  # time the backend's response head arrived
     first_byte_at: float | None = None  # time the first body byte went to the client
     bytes_in: int = 0
     bytes_out: int = 0
@@ -95,8 +95,8 @@ class Exchange:
     outcome: Outcome = field(default_factory=Outcome)
 
 
-def upstream_error(exc: BaseException, backend: str) -> GatewayError | BackendUnreachable:
-    """The one mapping of upstream failures (Caddy's statusError): unreachable before any byte
+def backend_error(exc: BaseException, backend: str) -> GatewayError | BackendUnreachable:
+    """The one mapping of backend failures (Caddy's statusError): unreachable before any byte
     → retry elsewhere; timeouts → 504; everything else → 502."""
     if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
         return BackendUnreachable(backend, "connection failed")
@@ -107,7 +107,7 @@ def upstream_error(exc: BaseException, backend: str) -> GatewayError | BackendUn
     return BadGateway("The backend failed while answering.")
 
 
-def upstream_headers(request: Request, backend_host: str) -> list[tuple[bytes, bytes]]:
+def backend_headers(request: Request, backend_host: str) -> list[tuple[bytes, bytes]]:
     headers = [(b"host", backend_host.encode())]
     for name in FORWARDED_REQUEST_HEADERS:
         value = request.headers.get(name)
@@ -159,7 +159,7 @@ async def forward(
     outgoing = httpx.Request(
         request.method,
         backend + path,
-        headers=upstream_headers(request, backend_host),
+        headers=backend_headers(request, backend_host),
         content=body,
         extensions={"timeout": timeouts.extension, "first_byte_timeout": timeouts.first_byte},
     )
@@ -187,8 +187,8 @@ async def _exchange(
     try:
         response = await transport.handle_async_request(outgoing)
     except httpx.HTTPError as exc:
-        raise upstream_error(exc, backend) from None
-    exchange.upstream_head_at = time.perf_counter()
+        raise backend_error(exc, backend) from None
+    exchange.backend_head_at = time.perf_counter()
     try:
         status = response.status_code
         if status == 503:
@@ -228,7 +228,7 @@ async def _exchange(
                     await end_with_error(send, request, exchange, message, "max_tokens_reached")
                     return
         except httpx.HTTPError as exc:
-            failure = upstream_error(exc, backend)
+            failure = backend_error(exc, backend)
             message = failure.message if isinstance(failure, GatewayError) else "The backend connection failed."
             code = failure.code if isinstance(failure, GatewayError) else "backend_error"
             await end_with_error(send, request, exchange, message, code)

@@ -1,6 +1,6 @@
 """Relays: pass a backend's answer through to the client while reading its usage.
 
-Each relay is fed the upstream body chunk by chunk and returns what to send on at once. The
+Each relay is fed the backend's body chunk by chunk and returns what to send on at once. The
 streaming relays forward whole records only — NDJSON lines, SSE events — so an error record
 the gateway adds always starts a record of its own; nothing is buffered beyond one record,
 and a record is found by searching only the bytes that arrived since the last search, so a
@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 
-from neuronetz.tokens import BYTES_PER_TOKEN, MAX_TOKENS
+from neuronetz.llm_tokens import BYTES_PER_TOKEN, MAX_TOKENS
 
 
 class RecordTooLong(Exception):

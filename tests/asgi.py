@@ -1,7 +1,7 @@
 """The fast tier: the gateway in the test process, driven through its ASGI callable.
 
 No Granian and no sockets between the test and the application, but everything behind it is
-real: `open_gateway` builds the same `Gateway` a worker builds (Postgres, Redis, the backends,
+real: `open_worker` builds the same `Worker` a worker builds (Postgres, Redis, the backends,
 the background tasks). `ASGITransport` plugs the application into an `httpx.AsyncClient`, so a
 test reads the same as one against a `GatewayProcess`. Like Starlette's TestClient it builds
 the scope, feeds the request body through `receive` and collects what the application sends;
@@ -25,20 +25,20 @@ import httpx
 
 from neuronetz import config
 from neuronetz.app import App
-from neuronetz.gateway import Gateway
+from neuronetz.worker import Worker
 
 
 @asynccontextmanager
-async def open_gateway(environ: Mapping[str, str]) -> AsyncIterator[Gateway]:
-    """A started Gateway for `environ`, closed at the end; the signal handlers it installs
+async def open_worker(environ: Mapping[str, str]) -> AsyncIterator[Worker]:
+    """A started Worker for `environ`, closed at the end; the signal handlers it installs
     (to drain on SIGTERM) are put back, so they never outlive the test."""
     handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
-        gateway = await Gateway.open(config.load(None, environ=dict(environ)))
+        worker = await Worker.open(config.load(None, environ=dict(environ)))
         try:
-            yield gateway
+            yield worker
         finally:
-            await gateway.close()
+            await worker.close()
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
@@ -46,10 +46,10 @@ async def open_gateway(environ: Mapping[str, str]) -> AsyncIterator[Gateway]:
 
 @asynccontextmanager
 async def in_process(environ: Mapping[str, str]) -> AsyncIterator[httpx.AsyncClient]:
-    """An httpx client whose requests go straight into an App serving a Gateway for `environ`."""
-    async with open_gateway(environ) as gateway:
+    """An httpx client whose requests go straight into an App serving a Worker for `environ`."""
+    async with open_worker(environ) as worker:
         application = App()
-        application.attach(gateway)
+        application.attach(worker)
         transport = ASGITransport(application)
         async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
             yield client

@@ -11,8 +11,8 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from neuronetz import relay, tokens
-from tests.asgi import in_process, open_gateway
+from neuronetz import llm_tokens, relay
+from tests.asgi import in_process, open_worker
 from tests.emulator import Emulator
 from tests.support import METRICS_TOKEN, Admin, GatewayProcess, PrivateRedis, auth, free_port
 
@@ -133,10 +133,10 @@ def test_sigterm_stops_the_server_with_exit_status_zero(gateway_env: dict[str, s
 
 
 async def test_closing_the_gateway_closes_its_redis_connections(gateway_env: dict[str, str]) -> None:
-    async with open_gateway(gateway_env) as gateway:
-        assert isinstance(gateway.redis, Redis)  # standalone, as in gateway_env
-        await gateway.redis.ping()
-        pool = gateway.redis.connection_pool
+    async with open_worker(gateway_env) as worker:
+        assert isinstance(worker.redis, Redis)  # standalone, as in gateway_env
+        await worker.redis.ping()
+        pool = worker.redis.connection_pool
         connections = [*pool._available_connections, *pool._in_use_connections]
         assert connections
     assert not any(connection.is_connected for connection in connections)
@@ -158,7 +158,7 @@ async def test_a_bug_before_the_answer_is_a_500_in_the_callers_dialect_logged_an
     def broken(body: object) -> int:
         raise ZeroDivisionError("planted")
 
-    monkeypatch.setattr(tokens, "estimate_prompt", broken)
+    monkeypatch.setattr(llm_tokens, "estimate_prompt", broken)
     openai = await asgi.post("/v1/chat/completions", json={"model": "tiny", "messages": []}, headers=auth(key))
     native = await asgi.post("/api/chat", json={"model": "tiny", "messages": []}, headers=auth(key))
     assert openai.status_code == native.status_code == 500

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import MutableMapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -180,16 +181,16 @@ async def test_a_stop_signalled_while_a_request_runs_still_gets_its_record(
         monkeypatch.setenv(name, value)
     application = App()
     events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-    sent: list[dict[str, Any]] = []
+    sent: list[MutableMapping[str, Any]] = []
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: MutableMapping[str, Any]) -> None:
         sent.append(message)
 
     await events.put({"type": "lifespan.startup"})
     lifespan = asyncio.create_task(application({"type": "lifespan"}, events.get, send))
     try:
-        await wait_until(lambda: application.gateway is not None or lifespan.done(), 30, "the startup")
-        assert application.gateway is not None, sent
+        await wait_until(lambda: application.worker is not None or lifespan.done(), 30, "the startup")
+        assert application.worker is not None, sent
         async with httpx.AsyncClient(transport=ASGITransport(application), base_url="http://gateway") as client:
             answer = asyncio.create_task(client.post("/api/chat", json=CHAT, headers=auth(key)))
             await wait_until(lambda: emulator.stats().in_flight == 1, 30, "the request at the backend")
@@ -253,7 +254,7 @@ async def test_metrics_need_the_token_and_sum_every_worker(gateway_env: dict[str
     assert metric(text, "neuronetz_gateway_overhead_seconds_count") == 40
     for name in ("neuronetz_in_flight_requests", "neuronetz_audit_queue_depth", "neuronetz_backend_up",
                  "neuronetz_audit_records_written_total", "neuronetz_audit_records_dropped_total",
-                 "neuronetz_refusals_total", "neuronetz_upstream_first_byte_seconds"):  # fmt: skip
+                 "neuronetz_refusals_total", "neuronetz_backend_first_byte_seconds"):  # fmt: skip
         assert f"# TYPE {name} " in text
     assert key[11:] not in text
     assert "secret recipe" not in text

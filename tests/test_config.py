@@ -27,6 +27,15 @@ def test_process_environment_wins_over_env_file_which_wins_over_defaults() -> No
     assert settings.env_file == path
 
 
+def test_a_renamed_setting_is_still_read_under_its_former_name() -> None:
+    with env_file("GATEWAY_UPSTREAM_IDLE_TIMEOUT=7\nGATEWAY_UPSTREAM_TOTAL_TIMEOUT=70\n") as path:
+        settings = load(path, environ={"GATEWAY_UPSTREAM_CONNECT_TIMEOUT": "3", "GATEWAY_BACKEND_TOTAL_TIMEOUT": "90"})
+    assert (settings.connect_timeout, settings.idle_timeout) == (3, 7)
+    assert settings.total_timeout == 90  # the current name wins
+    with pytest.raises(ConfigError, match=r"^GATEWAY_UPSTREAM_MAX_CONNECTIONS must be"):
+        load(None, environ={"GATEWAY_UPSTREAM_MAX_CONNECTIONS": "many"})
+
+
 @pytest.mark.parametrize(
     ("name", "value", "message"),
     [

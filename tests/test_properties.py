@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from neuronetz.tokens import MAX_TOKENS
+from neuronetz.llm_tokens import MAX_TOKENS
 from tests.broken_backend import Answer, BrokenBackend, native_chunk, native_done
 from tests.emulator import Emulator
 from tests.emulator.faults import Fault

@@ -356,7 +356,7 @@ async def test_a_dropped_native_stream_ends_with_an_error_line(
 
 async def test_timeouts_end_the_answer_and_never_hang(gateway_env: dict[str, str], emulator: Emulator,
                                                       admin: Admin) -> None:  # fmt: skip
-    env = {**gateway_env, "GATEWAY_UPSTREAM_IDLE_TIMEOUT": "1", "GATEWAY_UPSTREAM_FIRST_BYTE_TIMEOUT": "1"}
+    env = {**gateway_env, "GATEWAY_BACKEND_IDLE_TIMEOUT": "1", "GATEWAY_BACKEND_FIRST_BYTE_TIMEOUT": "1"}
     key = await admin.key()
     with GatewayProcess(env) as process:
         async with httpx.AsyncClient(timeout=10) as client:

@@ -19,8 +19,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from neuronetz.llm_tokens import MAX_TOKENS
 from neuronetz.relay import BodyRelay, NdjsonRelay, Outcome, RecordTooLong, SseRelay
-from neuronetz.tokens import MAX_TOKENS
 from tests.broken_backend import Answer, BrokenBackend, default_tags, native_chunk, native_done
 from tests.emulator import Emulator
 from tests.support import METRICS_TOKEN, Admin, GatewayProcess, auth

@@ -3,7 +3,7 @@
     python3 build.py bench auth             (or: .venv/bin/python tests/bench/bench_auth.py --help)
 
 A. In-process, against the real Postgres and Redis: a `neuronetz.auth.Authenticator` built
-   as gateway.py builds it (its invalidation listener running), primed with one key; then
+   as worker.py builds it (its invalidation listener running), primed with one key; then
    `authenticate()` timed with time.process_time over many calls — on a cache hit, on a miss
    proven by the Redis record (Postgres fetch + Redis HGET), and on a miss that needs Argon2
    (Postgres fetch + Redis HGET + Argon2id in the auth thread + Redis HSET).
@@ -52,9 +52,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 async def in_process(store: loadgen.BenchStore, key: str, args: argparse.Namespace) -> tuple[list[str], float]:
     from neuronetz import auth as auth_module
     from neuronetz import keys
-    from neuronetz.gateway import redis_client
+    from neuronetz.worker import redis_client
 
-    redis = redis_client(store.redis_url)  # as gateway.py builds it
+    redis = redis_client(store.redis_url)  # as worker.py builds it
     authenticator = auth_module.Authenticator(
         store.pool, redis, database_url=store.database_url, secret="bench-secret-not-for-production",
         redis_prefix=store.redis_prefix, cache_ttl=30.0, failures_per_minute=1_000_000, threads=1,

@@ -15,7 +15,7 @@ Figures, each next to its target:
   2. requests/s at c=32 and c=256, gateway and direct (the direct figure is the rig's ceiling);
   3. time to first token of streams, gateway minus direct, at c=1 (interleaved) and c=64;
   4. RSS of the gateway's process tree per concurrent slow stream (1,000 streams of 10 s);
-  5. what-if: proxy.py calling UpstreamTransport directly instead of AsyncClient.send (and
+  5. what-if: proxy.py calling Transport directly instead of AsyncClient.send (and
      a one-message body), through tests/bench/noop_app.py; never by editing neuronetz/.
 """
 
@@ -229,7 +229,7 @@ async def memory(emulator: Service, env: dict[str, str], key: str, count: int, s
     """A fresh gateway, warmed up; RSS of its process tree idle, with `count` idle keep-alive
     connections, and while `count` streams of `seconds` each run at once."""
     # The default pool (4096 connections per backend) holds 1,000 streams; more need more.
-    env = {**env, "GATEWAY_UPSTREAM_MAX_CONNECTIONS": str(max(4096, 2 * count))}
+    env = {**env, "GATEWAY_BACKEND_MAX_CONNECTIONS": str(max(4096, 2 * count))}
     gateway = loadgen.start_gateway(env, name="gateway-memory")
     try:
         chat = loadgen.http_request("POST", gateway.port, "/api/chat", loadgen.CHAT_BODY, key)
@@ -481,7 +481,7 @@ async def run(args: argparse.Namespace) -> int:
                 out("")
                 out(f"## 4. Memory per concurrent stream ({mem.streams} streams)")
                 out(
-                    f"method: a fresh gateway (GATEWAY_UPSTREAM_MAX_CONNECTIONS={max(4096, 2 * args.streams)}), "
+                    f"method: a fresh gateway (GATEWAY_BACKEND_MAX_CONNECTIONS={max(4096, 2 * args.streams)}), "
                     "warmed with 2,000 requests and 64 streams; "
                     f"RSS (/proc statm) summed over Granian main + worker: idle; with {mem.streams} idle "
                     f"keep-alive connections; steady = median of 4 Hz samples while all {mem.streams} streams "

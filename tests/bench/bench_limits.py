@@ -2,7 +2,7 @@
 
     python3 build.py bench limits           (or: .venv/bin/python tests/bench/bench_limits.py --help)
 
-A. In-process: a `neuronetz.limits.Limiter` built as gateway.py builds it (with its Ledger),
+A. In-process: a `neuronetz.limits.Limiter` built as worker.py builds it (with its Ledger),
    for a key whose key and tenant both set every limit (rpm, tpm, max_concurrent and the
    daily, monthly and total budgets); `admit` + `settle` timed over many sequential
    requests: Redis round trips counted on the client, process CPU (time.process_time),
@@ -63,10 +63,10 @@ async def in_process(
     from neuronetz.auth import record_from_row
     from neuronetz.budgets import Ledger
     from neuronetz.errors import ServiceUnavailable
-    from neuronetz.gateway import redis_client
     from neuronetz.limits import Limiter
+    from neuronetz.worker import redis_client
 
-    # As gateway.py builds it; round trips are counted where packed commands leave for Redis
+    # As worker.py builds it; round trips are counted where packed commands leave for Redis
     # (a pipeline is one send, as it is one round trip).
     redis = redis_client(store.redis_url)
     counted = {"n": 0}
@@ -145,7 +145,7 @@ async def in_process(
         await redis.aclose()
     lines = [
         "## A. Limiter.admit + Limiter.settle, in-process",
-        "method: neuronetz.limits.Limiter (+ Ledger, started) on the bench Redis prefix, built as gateway.py builds "
+        "method: neuronetz.limits.Limiter (+ Ledger, started) on the bench Redis prefix, built as worker.py builds "
         f"it (lease 60 s, default cap 1,024, min output 16); {args.requests:,} sequential requests after 200 warm-up, "
         "prompt estimate 12, usage 2 + 10 tokens; round trips = Redis commands sent by the client (execute_command; "
         "a pipeline would count once); CPU = time.process_time of this process on CPU 0; checks() = the KEYS/ARGV "

@@ -16,7 +16,7 @@ app reads in its lifespan as `neuronetz serve` does.
     `noaudit`   skip only its audit row.
 * `NZBENCH_PROFILE=/path/file.prof`: cProfile the worker from lifespan startup to shutdown.
 * `NZBENCH_TRACE=/path/file.json`: time the phases of every request (ASGI receive/send and
-  the upstream transport call; wall time and the event-loop thread's CPU time) and write
+  the backend transport call; wall time and the event-loop thread's CPU time) and write
   their medians to `<path>.<pid>` at shutdown. It keeps every request's marks in memory:
   for probes of a few seconds, not for long runs.
 """
@@ -44,7 +44,7 @@ VARIANTS = frozenset(v.strip() for v in os.environ.get("NZBENCH_PROXY", "").spli
 PATCHES: dict[str, tuple[str, str, str]] = {
     # Diagnostics only (they drop required behaviour): price the recording of a request.
     "norecord": ("neuronetz/app.py", "self._record(request, route, exchange)", "pass"),
-    "noaudit": ("neuronetz/app.py", "gateway.audit.submit(record, prompt)", "pass"),
+    "noaudit": ("neuronetz/app.py", "worker.audit.submit(record, prompt)", "pass"),
 }
 
 
@@ -75,7 +75,7 @@ for _relative in ("neuronetz/app.py",):
 from neuronetz.app import GET, App  # noqa: E402  (after the optional patch, on purpose)
 from neuronetz.http import Request, send_json  # noqa: E402
 from neuronetz.router import Route, Router  # noqa: E402
-from neuronetz.upstream import UpstreamTransport  # noqa: E402
+from neuronetz.transport import Transport  # noqa: E402
 
 TRACE_PATH = os.environ.get("NZBENCH_TRACE")
 Marks = list[tuple[str, float, float]]  # event, wall (perf_counter), this thread's CPU (thread_time)
@@ -90,16 +90,16 @@ def _mark(event: str) -> None:
 
 
 def _traced_transport() -> None:
-    original = UpstreamTransport.handle_async_request
+    original = Transport.handle_async_request
 
-    async def handle_async_request(self: UpstreamTransport, request: Any) -> Any:
+    async def handle_async_request(self: Transport, request: Any) -> Any:
         _mark("transport.enter")
         try:
             return await original(self, request)
         finally:
             _mark("transport.return")
 
-    UpstreamTransport.handle_async_request = handle_async_request  # type: ignore[method-assign]
+    Transport.handle_async_request = handle_async_request  # type: ignore[method-assign]
 
 
 def _traced_io(receive: Receive, send: Send) -> tuple[Receive, Send]:

@@ -17,7 +17,7 @@ import httpx
 import orjson
 import pytest
 
-from neuronetz import dialects, tokens
+from neuronetz import dialects, llm_tokens
 from neuronetz.errors import ANTHROPIC, RESPONSES
 from tests.real.conftest import KeyMaker, gateway_settings
 from tests.real.exchange import SAMPLING, comparable
@@ -154,7 +154,7 @@ async def test_a_small_budget_holds_whatever_the_cap_field_says(
     key = await budgeted_key(daily_tokens=BUDGET)
     body = request_body(surface, cap, stream)
     dialect = DIALECTS.get(surface)
-    estimate = dialects.estimate_prompt(body, dialect) if dialect else tokens.estimate_prompt(body)
+    estimate = dialects.estimate_prompt(body, dialect) if dialect else llm_tokens.estimate_prompt(body)
     total = slack = answered = 0
     for _ in range(4):
         try:

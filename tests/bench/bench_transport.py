@@ -1,8 +1,8 @@
 """Benchmark: what each httpx transport costs per request against a local Ollama stand-in.
 
-    python3 build.py bench upstream         (or: .venv/bin/python tests/bench/bench_upstream.py --help)
+    python3 build.py bench transport         (or: .venv/bin/python tests/bench/bench_transport.py --help)
 
-The upstream is a tiny asyncio server in a separate process that answers every request with
+The backend is a tiny asyncio server in a separate process that answers every request with
 a ~1.4 KB JSON body, like a non-streaming `POST /api/chat`, on keep-alive connections. When
 `taskset` exists and there are two CPUs, the server runs on CPU 0 and this client on CPU 1, so
 the client's CPU time (`time.process_time`) excludes the server. Both sides run on uvloop.
@@ -35,7 +35,7 @@ import uvloop
 from httpx_aiohttp import AiohttpTransport
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
-from neuronetz.upstream import UpstreamTransport
+from neuronetz.transport import Transport
 
 PAYLOAD = b'{"model":"llama3.2","messages":[{"role":"user","content":"Say hello."}],"stream":false}'
 ANSWER = (
@@ -81,7 +81,7 @@ async def serve() -> None:
     await server.serve_forever()
 
 
-def start_upstream(pinned: bool) -> tuple[subprocess.Popen[str], str]:
+def start_backend(pinned: bool) -> tuple[subprocess.Popen[str], str]:
     command = [sys.executable, __file__, "--serve"]
     if pinned:
         command = ["taskset", "-c", "0", *command]
@@ -92,7 +92,7 @@ def start_upstream(pinned: bool) -> tuple[subprocess.Popen[str], str]:
 
 def check(status: int, body: bytes) -> None:
     if status != 200 or len(body) != len(ANSWER):
-        raise RuntimeError(f"Unexpected answer from the upstream: {status}, {len(body)} bytes.")
+        raise RuntimeError(f"Unexpected answer from the backend: {status}, {len(body)} bytes.")
 
 
 def via_client(client: httpx.AsyncClient, url: str) -> Send:
@@ -106,7 +106,7 @@ def via_client(client: httpx.AsyncClient, url: str) -> Send:
     return send
 
 
-def direct(transport: UpstreamTransport, url: str) -> Send:
+def direct(transport: Transport, url: str) -> Send:
     """The transport alone: one prebuilt request, the body read from the response stream."""
     request = httpx.Request("POST", url, content=PAYLOAD, extensions={"timeout": TIMEOUT.as_dict()})
 
@@ -208,7 +208,7 @@ async def run(
         variants.append((name, setup))
 
     async def direct_setup() -> tuple[Send, Callable[[], Awaitable[None]]]:
-        transport = UpstreamTransport()
+        transport = Transport()
         return direct(transport, url), transport.aclose
 
     async def raw_setup() -> tuple[Send, Callable[[], Awaitable[None]]]:
@@ -216,8 +216,8 @@ async def run(
 
     client_variant("httpx, default transport (httpcore)", lambda: None)
     client_variant("httpx + AiohttpTransport", lambda: AiohttpTransport(limits=limits, trust_env=False))
-    client_variant("httpx + UpstreamTransport, send(stream=True)", UpstreamTransport)
-    variants.append(("UpstreamTransport.handle_async_request", direct_setup))
+    client_variant("httpx + Transport, send(stream=True)", Transport)
+    variants.append(("Transport.handle_async_request", direct_setup))
     variants.append(("floor: bare asyncio keep-alive, no httpx", raw_setup))
 
     results = []
@@ -246,8 +246,8 @@ def main() -> int:
 
     pinned = shutil.which("taskset") is not None and len(os.sched_getaffinity(0)) >= 2
     if pinned:
-        os.sched_setaffinity(0, {1})  # the client on CPU 1; the upstream gets CPU 0 below
-    process, url = start_upstream(pinned)
+        os.sched_setaffinity(0, {1})  # the client on CPU 1; the backend gets CPU 0 below
+    process, url = start_backend(pinned)
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             results = runner.run(run(url, args.requests, args.seconds, args.repeat))

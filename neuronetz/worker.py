@@ -1,6 +1,6 @@
 """What one worker process holds for its lifetime, and its background work.
 
-`Gateway.open` builds the pools and clients and starts the background tasks (invalidation
+`Worker.open` builds the pools and clients and starts the background tasks (invalidation
 listener, ledger and audit writers, lease renewal, backend health checks, the .env watcher,
 metrics publishing); `close` stops them and writes what is still queued. The request
 pipeline itself lives in app.py.
@@ -36,20 +36,20 @@ from neuronetz.budgets import Ledger
 from neuronetz.journal import Journal
 from neuronetz.limits import Limiter
 from neuronetz.slots import Scheduler
-from neuronetz.upstream import UpstreamTransport
+from neuronetz.transport import Transport
 
-log = logging.getLogger("neuronetz.gateway")
+log = logging.getLogger("neuronetz.worker")
 ENV_POLL_INTERVAL = 2.0
 METRICS_INTERVAL = 1.0
 
 
-class Gateway:
+class Worker:
     def __init__(
         self,
         settings: config.Settings,
         pool: asyncpg.Pool[Any],
         redis: db.RedisClient,
-        transport: UpstreamTransport,
+        transport: Transport,
         http: httpx.AsyncClient,
     ) -> None:
         self.settings = settings
@@ -102,24 +102,22 @@ class Gateway:
         self.tasks = tasks.Supervisor()
 
     @classmethod
-    async def open(cls, settings: config.Settings) -> Gateway:
+    async def open(cls, settings: config.Settings) -> Worker:
         pool = await db.create_pool(settings.database_url, settings.db_pool_size)
         redis = connect_redis(settings)
-        # Our own HTTP/1.1 transport (upstream.py): httpx's default one costs several times the
-        # CPU per request (`python3 build.py bench upstream`). trust_env=False: proxy variables and .netrc must
+        # Our own HTTP/1.1 transport (transport.py): httpx's default one costs several times the
+        # CPU per request (`python3 build.py bench transport`). trust_env=False: proxy variables and .netrc must
         # not redirect traffic meant for the internal Ollama network.
-        transport = UpstreamTransport(
-            max_connections=settings.upstream_connections, max_keepalive=settings.upstream_connections
-        )
+        transport = Transport(max_connections=settings.backend_connections, max_keepalive=settings.backend_connections)
         http = httpx.AsyncClient(transport=transport, trust_env=False, timeout=httpx.Timeout(5.0))
         # httpx adds Accept, Accept-Encoding and its User-Agent to every request unless told
         # otherwise. Accept-Encoding must not reach Ollama: whatever the gateway reads from a
         # backend, it must read uncompressed.
         http.headers.clear()
         http.headers["user-agent"] = proxy.USER_AGENT.decode()
-        gateway = cls(settings, pool, redis, transport, http)
-        gateway.start()
-        return gateway
+        worker = cls(settings, pool, redis, transport, http)
+        worker.start()
+        return worker
 
     def start(self) -> None:
         self.auth.start()
@@ -132,8 +130,8 @@ class Gateway:
             lambda u: self.ledger.record(u[0], u[1], u[3], u[4], dt.date.fromisoformat(u[2])), self.audit.submit
         )
         self.tasks.start("backends.health", self.backends.run)
-        self.tasks.start("gateway.env_file", self._watch_env_file)
-        self.tasks.start("gateway.metrics", self._publish_metrics)
+        self.tasks.start("worker.env_file", self._watch_env_file)
+        self.tasks.start("worker.metrics", self._publish_metrics)
         self._hook_signals()
 
     async def close(self) -> None:

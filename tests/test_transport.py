@@ -1,4 +1,4 @@
-"""UpstreamTransport against small raw asyncio servers, driven through httpx.AsyncClient as the gateway does.
+"""Transport against small raw asyncio servers, driven through httpx.AsyncClient as the gateway does.
 
 Each test starts an `Upstream` whose handler writes exact bytes, so framing, reuse, retries,
 timeouts and errors are checked on the wire: the server counts the connections it accepted and
@@ -29,7 +29,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from neuronetz.upstream import UpstreamTransport
+from neuronetz.transport import Transport
 from tests.support import Admin, GatewayProcess, auth, wait_for
 
 pytestmark = pytest.mark.timeout(60)
@@ -41,7 +41,7 @@ class PoolStats(NamedTuple):
     waiting: int  # requests queued for a free connection
 
 
-def stats(transport: UpstreamTransport) -> PoolStats:
+def stats(transport: Transport) -> PoolStats:
     """The pool's bookkeeping, read from its private state: every slot taken must be given back."""
     origins = transport._origins.values()
     return PoolStats(
@@ -170,13 +170,13 @@ def scripted(*answers: bytes, then_close: bool = False) -> Handler:
     return handler
 
 
-def client_for(server: Upstream, transport: UpstreamTransport, **options: float) -> httpx.AsyncClient:
+def client_for(server: Upstream, transport: Transport, **options: float) -> httpx.AsyncClient:
     timeout = httpx.Timeout(options.pop("timeout", 5.0), **options)
     return httpx.AsyncClient(transport=transport, base_url=server.url, timeout=timeout)
 
 
 async def test_request_goes_out_with_exactly_the_headers_httpx_built() -> None:
-    transport = UpstreamTransport()
+    transport = Transport()
     async with Upstream(echo) as server, client_for(server, transport) as client:
         response = await client.post("/api/chat?stream=false", content=b'{"model":"m"}', headers={"X-Key": "v"})
     received = server.received[0]
@@ -189,14 +189,14 @@ async def test_request_goes_out_with_exactly_the_headers_httpx_built() -> None:
 
 
 async def test_a_header_value_with_crlf_is_refused_before_anything_is_sent() -> None:
-    async with Upstream(echo) as server, client_for(server, UpstreamTransport()) as client:
+    async with Upstream(echo) as server, client_for(server, Transport()) as client:
         with pytest.raises(httpx.LocalProtocolError):
             await client.get("/", headers={"X-Evil": "a\r\nContent-Length: 0"})
     assert server.connections == 0
 
 
 async def test_sequential_requests_share_one_connection() -> None:
-    transport = UpstreamTransport()
+    transport = Transport()
     async with Upstream(echo) as server, client_for(server, transport) as client:
         for i in range(25):
             response = await client.post("/", content=b"body %d" % i)
@@ -209,7 +209,7 @@ async def test_sequential_requests_share_one_connection() -> None:
 async def test_chunked_body_with_extensions_and_trailers_is_decoded_exactly() -> None:
     body = b'5;name=value\r\nhello\r\n6 ; quoted="a;b"\r\n world\r\n0;last\r\nX-Trailer: yes\r\nX-More: 1\r\n\r\n'
     head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-    transport = UpstreamTransport()
+    transport = Transport()
     async with Upstream(scripted(head + body, reply(b"next"))) as server, client_for(server, transport) as client:
         response = await client.get("/")
         assert response.content == b"hello world"
@@ -219,7 +219,7 @@ async def test_chunked_body_with_extensions_and_trailers_is_decoded_exactly() ->
 
 
 async def test_body_until_close_is_read_to_the_end_and_the_connection_is_not_reused() -> None:
-    transport = UpstreamTransport()
+    transport = Transport()
     answer = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nall of this, until EOF"
     async with Upstream(scripted(answer, then_close=True)) as server, client_for(server, transport) as client:
         assert (await client.get("/")).content == b"all of this, until EOF"
@@ -240,7 +240,7 @@ async def test_a_reset_before_the_close_is_not_the_end_of_a_body_read_until_clos
 
     async with (
         Upstream(handler) as server,
-        client_for(server, UpstreamTransport()) as client,
+        client_for(server, Transport()) as client,
         client.stream("GET", "/") as response,
     ):
         pieces = response.aiter_raw()
@@ -257,7 +257,7 @@ async def test_head_204_and_304_end_with_their_head_and_keep_the_connection() ->
         b"HTTP/1.1 304 Not Modified\r\nContent-Length: 50\r\n\r\n",
         reply(b"after"),
     )
-    transport = UpstreamTransport()
+    transport = Transport()
     async with Upstream(scripted(*answers)) as server, client_for(server, transport) as client:
         head = await client.head("/")
         assert (head.status_code, head.content, head.headers["content-length"]) == (200, b"", "1000")
@@ -269,7 +269,7 @@ async def test_head_204_and_304_end_with_their_head_and_keep_the_connection() ->
 
 async def test_informational_responses_before_the_final_one_are_skipped() -> None:
     answer = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" + reply(b"ok")
-    async with Upstream(scripted(answer)) as server, client_for(server, UpstreamTransport()) as client:
+    async with Upstream(scripted(answer)) as server, client_for(server, Transport()) as client:
         response = await client.post("/", content=b"x")
     assert (response.status_code, response.content, "link" in response.headers) == (200, b"ok", False)
 
@@ -288,7 +288,7 @@ def processing_every(interval: float) -> Handler:
 
 
 async def test_interim_responses_do_not_extend_the_first_byte_timeout() -> None:
-    async with Upstream(processing_every(0.05)) as server, client_for(server, UpstreamTransport(), read=5) as client:
+    async with Upstream(processing_every(0.05)) as server, client_for(server, Transport(), read=5) as client:
         started = time.monotonic()
         async with asyncio.timeout(10):  # the old transport restarted the timeout on each 102: forever
             with pytest.raises(httpx.ReadTimeout, match="final response head within the first-byte timeout"):
@@ -299,7 +299,7 @@ async def test_interim_responses_do_not_extend_the_first_byte_timeout() -> None:
 @pytest.mark.parametrize(("interim", "accepted"), [(32, True), (33, False)])
 async def test_the_number_of_interim_responses_is_bounded(interim: int, accepted: bool) -> None:
     answer = b"HTTP/1.1 100 Continue\r\n\r\n" * interim + reply(b"final")
-    async with Upstream(scripted(answer)) as server, client_for(server, UpstreamTransport()) as client:
+    async with Upstream(scripted(answer)) as server, client_for(server, Transport()) as client:
         if accepted:
             assert (await client.get("/")).content == b"final"
         else:
@@ -309,7 +309,7 @@ async def test_the_number_of_interim_responses_is_bounded(interim: int, accepted
 
 async def test_interim_responses_count_against_the_head_size_limit() -> None:
     answer = b"HTTP/1.1 103 Early Hints\r\nLink: " + b"a" * 400 + b"\r\n\r\n"
-    transport = UpstreamTransport(max_head_size=1024)
+    transport = Transport(max_head_size=1024)
     async with Upstream(scripted(answer * 3 + reply(b"final"))) as server, client_for(server, transport) as client:
         with pytest.raises(httpx.RemoteProtocolError, match="longer than"):
             await client.get("/")
@@ -324,7 +324,7 @@ async def test_an_answer_sent_before_the_request_was_read_survives_the_broken_wr
         writer.write_eof()
         await asyncio.Event().wait()  # never reads the body; __aexit__ ends this
 
-    async with Upstream(handler) as server, client_for(server, UpstreamTransport()) as client:
+    async with Upstream(handler) as server, client_for(server, Transport()) as client:
         response = await client.post("/", content=bytes(32 * 1024 * 1024))
     assert (response.status_code, response.content) == (413, b"too large")
 
@@ -333,7 +333,7 @@ async def test_a_body_that_disagrees_with_its_content_length_is_refused_before_a
     async def content() -> AsyncIterator[bytes]:
         yield b"0123456789"
 
-    async with Upstream(echo) as server, client_for(server, UpstreamTransport()) as client:
+    async with Upstream(echo) as server, client_for(server, Transport()) as client:
         with pytest.raises(httpx.LocalProtocolError, match="Content-Length"):
             await client.post("/", content=content(), headers={"Content-Length": "3"})
     assert server.connections == 0
@@ -348,7 +348,7 @@ async def test_invalid_request_headers_are_refused_before_anything_is_sent(heade
     async with Upstream(echo) as server:
         request = httpx.Request("POST", server.url, headers=headers, content=b"x")
         with pytest.raises(httpx.LocalProtocolError):
-            await UpstreamTransport().handle_async_request(request)
+            await Transport().handle_async_request(request)
     assert server.connections == 0
 
 
@@ -365,7 +365,7 @@ async def test_twenty_megabyte_bodies_round_trip_both_ways() -> None:
         await writer.drain()
         await reader.read()
 
-    transport = UpstreamTransport()
+    transport = Transport()
     async with Upstream(handler) as server, client_for(server, transport) as client:
         echoed = await client.post("/", content=body)
         assert hashlib.sha256(echoed.content).digest() == hashlib.sha256(body).digest()
@@ -387,7 +387,7 @@ async def test_a_slow_reader_pushes_back_on_the_server_and_still_gets_every_byte
 
     async with (
         Upstream(handler) as server,
-        client_for(server, UpstreamTransport(), read=2) as client,
+        client_for(server, Transport(), read=2) as client,
         client.stream("GET", "/") as response,
     ):
         pieces = response.aiter_raw()
@@ -424,7 +424,7 @@ async def test_each_piece_reaches_the_client_before_the_server_sends_the_next(fr
 
     async with (
         Upstream(handler) as server,
-        client_for(server, UpstreamTransport()) as client,
+        client_for(server, Transport()) as client,
         client.stream("GET", "/") as response,
     ):
         pieces = response.aiter_raw()
@@ -447,7 +447,7 @@ async def test_closing_a_partly_read_body_sends_eof_at_once_and_drops_the_connec
         finally:  # a reset is as good as an EOF: either way the server stops generating
             eof_seen.set_result(time.monotonic())
 
-    transport = UpstreamTransport()
+    transport = Transport()
     async with Upstream(handler) as server, client_for(server, transport) as client:
         async with client.stream("POST", "/api/chat", content=b"{}") as response:
             assert await anext(response.aiter_raw()) == b"token"
@@ -474,7 +474,7 @@ def generating(eof_seen: asyncio.Event) -> Handler:
 @pytest.mark.parametrize("how", ["aclose from another task", "cancel the reading task"])
 async def test_a_body_being_read_stops_at_once_when_the_gateway_gives_up(how: str) -> None:
     eof_seen = asyncio.Event()
-    transport = UpstreamTransport()
+    transport = Transport()
     async with (
         Upstream(generating(eof_seen)) as server,
         client_for(server, transport) as client,
@@ -508,7 +508,7 @@ async def test_cancelling_a_request_that_waits_for_its_head_closes_the_connectio
         await reader.read()
         eof_seen.set()
 
-    transport = UpstreamTransport()
+    transport = Transport()
     async with Upstream(handler) as server, client_for(server, transport) as client:
         task = asyncio.create_task(client.post("/", content=b"x"))
         await server.until_received(1)
@@ -520,7 +520,7 @@ async def test_cancelling_a_request_that_waits_for_its_head_closes_the_connectio
 
 
 async def test_a_connection_the_server_closed_while_idle_is_replaced_without_a_resend() -> None:
-    transport = UpstreamTransport()
+    transport = Transport()
     async with Upstream(scripted(reply(b"one"), then_close=True)) as server, client_for(server, transport) as client:
         assert (await client.get("/")).content == b"one"
         await asyncio.sleep(0.05)  # the server's FIN arrives while the connection sits in the pool
@@ -545,7 +545,7 @@ async def test_a_reused_connection_that_dies_before_any_response_byte_is_retried
         writer.write(reply(b"second"))
         await writer.drain()
 
-    transport = UpstreamTransport()
+    transport = Transport()
     async with Upstream(handler) as server, client_for(server, transport) as client:
         assert (await client.post("/", content=b"1")).content == b"first"
         if reset:  # the retry meets the same fate, and there is no second retry
@@ -571,7 +571,7 @@ async def test_a_reused_connection_that_breaks_while_a_large_body_is_written_is_
         writer.write(reply(b"%d bytes" % len(request.body)))
         await writer.drain()
 
-    transport = UpstreamTransport()
+    transport = Transport()
     async with Upstream(handler) as server, client_for(server, transport) as client:
         assert (await client.post("/", content=b"1")).content == b"first"
         assert (await client.post("/", content=bytes(32 * 1024 * 1024))).content == b"33554432 bytes"
@@ -584,7 +584,7 @@ async def test_a_request_on_a_fresh_connection_is_never_retried(reset: bool) -> 
         await server.read_request(reader)
         die(writer, reset)
 
-    async with Upstream(handler) as server, client_for(server, UpstreamTransport()) as client:
+    async with Upstream(handler) as server, client_for(server, Transport()) as client:
         with pytest.raises(httpx.ReadError if reset else httpx.RemoteProtocolError):
             await client.post("/", content=b"x")
     assert (server.connections, len(server.received)) == (1, 1)
@@ -599,7 +599,7 @@ async def test_a_started_response_is_never_retried() -> None:
         writer.write(b"HTTP/1.1 200")
         await writer.drain()
 
-    async with Upstream(handler) as server, client_for(server, UpstreamTransport()) as client:
+    async with Upstream(handler) as server, client_for(server, Transport()) as client:
         assert (await client.post("/", content=b"1")).content == b"answer to 1"
         with pytest.raises(httpx.RemoteProtocolError):
             await client.post("/", content=b"2")
@@ -618,7 +618,7 @@ async def test_bytes_beyond_the_response_make_the_pool_drop_the_connection(later
         writer.write(b"HTTP/1.1 408 Request Timeout\r\n\r\n")
         await reader.read()
 
-    transport = UpstreamTransport()
+    transport = Transport()
     async with Upstream(handler) as server, client_for(server, transport) as client:
         assert (await client.get("/")).content == b"answer 1"
         await asyncio.sleep(0.05)
@@ -639,21 +639,21 @@ async def test_the_server_decides_whether_its_connection_is_reused(
     status_line: bytes, connection: bytes, reused: bool
 ) -> None:
     answer = status_line + b"\r\nContent-Length: 2\r\n" + connection + b"\r\nok"
-    async with Upstream(scripted(answer, answer)) as server, client_for(server, UpstreamTransport()) as client:
+    async with Upstream(scripted(answer, answer)) as server, client_for(server, Transport()) as client:
         assert (await client.get("/")).content == b"ok"
         assert (await client.get("/")).content == b"ok"
     assert server.connections == (1 if reused else 2)
 
 
 async def test_a_request_saying_connection_close_is_not_reused() -> None:
-    async with Upstream(echo) as server, client_for(server, UpstreamTransport()) as client:
+    async with Upstream(echo) as server, client_for(server, Transport()) as client:
         await client.get("/", headers={"Connection": "close"})
         await client.get("/")
     assert server.connections == 2
 
 
 async def test_idle_connections_expire_after_keepalive_expiry() -> None:
-    transport = UpstreamTransport(keepalive_expiry=0.05)
+    transport = Transport(keepalive_expiry=0.05)
     async with Upstream(echo) as server, client_for(server, transport) as client:
         await client.get("/")
         await client.get("/")
@@ -669,7 +669,7 @@ async def test_closing_the_transport_closes_its_idle_connections() -> None:
         await echo(server, reader, writer)
         closed.set()
 
-    transport = UpstreamTransport()
+    transport = Transport()
     async with Upstream(handler) as server, client_for(server, transport) as client:
         await client.get("/")
         await transport.aclose()
@@ -683,7 +683,7 @@ async def test_refused_and_unresolvable_connections_raise_connect_error() -> Non
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    transport = UpstreamTransport()
+    transport = Transport()
     async with httpx.AsyncClient(transport=transport) as client:
         with pytest.raises(httpx.ConnectError):
             await client.get(f"http://127.0.0.1:{port}/")
@@ -696,7 +696,7 @@ async def test_a_tls_handshake_that_never_finishes_is_a_connect_timeout() -> Non
     async def silent(server: Upstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read()
 
-    async with Upstream(silent) as server, httpx.AsyncClient(transport=UpstreamTransport()) as client:
+    async with Upstream(silent) as server, httpx.AsyncClient(transport=Transport()) as client:
         started = time.monotonic()
         with pytest.raises(httpx.ConnectTimeout):
             await client.get(f"https://127.0.0.1:{server.port}/", timeout=httpx.Timeout(5, connect=0.1))
@@ -716,7 +716,7 @@ async def test_a_server_that_stops_reading_causes_a_write_timeout() -> None:
     stalled = await asyncio.get_running_loop().create_server(Stalled, "127.0.0.1", 0)
     port = stalled.sockets[0].getsockname()[1]
     try:
-        async with httpx.AsyncClient(transport=UpstreamTransport()) as client:
+        async with httpx.AsyncClient(transport=Transport()) as client:
             with pytest.raises(httpx.WriteTimeout):
                 await client.post(f"http://127.0.0.1:{port}/", content=bytes(32 * 1024 * 1024), timeout=0.2)
     finally:
@@ -739,17 +739,17 @@ def slow(delay_head: float, delay_body: float) -> Handler:
 
 
 async def test_the_head_wait_uses_first_byte_timeout_and_body_reads_use_read_timeout() -> None:
-    async with Upstream(slow(0.3, 0)) as server, client_for(server, UpstreamTransport(), read=0.1) as client:
+    async with Upstream(slow(0.3, 0)) as server, client_for(server, Transport(), read=0.1) as client:
         with pytest.raises(httpx.ReadTimeout):
             await client.get("/")
         response = await client.get("/", extensions={"first_byte_timeout": 2})
         assert response.content == b"abcd"
-    async with Upstream(slow(0.3, 0)) as server, client_for(server, UpstreamTransport(), read=5) as client:
+    async with Upstream(slow(0.3, 0)) as server, client_for(server, Transport(), read=5) as client:
         started = time.monotonic()
         with pytest.raises(httpx.ReadTimeout):
             await client.get("/", extensions={"first_byte_timeout": 0.1})
         assert time.monotonic() - started < 0.25
-    async with Upstream(slow(0, 0.3)) as server, client_for(server, UpstreamTransport(), read=0.1) as client:
+    async with Upstream(slow(0, 0.3)) as server, client_for(server, Transport(), read=0.1) as client:
         with pytest.raises(httpx.ReadTimeout):
             await client.get("/", extensions={"first_byte_timeout": 2})
 
@@ -762,7 +762,7 @@ async def test_waiting_for_a_connection_is_bounded_by_max_connections_and_the_po
             await release.wait()
             writer.write(reply(b"done"))
 
-    transport = UpstreamTransport(max_connections=2)
+    transport = Transport(max_connections=2)
     async with Upstream(held) as server, client_for(server, transport) as client:
         tasks = [asyncio.create_task(client.get("/")) for _ in range(6)]
         await server.until_received(2)
@@ -777,7 +777,7 @@ async def test_waiting_for_a_connection_is_bounded_by_max_connections_and_the_po
 
 
 async def test_a_waiter_cancelled_just_as_it_is_handed_a_connection_gives_it_back() -> None:
-    transport = UpstreamTransport(max_connections=1)
+    transport = Transport(max_connections=1)
     async with Upstream(echo) as server, client_for(server, transport) as client:
         async with client.stream("POST", "/", content=b"held") as held:
             waiting = asyncio.create_task(client.get("/"))
@@ -798,7 +798,7 @@ async def test_concurrent_requests_each_get_their_own_answer() -> None:
             await asyncio.sleep(int(request.body[:3]) % 7 / 1000)
             writer.write(reply(request.body))
 
-    transport = UpstreamTransport(max_connections=16)
+    transport = Transport(max_connections=16)
     async with Upstream(jittery) as server, client_for(server, transport) as client:
         bodies = [b"%03d" % i + os.urandom(i * 50) for i in range(200)]
         responses = await asyncio.gather(*(client.post("/", content=body) for body in bodies))
@@ -861,7 +861,7 @@ TRUNCATED = {
     + [pytest.param(raw, True, id=name) for name, raw in TRUNCATED.items()],
 )
 async def test_a_malformed_or_truncated_response_is_a_remote_protocol_error(answer: bytes, then_close: bool) -> None:
-    transport = UpstreamTransport()
+    transport = Transport()
     async with Upstream(scripted(answer, then_close=then_close)) as server, client_for(server, transport) as client:
         with pytest.raises(httpx.RemoteProtocolError) as caught:
             await client.get("/")
@@ -880,7 +880,7 @@ async def test_a_malformed_or_truncated_response_is_a_remote_protocol_error(answ
     ids=["head", "head without end", "trailers", "chunk extension"],
 )
 async def test_oversized_heads_trailers_and_chunk_lines_are_refused(answer: bytes) -> None:
-    transport = UpstreamTransport(max_head_size=1024)
+    transport = Transport(max_head_size=1024)
     async with Upstream(scripted(answer)) as server, client_for(server, transport) as client:
         with pytest.raises(httpx.RemoteProtocolError, match="longer than"):
             await client.get("/")
@@ -908,7 +908,7 @@ async def test_https_reuses_connections_and_aborts_partly_read_bodies(certificat
     server_context.load_cert_chain(certificate / "cert.pem", certificate / "key.pem")
     client_context = ssl.create_default_context(cafile=str(certificate / "cert.pem"))
     streamed = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"5\r\ntoken\r\n"
-    transport = UpstreamTransport(ssl_context=client_context)
+    transport = Transport(ssl_context=client_context)
     handler = scripted(reply(b"one"), reply(b"two"), streamed)
     async with Upstream(handler, server_context) as server, client_for(server, transport) as client:
         assert (await client.get("/")).content == b"one"
@@ -916,7 +916,7 @@ async def test_https_reuses_connections_and_aborts_partly_read_bodies(certificat
         async with client.stream("GET", "/") as response:
             assert await anext(response.aiter_raw()) == b"token"
         assert stats(transport) == EMPTY
-        async with httpx.AsyncClient(transport=UpstreamTransport()) as untrusting:
+        async with httpx.AsyncClient(transport=Transport()) as untrusting:
             with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
                 await untrusting.get(server.url)
     assert server.connections == 1  # the failed handshake never reached the handler
@@ -951,7 +951,7 @@ async def test_any_chunking_of_any_body_round_trips_exactly(body: bytes, framing
 
     async with (
         Upstream(handler) as server,
-        client_for(server, UpstreamTransport()) as client,
+        client_for(server, Transport()) as client,
         client.stream("GET", "/") as response,
     ):
         received = [piece async for piece in response.aiter_raw()]
@@ -966,7 +966,7 @@ async def test_a_streamed_request_body_arrives_exactly(pieces: list[bytes]) -> N
         for piece in pieces:
             yield piece
 
-    async with Upstream(echo) as server, client_for(server, UpstreamTransport()) as client:
+    async with Upstream(echo) as server, client_for(server, Transport()) as client:
         response = await client.post("/", content=content())
     assert server.received[0].body == response.content == b"".join(pieces)
 
@@ -1031,7 +1031,7 @@ def hostile_gateway(gateway_env: dict[str, str]) -> Iterator[GatewayProcess]:
         env = {
             **gateway_env,
             "OLLAMA_BACKENDS": backend.url,
-            "GATEWAY_UPSTREAM_FIRST_BYTE_TIMEOUT": "1",
+            "GATEWAY_BACKEND_FIRST_BYTE_TIMEOUT": "1",
             "GATEWAY_BACKEND_COOLDOWN": "0.1",  # three 502s in a row bench the backend
         }
         with GatewayProcess(env) as process:

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from neuronetz.errors import BadRequest
-from neuronetz.tokens import MAX_TOKENS, estimate_prompt, requested_cap
+from neuronetz.llm_tokens import MAX_TOKENS, estimate_prompt, requested_cap
 
 
 def test_the_estimate_counts_text_messages_and_images() -> None:

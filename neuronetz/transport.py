@@ -1,18 +1,17 @@
-"""The upstream transport: a keep-alive pool of HTTP/1.1 connections to the Ollama backends.
+"""The backend transport: a keep-alive pool of HTTP/1.1 connections to the Ollama backends.
 
-`UpstreamTransport` plugs into `httpx.AsyncClient(transport=...)`. It exists because httpx's
+`Transport` plugs into `httpx.AsyncClient(transport=...)`. It exists because httpx's
 default transport (httpcore over anyio) costs more CPU per request than the gateway's latency
 budget allows (the README's architecture section has the figures; `python3 build.py bench
-upstream` measures them). The bytes on each socket are
-`h1.py`'s business; this module decides which socket a request uses, when a request is retried
-and when a socket is closed.
+transport` measures them). The bytes on each socket are `h1.py`'s business; this module
+decides which socket a request uses, when a request is retried and when a socket is closed.
 
 * A pool per origin (scheme, host, port). `max_connections` and `max_keepalive` count per origin,
   because each backend has its own capacity and one slow backend must not starve the others.
   Waiting for a connection is first-come first-served and bounded by the pool timeout.
 * A connection goes back to the pool only after its body was read to the end and neither side
   said `Connection: close`. `aclose()` on an unfinished body aborts the socket at once: that is
-  how the gateway stops generation upstream when its own client disconnects.
+  how the gateway stops generation on the backend when its own client disconnects.
 * Timeouts come from httpx's `request.extensions["timeout"]`; the wait for the final response
   head may be longer (`request.extensions["first_byte_timeout"]`), as a model loads before it
   answers. That wait bounds the whole head, interim 1xx responses included.
@@ -61,7 +60,7 @@ class _ResponseBody(httpx.AsyncByteStream):
 
     def __init__(
         self,
-        pool: UpstreamTransport,
+        pool: Transport,
         origin: _Origin,
         conn: h1.Connection,
         head: h1.ResponseHead,
@@ -99,12 +98,12 @@ class _ResponseBody(httpx.AsyncByteStream):
             self._pool._release(self._origin, self._conn, reuse)
 
 
-class UpstreamTransport(httpx.AsyncBaseTransport):
+class Transport(httpx.AsyncBaseTransport):
     """HTTP/1.1 to the backends, with a keep-alive pool per origin.
 
     max_connections: open connections per origin, idle ones included; more requests wait.
     max_keepalive: idle connections kept per origin; a finished one beyond this is closed.
-    keepalive_expiry: seconds an idle connection is trusted; keep it below the upstream's own idle timeout.
+    keepalive_expiry: seconds an idle connection is trusted; keep it below the backend's own idle timeout.
     max_head_size: bytes allowed in a response head, and separately in a chunked body's trailers.
     ssl_context: for https origins; the system default context if None.
 
@@ -136,7 +135,7 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if self._closed:
-            raise RuntimeError("The upstream transport is closed.")
+            raise RuntimeError("The backend transport is closed.")
         url = request.url
         key = (url.raw_scheme, url.raw_host, url.port)
         origin = self._origins.get(key) or self._add_origin(key)
@@ -186,7 +185,7 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
             while origin.waiters:
                 waiter = origin.waiters.popleft()
                 if not waiter.done():
-                    waiter.set_exception(RuntimeError("The upstream transport was closed."))
+                    waiter.set_exception(RuntimeError("The backend transport was closed."))
 
     def _add_origin(self, key: tuple[bytes, bytes, int | None]) -> _Origin:
         scheme, host, port = key
@@ -197,7 +196,7 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
         elif scheme == b"http":
             origin = _Origin("http", host.decode("ascii"), port or 80, None)
         else:
-            raise httpx.UnsupportedProtocol(f"The upstream transport speaks http and https, not {scheme!r}.")
+            raise httpx.UnsupportedProtocol(f"The backend transport speaks http and https, not {scheme!r}.")
         self._origins[key] = origin
         return origin
 
@@ -285,7 +284,7 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
             # closed at once (as a TCP balancer without a healthy backend does). Nothing was sent.
             if retry:
                 raise _StaleConnection()
-            raise httpx.ConnectError(f"The upstream closed the connection before the request was sent: {conn.error!r}")
+            raise httpx.ConnectError(f"The backend closed the connection before the request was sent: {conn.error!r}")
         for data in out.writes:
             conn.transport.write(data)
         write_failed: httpx.WriteError | None = None
