@@ -28,10 +28,18 @@ import orjson
 
 from neuronetz import audit, config, dialects, llm_tokens, logs, metrics, models, proxy
 from neuronetz.auth import KeyRecord, bearer_token
-from neuronetz.backends import Backend
-from neuronetz.errors import ANTHROPIC, BadGateway, BadRequest, Forbidden, GatewayError, NotFound, ServiceUnavailable
-from neuronetz.http import BodyReaders, Request, client_address, parse_json, send_bytes, send_error, send_json
-from neuronetz.proxy import BackendUnreachable, Exchange
+from neuronetz.errors import ANTHROPIC, BadRequest, Forbidden, GatewayError, NotFound, ServiceUnavailable
+from neuronetz.http import (
+    BodyReaders,
+    DisconnectWatch,
+    Request,
+    client_address,
+    parse_json,
+    send_bytes,
+    send_error,
+    send_json,
+)
+from neuronetz.proxy import Exchange
 from neuronetz.router import Route, Router, is_account, is_blocked, normalize_path
 from neuronetz.types import Receive, Scope, Send
 from neuronetz.worker import Worker
@@ -341,76 +349,25 @@ class App:
         cap: int | None = None,
         queued: bool = False,
     ) -> None:
-        """Proxy to a backend chosen for `model`, trying the next one while nothing reached the
-        previous. The client going away cancels the backend request: Granian reports a
-        disconnect only through receive(), so a watcher task listens. It
-        starts WATCH_AFTER into the request: most answers are done by then, and a client that
-        left earlier is still noticed at once when it starts, well within 100 ms."""
+        """Proxy to a backend (proxy.Forwarder). The client going away cancels the backend
+        request at once; so does the drain at a stop, which ends a started answer with an
+        error record."""
         worker = self._worker()
         task = asyncio.current_task()
-        if task is None:  # handled in __call__: never reached
+        if task is None:  # __call__ refuses to run outside a task: never reached
             raise RuntimeError("_forward must run inside a task")
-        disconnected = False
-        watcher: asyncio.Task[None] | None = None
-
-        async def watch() -> None:
-            nonlocal disconnected
-            await request.wait_for_disconnect()
-            disconnected = True
-            task.cancel()
-
-        def start_watching() -> None:
-            nonlocal watcher
-            watcher = asyncio.create_task(watch())
-
-        timer = asyncio.get_running_loop().call_later(WATCH_AFTER, start_watching)
+        watch = DisconnectWatch(request, task, WATCH_AFTER)
         worker.in_flight.add(task)
         try:
-            tried: set[Backend] = set()
-            last: BackendUnreachable | None = None
-            while True:
-                # A model request waits here for a backend slot (slots.py), fairly among tenants.
-                slot = await worker.slots.acquire(_key(request), model, frozenset(tried)) if queued else None
-                if slot is not None:
-                    exchange.queue_wait_ms = (exchange.queue_wait_ms or 0.0) + slot.waited * 1000
-                    headers = request.response_headers
-                    # After a failover the request waited again: one header, with the total wait.
-                    headers[:] = [header for header in headers if header[0] != b"x-queue-wait-ms"]
-                    headers.append((b"x-queue-wait-ms", str(round(exchange.queue_wait_ms)).encode()))
-                try:
-                    backend = (
-                        slot.backend if slot is not None else await worker.backends.choose(model, frozenset(tried))
-                    )
-                except ServiceUnavailable:
-                    if last is None:
-                        raise
-                    if last.reason.startswith("busy"):
-                        raise ServiceUnavailable("Every backend is busy; retry shortly.", retry_after=2) from None
-                    raise BadGateway("No backend could be reached.") from None
-                backend.in_flight += 1
-                try:
-                    await proxy.forward(
-                        worker.transport, backend.url, backend.host, path, request, body, send, exchange,
-                        worker.timeouts, worker.settings.max_record_bytes, strip_usage=strip_usage, cap=cap,
-                    )  # fmt: skip
-                except BackendUnreachable as exc:
-                    exchange.backend = None
-                    if not exc.reason.startswith("busy"):
-                        worker.backends.failed(backend, exc.reason)
-                    tried.add(backend)
-                    last = exc
-                    continue
-                finally:
-                    backend.in_flight -= 1
-                    if slot is not None:
-                        worker.slots.release(slot)
-                worker.backends.answered(backend, exchange.status)
-                return
+            await worker.forwarder.forward(
+                request, send, exchange, model, path, body,
+                queue_as=_key(request) if queued else None, strip_usage=strip_usage, cap=cap,
+            )  # fmt: skip
         except asyncio.CancelledError:
-            if not (disconnected or worker.draining):
+            if not (watch.disconnected or worker.draining):
                 raise
             task.uncancel()
-            if disconnected:
+            if watch.disconnected:
                 exchange.disconnected = True
             elif exchange.started:
                 await proxy.end_with_error(
@@ -420,10 +377,8 @@ class App:
                 raise ServiceUnavailable("The gateway is restarting; retry.", retry_after=1) from None
         finally:
             worker.in_flight.discard(task)
-            timer.cancel()
-            if watcher is not None:
-                watcher.cancel()
-            if disconnected and task.cancelling():
+            watch.close()
+            if watch.disconnected and task.cancelling():
                 # The client left just as the answer ended: the watcher's cancellation is still
                 # pending and would hit the settlement that comes next. Nobody is waiting for it.
                 task.uncancel()

@@ -215,6 +215,34 @@ class Request:
             pass
 
 
+class DisconnectWatch:
+    """Cancels `task` when the client of `request` goes away, and says so in `disconnected`.
+
+    Granian reports a vanished client only through receive(), so a task listens. It starts
+    `after` seconds in: most answers are done by then, and a client that left earlier is
+    still noticed at once when it starts. `close` stops it; call it exactly once."""
+
+    def __init__(self, request: Request, task: asyncio.Task[Any], after: float) -> None:
+        self.request = request
+        self.task = task
+        self.disconnected = False
+        self._listener: asyncio.Task[None] | None = None
+        self._timer = asyncio.get_running_loop().call_later(after, self._listen)
+
+    def _listen(self) -> None:
+        self._listener = asyncio.create_task(self._wait())
+
+    async def _wait(self) -> None:
+        await self.request.wait_for_disconnect()
+        self.disconnected = True
+        self.task.cancel()
+
+    def close(self) -> None:
+        self._timer.cancel()
+        if self._listener is not None:
+            self._listener.cancel()
+
+
 def parse_json(raw: bytes, max_elements: int | None = None) -> dict[str, Any]:
     """A request body as a JSON object; anything else is a 400 that says what was wrong.
 

@@ -6,6 +6,9 @@ never reach Ollama), and `Host` set for the backend, which Ollama checks on loop
 (docs/ollama.md §6). The answer goes back chunk by chunk through a relay (relay.py) that
 reads the usage on the way.
 
+`Forwarder` chooses the backend (through a backend slot when the gateway queues) and fails
+over to the next while nothing reached the client, as Caddy's `proxyLoopIteration` does.
+
 Failures map to statuses in one place, `backend_error`: before any byte from the backend a
 connect failure is `BackendUnreachable` (the caller may try another backend, because nothing
 reached this one), a timeout 504 and anything else 502. After the answer started, the
@@ -25,9 +28,12 @@ from typing import Any, cast
 import httpx
 
 from neuronetz import __version__, dialects, http
+from neuronetz.auth import KeyRecord
+from neuronetz.backends import Backend, BackendPool
 from neuronetz.errors import BadGateway, GatewayError, GatewayTimeout, ServiceUnavailable, error_body
 from neuronetz.http import Request
 from neuronetz.relay import BodyRelay, NdjsonRelay, Outcome, RecordTooLong, SseRelay
+from neuronetz.slots import Scheduler
 from neuronetz.types import Send
 
 log = logging.getLogger("neuronetz.proxy")
@@ -125,6 +131,75 @@ def error_record(openai: bool, message: str, code: str) -> bytes:
     """The record that ends a stream that failed after it started, in the caller's dialect."""
     body = error_body(openai, message, "api_error", code)
     return b"data: " + body + b"\n\n" if openai else body + b"\n"
+
+
+@dataclass(frozen=True)
+class Forwarder:
+    """Forwarding with failover: what a worker needs to reach any of its backends."""
+
+    transport: httpx.AsyncBaseTransport
+    backends: BackendPool
+    slots: Scheduler
+    timeouts: Timeouts
+    max_record: int
+
+    async def forward(
+        self,
+        request: Request,
+        send: Send,
+        exchange: Exchange,
+        model: str | None,
+        path: str,
+        body: bytes | None,
+        *,
+        queue_as: KeyRecord | None = None,
+        strip_usage: bool = False,
+        cap: int | None = None,
+    ) -> None:
+        """`forward` to a backend chosen for `model`, and to the next one while the previous
+        could not be reached (nothing reached it, nothing reached the client). With
+        `queue_as`, the request first waits for a backend slot in that key's turn."""
+        tried: set[Backend] = set()
+        last: BackendUnreachable | None = None
+        while True:
+            slot = await self.slots.acquire(queue_as, model, frozenset(tried)) if queue_as is not None else None
+            if slot is not None:
+                _add_queue_wait(request, exchange, slot.waited)
+            try:
+                backend = slot.backend if slot is not None else await self.backends.choose(model, frozenset(tried))
+            except ServiceUnavailable:
+                if last is None:
+                    raise
+                if last.reason.startswith("busy"):
+                    raise ServiceUnavailable("Every backend is busy; retry shortly.", retry_after=2) from None
+                raise BadGateway("No backend could be reached.") from None
+            backend.in_flight += 1
+            try:
+                await forward(
+                    self.transport, backend.url, backend.host, path, request, body, send, exchange,
+                    self.timeouts, self.max_record, strip_usage=strip_usage, cap=cap,
+                )  # fmt: skip
+            except BackendUnreachable as exc:
+                exchange.backend = None
+                if not exc.reason.startswith("busy"):
+                    self.backends.failed(backend, exc.reason)
+                tried.add(backend)
+                last = exc
+                continue
+            finally:
+                backend.in_flight -= 1
+                if slot is not None:
+                    self.slots.release(slot)
+            self.backends.answered(backend, exchange.status)
+            return
+
+
+def _add_queue_wait(request: Request, exchange: Exchange, waited: float) -> None:
+    """Count a slot wait; after a failover the request waited again: one header, the total."""
+    exchange.queue_wait_ms = (exchange.queue_wait_ms or 0.0) + waited * 1000
+    headers = request.response_headers
+    headers[:] = [header for header in headers if header[0] != b"x-queue-wait-ms"]
+    headers.append((b"x-queue-wait-ms", str(round(exchange.queue_wait_ms)).encode()))
 
 
 async def forward(

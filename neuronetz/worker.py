@@ -96,6 +96,7 @@ class Worker:
             redis, self.backends, self.metrics, prefix=settings.redis_prefix, lease_ttl=settings.lease_ttl,
             max_wait=settings.queue_max_wait, max_depth=settings.queue_max_depth,
         )  # fmt: skip
+        self.forwarder = proxy.Forwarder(transport, self.backends, self.slots, self.timeouts, settings.max_record_bytes)
         self.shared_metrics = metrics.Shared()
         self.in_flight: set[asyncio.Task[Any]] = set()
         self.draining = False

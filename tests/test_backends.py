@@ -17,7 +17,7 @@ import pytest
 
 from neuronetz.backends import plan_backends_change
 from tests.emulator import Emulator, ModelSpec
-from tests.support import METRICS_TOKEN, ROOT, Admin, GatewayProcess, auth, env_file, forwarded, free_port
+from tests.support import METRICS_TOKEN, ROOT, Admin, GatewayProcess, auth, env_file, forwarded, free_port, wait_until
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stream": False}
 
@@ -73,19 +73,31 @@ async def test_the_backend_with_fewest_requests_in_flight_gets_the_next(
 async def test_a_slow_backend_gets_fewer_requests(
     pair: GatewayProcess, emulator: Emulator, second: Emulator, admin: Admin
 ) -> None:
-    emulator.configure(token_delay_ms=200, tokens=10)  # 2 s per answer; the second is instant
+    emulator.configure(token_delay_ms=1000, tokens=10)  # 10 s per answer; the second is instant
     key = await admin.key()
-    async with httpx.AsyncClient(timeout=30) as client:
-        # Two at once: one each (whichever way the tie goes), and the one on the slow backend
-        # stays in flight while the fast one is done at once.
-        first = [asyncio.create_task(client.post(pair.url + "/api/chat", json=CHAT, headers=auth(key)))
-                 for _ in range(2)]  # fmt: skip
-        await asyncio.sleep(0.3)
+    async with httpx.AsyncClient(timeout=60) as client:
+        # A tie (nothing in flight anywhere) goes either way: send until one request is on the
+        # slow backend, each answered by the fast one or seen arriving at the slow one.
+        slow: asyncio.Task[httpx.Response] | None = None
+        for _ in range(40):
+            request = asyncio.create_task(client.post(pair.url + "/api/chat", json=CHAT, headers=auth(key)))
+
+            def answered_or_held(request: asyncio.Task[httpx.Response] = request) -> bool:
+                return request.done() or emulator.stats().in_flight == 1
+
+            await wait_until(answered_or_held, 30, "an answer, or the request at the slow backend")
+            if not request.done():
+                slow = request
+                break
+            assert request.result().status_code == 200
+        assert slow is not None, "every request went to the fast backend, none to the slow one"
+        fast = len(forwarded(second, "/api/chat"))
         for _ in range(5):  # sequential, while the slow backend is still busy: all to the fast one
             assert (await client.post(pair.url + "/api/chat", json=CHAT, headers=auth(key))).status_code == 200
-        assert {answer.status_code for answer in await asyncio.gather(*first)} == {200}
+        assert emulator.stats().in_flight == 1, "the slow answer ended before the test could use it"
+        assert (await slow).status_code == 200
     assert len(forwarded(emulator, "/api/chat")) == 1
-    assert len(forwarded(second, "/api/chat")) == 6
+    assert len(forwarded(second, "/api/chat")) == fast + 5
 
 
 async def test_a_down_backend_is_skipped_and_benched(gateway_env: dict[str, str], emulator: Emulator,
