@@ -14,11 +14,13 @@ requests continue in `App.inference`; read together, top to bottom:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import hmac
 import ipaddress
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -276,10 +278,11 @@ class App:
             exchange.prompt = _prompt_of(body)
             exchange.outcome.text = []
         try:
-            await self._forward(
-                request, send, exchange, model, endpoint.backend_path, orjson.dumps(body) if rewrite else raw,
-                strip_usage=strip_usage, cap=cap, queued=True,
-            )  # fmt: skip
+            async with self._forwarding(request, send, exchange):
+                await worker.forwarder.forward(
+                    request, send, exchange, model, endpoint.backend_path, orjson.dumps(body) if rewrite else raw,
+                    queue_as=key, strip_usage=strip_usage, cap=cap,
+                )  # fmt: skip
         finally:
             usage = exchange.outcome.usage
             if exchange.backend is None:  # nothing reached a backend: nothing to charge
@@ -303,7 +306,8 @@ class App:
         else:
             raw, _ = await self._read(endpoint, request, exchange)
             path = endpoint.backend_path
-        await self._forward(request, send, exchange, exchange.model, path, raw)
+        async with self._forwarding(request, send, exchange) as worker:
+            await worker.forwarder.forward(request, send, exchange, exchange.model, path, raw)
 
     async def count_tokens(self, endpoint: Endpoint, request: Request, send: Send, exchange: Exchange) -> None:
         """POST /v1/messages/count_tokens, answered here from the gateway's prompt estimate:
@@ -322,7 +326,8 @@ class App:
         await send_json(send, request, 200, {"input_tokens": dialects.estimate_prompt(body, ANTHROPIC)})
 
     async def info(self, endpoint: Endpoint, request: Request, send: Send, exchange: Exchange) -> None:
-        await self._forward(request, send, exchange, None, endpoint.backend_path, None)
+        async with self._forwarding(request, send, exchange) as worker:
+            await worker.forwarder.forward(request, send, exchange, None, endpoint.backend_path, None)
 
     async def listing(self, endpoint: Endpoint, request: Request, send: Send, exchange: Exchange) -> None:
         """/api/tags, /api/ps and /v1/models: every available backend's list, merged without
@@ -336,33 +341,18 @@ class App:
         exchange.status = 200
         await send_json(send, request, 200, body)
 
-    async def _forward(
-        self,
-        request: Request,
-        send: Send,
-        exchange: Exchange,
-        model: str | None,
-        path: str,
-        body: bytes | None,
-        *,
-        strip_usage: bool = False,
-        cap: int | None = None,
-        queued: bool = False,
-    ) -> None:
-        """Proxy to a backend (proxy.Forwarder). The client going away cancels the backend
-        request at once; so does the drain at a stop, which ends a started answer with an
-        error record."""
+    @contextlib.asynccontextmanager
+    async def _forwarding(self, request: Request, send: Send, exchange: Exchange) -> AsyncIterator[Worker]:
+        """Around a forward (proxy.Forwarder): the client going away cancels it at once, and so
+        does the drain at a stop, which ends an answer already started with an error record."""
         worker = self._worker()
         task = asyncio.current_task()
         if task is None:  # __call__ refuses to run outside a task: never reached
-            raise RuntimeError("_forward must run inside a task")
+            raise RuntimeError("forwarding must run inside a task")
         watch = DisconnectWatch(request, task, WATCH_AFTER)
         worker.in_flight.add(task)
         try:
-            await worker.forwarder.forward(
-                request, send, exchange, model, path, body,
-                queue_as=_key(request) if queued else None, strip_usage=strip_usage, cap=cap,
-            )  # fmt: skip
+            yield worker
         except asyncio.CancelledError:
             if not (watch.disconnected or worker.draining):
                 raise

@@ -218,7 +218,7 @@ class AuditWriter:
             except TimeoutError:
                 pass
             self.full.clear()
-            if await self.flush():
+            if await self.tasks.finish(self.flush()):
                 failures = 0
             else:
                 failures += 1

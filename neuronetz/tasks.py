@@ -6,6 +6,10 @@ applying revocations) would stop with it until the worker restarts. Under a `Sup
 the exception is logged once with its traceback, the loop is started again after a backoff
 (0.5 s doubling to 30 s, reset once it has run a minute without failing), and the restart is
 counted in `RESTARTS` (exported as `neuronetz_background_task_restarts_total{task=...}`).
+
+`stop` cancels the loops, but never a step a loop runs through `finish` (a writer's batch on
+its way to Postgres): cut halfway, the batch would be neither written nor kept for the
+writer's last flush. `stop` lets such a step end first.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import asyncio
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 log = logging.getLogger("neuronetz.tasks")
 
@@ -21,6 +26,7 @@ RESTARTS: Counter[str] = Counter()  # task name -> restarts in this process
 FIRST_DELAY = 0.5
 MAX_DELAY = 30.0
 HEALTHY_AFTER = 60.0  # a run this long without failing resets the backoff
+T = TypeVar("T")
 
 
 class Supervisor:
@@ -33,6 +39,7 @@ class Supervisor:
 
     def __init__(self) -> None:
         self.tasks: list[asyncio.Task[None]] = []
+        self.steps: set[asyncio.Future[Any]] = set()  # run through `finish`, not yet done
 
     def start(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
         self.tasks.append(asyncio.create_task(self._supervise(name, loop), name=name))
@@ -43,7 +50,7 @@ class Supervisor:
         async def loop() -> None:
             while True:
                 await asyncio.sleep(seconds)
-                await step()
+                await self.finish(step())
 
         self.start(name, loop)
 
@@ -64,8 +71,19 @@ class Supervisor:
             await asyncio.sleep(delay)
             delay = min(MAX_DELAY, delay * 2)
 
+    async def finish(self, step: Awaitable[T]) -> T:
+        """Await `step` in a loop of this supervisor such that `stop` cannot cut it short."""
+        future = asyncio.ensure_future(step)
+        self.steps.add(future)
+        future.add_done_callback(self.steps.discard)
+        return await asyncio.shield(future)
+
     async def stop(self) -> None:
         tasks, self.tasks = self.tasks, []
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        # The steps their loops were in: nobody else will see how they end.
+        for outcome in await asyncio.gather(*self.steps, return_exceptions=True):
+            if isinstance(outcome, Exception):
+                log.error("background step failed while stopping", exc_info=outcome)

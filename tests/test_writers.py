@@ -19,7 +19,7 @@ import pytest
 from neuronetz import audit, tasks
 from neuronetz.budgets import Ledger
 from neuronetz.logs import Throttled
-from tests.support import Admin, GatewayProcess, auth
+from tests.support import Admin, GatewayProcess, auth, wait_until
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hello"}], "stream": False}
 
@@ -175,6 +175,34 @@ async def test_a_periodic_step_runs_again_after_each_interval() -> None:
     # the first run waits one interval too (the loop's clock may round a little: 0.04)
     assert calls[0] - started >= 0.04
     assert all(later - earlier >= 0.04 for earlier, later in itertools.pairwise(calls))
+
+
+async def test_a_batch_on_its_way_to_postgres_when_the_writer_stops_is_written_not_lost(
+    pool: asyncpg.Pool[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stop of a worker used to cancel the writer in the middle of its batch: the batch
+    was then neither in Postgres nor in the queue the last flush writes."""
+    run = secrets.token_hex(4)
+    writer = audit.AuditWriter(pool, capacity=10 * audit.BATCH, prompt_capacity=100, retention_days=30)
+    writing, release = asyncio.Event(), asyncio.Event()
+    write = writer._write
+
+    async def slow_write(records: Any, prompts: Any) -> None:
+        writing.set()
+        await release.wait()
+        await write(records, prompts)
+
+    monkeypatch.setattr(writer, "_write", slow_write)
+    writer.start()
+    for i in range(audit.BATCH + 5):  # a full batch wakes the writer; five wait for the next one
+        writer.submit(record(f"{run}-{i}"))
+    await asyncio.wait_for(writing.wait(), 10)
+    stopping = asyncio.create_task(writer.stop())
+    await wait_until(lambda: not writer.tasks.tasks, 10, "the stop to cancel the writer's loop")
+    release.set()
+    await asyncio.wait_for(stopping, 30)
+    written = await pool.fetchval("SELECT count(*) FROM request_log WHERE request_id LIKE $1", f"{run}-%")
+    assert written == audit.BATCH + 5
 
 
 def test_an_outage_warning_is_logged_once_then_with_a_count(caplog: pytest.LogCaptureFixture) -> None:
