@@ -284,7 +284,7 @@ class App:
                 prompt, completion = estimate, usage.completion_tokens
                 usage.prompt_tokens = estimate
             # Synchronous (queued for the next Redis pipeline): a cancelled request settles too.
-            gateway.limiter.settle(admission, key.subject, prompt, completion)
+            gateway.limiter.settle(admission, key.subject, prompt, completion, model=_ledger_model(model))
 
     async def show(self, endpoint: Endpoint, request: Request, send: Send, exchange: Exchange) -> None:
         raw: bytes | None
@@ -309,7 +309,7 @@ class App:
         admission = await gateway.limiter.admit(key.subject, 0, 0)
         if admission is not None:
             request.response_headers.extend(admission.headers)
-        gateway.limiter.settle(admission, key.subject, 0, 0)
+        gateway.limiter.settle(admission, key.subject, 0, 0, model=_ledger_model(exchange.model))
         exchange.status = 200
         await send_json(send, request, 200, {"input_tokens": dialects.estimate_prompt(body, ANTHROPIC)})
 
@@ -590,7 +590,16 @@ def _model_of(body: dict[str, Any]) -> str | None:
     # labels and Postgres text columns (which refuse U+0000): refused here, before anything.
     if not model.isprintable():
         raise BadRequest("The field 'model' contains control characters.")
+    # Nor is any that long, and the name becomes part of a usage ledger row's key.
+    if len(model) > models.MAX_LENGTH:
+        raise BadRequest(f"The field 'model' is longer than {models.MAX_LENGTH} characters; no model name is.")
     return model
+
+
+def _ledger_model(model: str | None) -> str:
+    """The model as the usage ledger records it: normalised, so `Llama3.2` and `llama3.2:latest`
+    share one row; '' when the request named none."""
+    return models.normalize(model) if model else ""
 
 
 def _prompt_of(body: dict[str, Any]) -> dict[str, Any]:

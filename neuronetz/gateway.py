@@ -9,7 +9,6 @@ pipeline itself lives in app.py.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
 import os
 import signal
@@ -129,7 +128,10 @@ class Gateway:
         self.audit.start()
         # A dead worker's journal is handed to this worker's own writers (and so its journal).
         self.journal.start(
-            lambda u: self.ledger.record(u[0], u[1], u[3], u[4], dt.date.fromisoformat(u[2])), self.audit.submit
+            lambda key, tenant, day, prompt, completion, model: self.ledger.record(
+                key, tenant, prompt, completion, day, model=model
+            ),
+            self.audit.submit,
         )
         self.tasks.start("backends.health", self.backends.run)
         self.tasks.start("gateway.env_file", self._watch_env_file)

@@ -247,12 +247,15 @@ class Limiter:
             retry_after=resets.timestamp() - now,
         )
 
-    def settle(self, admission: Admission | None, subject: Subject, prompt: int, completion: int) -> None:
-        """Record the real usage: in the ledger always, and against the limits exactly once
-        per admission (a second call is a no-op). The settlement leaves the request path: it
-        rides along with the next pipeline (see `_flush`), which only ever holds a slot or a
-        reservation a moment longer, never less."""
-        self.ledger.record(subject.key_id, subject.tenant_id, prompt, completion)
+    def settle(
+        self, admission: Admission | None, subject: Subject, prompt: int, completion: int, *, model: str
+    ) -> None:
+        """Record the real usage: in the ledger always (under `model`, see `Ledger.record`), and
+        against the limits exactly once per admission (a second call is a no-op); limits and
+        budgets count every model alike. The settlement leaves the request path: it rides along
+        with the next pipeline (see `_flush`), which only ever holds a slot or a reservation a
+        moment longer, never less."""
+        self.ledger.record(subject.key_id, subject.tenant_id, prompt, completion, model=model)
         if admission is None or admission.settled:
             return
         admission.settled = True
