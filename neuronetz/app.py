@@ -470,7 +470,7 @@ class App:
             raise NotFound("There is no route /metrics on this gateway (set GATEWAY_METRICS_TOKEN to enable it).")
         if not self._metrics_token_presented(gateway, request):
             raise Forbidden("GET /metrics needs `Authorization: Bearer <GATEWAY_METRICS_TOKEN>`.", code="forbidden")
-        await send_bytes(send, request, 200, gateway.metrics_text(), content_type=PROMETHEUS)
+        await send_bytes(send, request, 200, await gateway.metrics_text(), content_type=PROMETHEUS)
 
     @staticmethod
     def _metrics_token_presented(gateway: Gateway, request: Request) -> bool:
@@ -508,15 +508,21 @@ class App:
                 registry.observe(
                     "neuronetz_upstream_first_byte_seconds", exchange.upstream_head_at - exchange.forwarded_at
                 )
+        key = request.key if isinstance(request.key, KeyRecord) else None
         if usage.prompt_tokens or usage.completion_tokens:
             registry.inc(
                 "neuronetz_tokens_total", usage.prompt_tokens, metrics.labels(direction="prompt", model=model_label)
             )
             registry.inc("neuronetz_tokens_total", usage.completion_tokens, metrics.labels(direction="completion",
                          model=model_label))  # fmt: skip
+            if key is not None:
+                tenant = key.tenant
+                registry.inc("neuronetz_tenant_tokens_total", usage.prompt_tokens,
+                             metrics.labels(direction="prompt", tenant=tenant))  # fmt: skip
+                registry.inc("neuronetz_tenant_tokens_total", usage.completion_tokens,
+                             metrics.labels(direction="completion", tenant=tenant))  # fmt: skip
         if exchange.error_code in ("rate_limit_exceeded", "budget_exceeded", "queue_full", "queue_timeout"):
             registry.inc("neuronetz_refusals_total", key=metrics.labels(reason=exchange.error_code))
-        key = request.key if isinstance(request.key, KeyRecord) else None
         ttfb = (exchange.first_byte_at - exchange.started_at) * 1000 if exchange.first_byte_at is not None else None
         created = dt.datetime.fromtimestamp(time.time() - duration, dt.UTC)
         logs.request_line(

@@ -522,6 +522,16 @@ async def in_flight(client: db.RedisClient, prefix: str, tenant_id: int, sid: st
     return count
 
 
+async def spent(client: db.RedisClient, prefix: str, tenant_id: int, now: float) -> dict[str, int]:
+    """Tokens a tenant's budget counters hold for the periods `now` is in, by budget name
+    (daily_tokens, ...). A counter Redis does not hold is left out: the tenant has not been
+    budgeted since Redis started, or its counters were lost and are not rebuilt yet."""
+    names = list(BUDGET_NAMES)
+    # One slot (the tenant's hash tag), so one MGET also on a Redis Cluster.
+    values = await client.mget([f"{tag(prefix, tenant_id)}used:t:{period(name, now).id}" for name in names])
+    return {name: int(value) for name, value in zip(names, values, strict=True) if value is not None}
+
+
 def _node_marker(cluster: RedisCluster, prefix: str, node: str) -> str | None:
     """The instance marker of one cluster primary (see `Limiter._marker`); None if it serves
     no slots. A primary serving 1/k of the slots is found in about k steps; the tags `{s0}` to
