@@ -295,7 +295,7 @@ class App:
                 prompt, completion = estimate, usage.completion_tokens
                 usage.prompt_tokens = estimate
             # Synchronous (queued for the next Redis pipeline): a cancelled request settles too.
-            worker.limiter.settle(admission, key.subject, prompt, completion)
+            worker.limiter.settle(admission, key.subject, prompt, completion, model=_ledger_model(model))
 
     async def show(self, endpoint: Endpoint, request: Request, send: Send, exchange: Exchange) -> None:
         raw: bytes | None
@@ -321,7 +321,7 @@ class App:
         admission = await worker.limiter.admit(key.subject, 0, 0)
         if admission is not None:
             request.response_headers.extend(admission.headers)
-        worker.limiter.settle(admission, key.subject, 0, 0)
+        worker.limiter.settle(admission, key.subject, 0, 0, model=_ledger_model(exchange.model))
         exchange.status = 200
         await send_json(send, request, 200, {"input_tokens": dialects.estimate_prompt(body, ANTHROPIC)})
 
@@ -415,7 +415,7 @@ class App:
             raise NotFound("There is no route /metrics on this gateway (set GATEWAY_METRICS_TOKEN to enable it).")
         if not self._metrics_token_presented(worker, request):
             raise Forbidden("GET /metrics needs `Authorization: Bearer <GATEWAY_METRICS_TOKEN>`.", code="forbidden")
-        await send_bytes(send, request, 200, worker.metrics_text(), content_type=PROMETHEUS)
+        await send_bytes(send, request, 200, await worker.metrics_text(), content_type=PROMETHEUS)
 
     @staticmethod
     def _metrics_token_presented(worker: Worker, request: Request) -> bool:
@@ -453,15 +453,21 @@ class App:
                 registry.observe(
                     "neuronetz_backend_first_byte_seconds", exchange.backend_head_at - exchange.forwarded_at
                 )
+        key = request.key if isinstance(request.key, KeyRecord) else None
         if usage.prompt_tokens or usage.completion_tokens:
             registry.inc(
                 "neuronetz_tokens_total", usage.prompt_tokens, metrics.labels(direction="prompt", model=model_label)
             )
             registry.inc("neuronetz_tokens_total", usage.completion_tokens, metrics.labels(direction="completion",
                          model=model_label))  # fmt: skip
+            if key is not None:
+                tenant = key.tenant
+                registry.inc("neuronetz_tenant_tokens_total", usage.prompt_tokens,
+                             metrics.labels(direction="prompt", tenant=tenant))  # fmt: skip
+                registry.inc("neuronetz_tenant_tokens_total", usage.completion_tokens,
+                             metrics.labels(direction="completion", tenant=tenant))  # fmt: skip
         if exchange.error_code in ("rate_limit_exceeded", "budget_exceeded", "queue_full", "queue_timeout"):
             registry.inc("neuronetz_refusals_total", key=metrics.labels(reason=exchange.error_code))
-        key = request.key if isinstance(request.key, KeyRecord) else None
         ttfb = (exchange.first_byte_at - exchange.started_at) * 1000 if exchange.first_byte_at is not None else None
         created = dt.datetime.fromtimestamp(time.time() - duration, dt.UTC)
         logs.request_line(
@@ -535,7 +541,16 @@ def _model_of(body: dict[str, Any]) -> str | None:
     # labels and Postgres text columns (which refuse U+0000): refused here, before anything.
     if not model.isprintable():
         raise BadRequest("The field 'model' contains control characters.")
+    # Nor is any that long, and the name becomes part of a usage ledger row's key.
+    if len(model) > models.MAX_LENGTH:
+        raise BadRequest(f"The field 'model' is longer than {models.MAX_LENGTH} characters; no model name is.")
     return model
+
+
+def _ledger_model(model: str | None) -> str:
+    """The model as the usage ledger records it: normalised, so `Llama3.2` and `llama3.2:latest`
+    share one row; '' when the request named none."""
+    return models.normalize(model) if model else ""
 
 
 def _prompt_of(body: dict[str, Any]) -> dict[str, Any]:

@@ -2,11 +2,11 @@
 
 Budgets are enforced in Redis (limits.lua, in the admission round trip) against counters of
 tokens used per scope and period: the UTC day, the UTC calendar month, and all time. Every
-settled request is also added to the ledger (`usage_daily`) by a per-worker accumulator that
-writes one batch at least every second and retries until Postgres is back: the Redis
-counters are a cache of the ledger. A row Postgres refuses for its content (a key deleted
-meanwhile, a sum out of range) is split from the batch, dropped and counted, so it cannot
-hold back everyone else's usage.
+settled request is also added to the ledger (`usage_daily`, one row per key, UTC day and model)
+by a per-worker accumulator that writes one batch at least every second and retries until
+Postgres is back: the Redis counters are a cache of the ledger, summed over its models. A row
+Postgres refuses for its content (a key deleted meanwhile, a sum out of range) is split from
+the batch, dropped and counted, so it cannot hold back everyone else's usage.
 
 When Redis loses its data (restart, flush, failover) the per-tenant epoch marker is gone;
 the first budgeted request of that tenant starts a rebuild and every budgeted request of the
@@ -44,7 +44,8 @@ PERIODS = {"daily_tokens": "daily", "monthly_tokens": "monthly", "total_tokens":
 # One request's tokens as the ledger takes them: a backend's counter beyond this is nonsense,
 # and the bound keeps a day's sum far inside `bigint`.
 MAX_TOKENS = 2**40
-Row = tuple[tuple[int, dt.date], list[int]]  # (key id, day) -> [tenant, requests, prompt, completion]
+Slot = tuple[int, dt.date, str]  # (key id, UTC day, model): one ledger row
+Row = tuple[Slot, list[int]]  # -> [tenant, requests, prompt, completion]
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,8 @@ def period(budget: str, now: float) -> Period:
 
 
 class Ledger:
-    """Accumulates settled usage per (key, UTC day) and writes it to `usage_daily` in batches."""
+    """Accumulates settled usage per (key, UTC day, model) and writes it to `usage_daily` in
+    batches."""
 
     def __init__(
         self, pool: asyncpg.Pool[Any], clock: Callable[[], float] = time.time, journal: Journal | None = None
@@ -84,24 +86,34 @@ class Ledger:
         self.pool = pool
         self.clock = clock
         self.journal = journal
-        self.pending: dict[tuple[int, dt.date], list[int]] = {}  # -> [tenant, requests, prompt, completion]
+        self.pending: dict[Slot, list[int]] = {}  # -> [tenant, requests, prompt, completion]
         self.lock = asyncio.Lock()
         self.tasks = Supervisor()
         self.dropped = 0  # rows Postgres refused for their content
         self.failed = Throttled(log, "ledger write failed; will retry")
 
     def record(
-        self, key_id: int, tenant_id: int, prompt_tokens: int, completion_tokens: int, day: dt.date | None = None
+        self,
+        key_id: int,
+        tenant_id: int,
+        prompt_tokens: int,
+        completion_tokens: int,
+        day: dt.date | None = None,
+        *,
+        model: str,
     ) -> None:
+        """Add one settled request. `model` is its name as `models.normalize` writes it, already
+        checked by the request path (printable, bounded: app.py `_model_of`), or '' when the
+        request named none."""
         day = day or dt.datetime.fromtimestamp(self.clock(), dt.UTC).date()
         prompt_tokens = max(0, min(prompt_tokens, MAX_TOKENS))
         completion_tokens = max(0, min(completion_tokens, MAX_TOKENS))
-        row = self.pending.setdefault((key_id, day), [tenant_id, 0, 0, 0])
+        row = self.pending.setdefault((key_id, day, model), [tenant_id, 0, 0, 0])
         row[1] += 1
         row[2] += prompt_tokens
         row[3] += completion_tokens
         if self.journal is not None:
-            self.journal.usage(key_id, tenant_id, day, prompt_tokens, completion_tokens)
+            self.journal.usage(key_id, tenant_id, day, prompt_tokens, completion_tokens, model)
 
     async def flush(self) -> None:
         """Write what is pending; on failure keep it (merged with newer usage) for the next try."""
@@ -155,14 +167,13 @@ class Ledger:
 
     async def _insert(self, connection: Any, rows: list[Row]) -> None:
         await connection.execute(
-            "INSERT INTO usage_daily (key_id, day, tenant_id, requests, prompt_tokens, completion_tokens) "
-            "SELECT * FROM unnest($1::bigint[], $2::date[], $3::bigint[], $4::bigint[], $5::bigint[], "
-            "$6::bigint[]) ON CONFLICT (key_id, day) DO UPDATE SET "
+            "INSERT INTO usage_daily (key_id, day, model, tenant_id, requests, prompt_tokens, completion_tokens) "
+            "SELECT * FROM unnest($1::bigint[], $2::date[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[], "
+            "$7::bigint[]) ON CONFLICT (key_id, day, model) DO UPDATE SET "
             "requests = usage_daily.requests + EXCLUDED.requests, "
             "prompt_tokens = usage_daily.prompt_tokens + EXCLUDED.prompt_tokens, "
             "completion_tokens = usage_daily.completion_tokens + EXCLUDED.completion_tokens",
-            [key for (key, _), _ in rows],
-            [day for (_, day), _ in rows],
+            *([slot[i] for slot, _ in rows] for i in range(3)),
             *([row[i] for _, row in rows] for i in range(4)),
         )
 
@@ -173,11 +184,12 @@ class Ledger:
                 await self._insert(connection, rows)
         except db.DATA_ERRORS as exc:
             if len(rows) == 1:
-                (key_id, day), row = rows[0]
+                (key_id, day, model), row = rows[0]
                 self.dropped += 1
                 log.error("ledger row dropped: Postgres refused it", extra={"fields": {
-                          "key_id": key_id, "day": day.isoformat(), "tenant_id": row[0], "requests": row[1],
-                          "tokens": row[2] + row[3], "error": f"{type(exc).__name__}: {exc}"}})  # fmt: skip
+                          "key_id": key_id, "day": day.isoformat(), "model": model, "tenant_id": row[0],
+                          "requests": row[1], "tokens": row[2] + row[3],
+                          "error": f"{type(exc).__name__}: {exc}"}})  # fmt: skip
                 return [], None
             half = len(rows) // 2
             unwritten, error = await self._isolate(rows[:half])
@@ -203,7 +215,8 @@ class Ledger:
         log.error("ledger not written at shutdown", extra={"fields": {"rows": len(self.pending)}})
 
     async def sums(self, tenant_id: int, now: float) -> dict[int, tuple[int, int, int]]:
-        """Tokens per key of a tenant: (today, this month, all time), from the ledger."""
+        """Tokens per key of a tenant, over all models: (today, this month, all time), from the
+        ledger."""
         moment = dt.datetime.fromtimestamp(now, dt.UTC).date()
         rows = await self.pool.fetch(
             "SELECT key_id, "

@@ -668,19 +668,16 @@ def cmd_usage(args: argparse.Namespace) -> int:
     return 0
 
 
-GROUPINGS = ("day", "key")
+GROUPINGS = ("day", "key", "model")
 
 
 def parse_grouping(raw: str) -> frozenset[str]:
-    """`--by day`, `--by key` or `--by day,key`."""
+    """`--by` with one or more of day, key and model, comma-separated: `--by day,model`."""
     wanted = frozenset(part.strip() for part in raw.split(",") if part.strip())
-    if "model" in wanted:
-        raise argparse.ArgumentTypeError(
-            "the usage ledger does not record models, so usage cannot be split by model; "
-            "use --by day and/or --by key (`audit` shows each request's model)"
-        )
     if not wanted or not wanted <= set(GROUPINGS):
-        raise argparse.ArgumentTypeError(f"--by takes day, key or day,key; got {raw!r}")
+        raise argparse.ArgumentTypeError(
+            f"--by takes one or more of day, key and model, comma-separated (e.g. day,model); got {raw!r}"
+        )
     return wanted
 
 
@@ -710,7 +707,7 @@ def usage_export(args: argparse.Namespace) -> int:
             await tenants.get_key(connection, args.prefix)
         return await usage.export(
             connection, start=start, end=end, by_day="day" in grouping, by_key="key" in grouping,
-            tenant=args.tenant, prefix=args.prefix,
+            by_model="model" in grouping, tenant=args.tenant, prefix=args.prefix,
         )  # fmt: skip
 
     rows = run_async(with_database(args, work))
@@ -1001,6 +998,14 @@ def build_parser() -> argparse.ArgumentParser:
         "requests and tokens today, this month and in total, against budgets; with --from, the ledger over a range "
         "of days per tenant (for chargeback)",
     )
+    # The export's columns are an interface for scripts: listed where a script's author looks.
+    usage_.epilog = (
+        f"With --from, every row has these columns, in this order: {', '.join(usage.COLUMNS)}. The period is the "
+        "row's day with --by day, else --from to --to; key_prefix and key_name are empty (JSON null) unless split by "
+        "key, model unless split by model. Models are named as the gateway compares them (lower case, ':latest' when "
+        "untagged); an empty model is usage the ledger has no model for (recorded before it kept models, or a "
+        "request that named none)."
+    )
     usage_.add_argument("--tenant", help="only this tenant's keys")
     usage_.add_argument("--prefix", metavar="nz_xxxxxxxx", help="only this key")
     usage_.add_argument("--json", action="store_true", help="print one JSON array")
@@ -1008,7 +1013,12 @@ def build_parser() -> argparse.ArgumentParser:
     usage_.add_argument(
         "--to", dest="end", metavar="YYYY-MM-DD", type=parse_day("to"), help="last UTC day (default: today)"
     )
-    usage_.add_argument("--by", type=parse_grouping, metavar="day|key|day,key", help="split each tenant's usage")
+    usage_.add_argument(
+        "--by",
+        type=parse_grouping,
+        metavar="day|key|model[,...]",
+        help="split each tenant's usage by day, key and/or model, e.g. --by day,model",
+    )
     usage_.add_argument("--csv", action="store_true", help="print CSV with a header line")
     audit_ = command("audit", cmd_audit, "recent request records, newest first")
     audit_.add_argument("--tenant", help="only this tenant")

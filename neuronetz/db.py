@@ -28,7 +28,7 @@ DATA_ERRORS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError, Ove
 # The same for Redis: a refused command (RedisError), a dead socket, a timeout, or a Redis
 # Cluster whose slots redis-py cannot reach (RedisClusterException is no RedisError).
 REDIS_ERRORS = (redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError, TimeoutError)
-# What gateway.redis_client builds: one server (directly or through Sentinel) or a Redis Cluster.
+# What worker.redis_client builds: one server (directly or through Sentinel) or a Redis Cluster.
 RedisClient = aioredis.Redis | redis.asyncio.cluster.RedisCluster
 
 

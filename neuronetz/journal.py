@@ -45,6 +45,8 @@ MAX_ENTRIES = 20_000
 
 USAGE = "u"
 AUDIT = "a"
+# Takes a replayed usage entry: key id, tenant id, UTC day, prompt and completion tokens, model.
+UsageSink = Callable[[int, int, dt.date, int, int, str], None]
 
 
 class Journal:
@@ -57,7 +59,7 @@ class Journal:
         self.ledger_done = 0
         self.audit_done = 0
         # Where a dead worker's entries go (this worker's ledger and audit writer), from `start`.
-        self.replay_usage: Callable[[list[Any]], None] | None = None  # [key, tenant, day, prompt, completion]
+        self.replay_usage: UsageSink | None = None
         self.replay_audit: Callable[[tuple[Any, ...]], None] | None = None
         self._buffer: list[tuple[int, str, Any]] = []
         self._sender: asyncio.Task[None] | None = None
@@ -70,8 +72,10 @@ class Journal:
 
     # --- appending (the request path: O(1), never waits) -----------------------------------------
 
-    def usage(self, key_id: int, tenant_id: int, day: dt.date, prompt: int, completion: int) -> int:
-        return self._append(USAGE, (key_id, tenant_id, day, prompt, completion))
+    def usage(self, key_id: int, tenant_id: int, day: dt.date, prompt: int, completion: int, model: str) -> int:
+        # The model comes last: an entry of a worker from before the ledger knew models is the
+        # same list without it, and replays as model '' (see `_replay`).
+        return self._append(USAGE, (key_id, tenant_id, day, prompt, completion, model))
 
     def audit(self, record: tuple[Any, ...]) -> int:
         return self._append(AUDIT, record)
@@ -160,7 +164,10 @@ class Journal:
             for _, fields in entries:
                 for seq, kind, value in orjson.loads(fields[b"v"]):
                     if kind == USAGE and seq > written:
-                        self.replay_usage(value)
+                        key_id, tenant_id, day, prompt, completion, *model = value  # no model: an older worker's
+                        self.replay_usage(
+                            key_id, tenant_id, dt.date.fromisoformat(day), prompt, completion, model[0] if model else ""
+                        )
                     elif kind == AUDIT:
                         value[0] = dt.datetime.fromisoformat(value[0])
                         self.replay_audit(tuple(value))
@@ -177,7 +184,7 @@ class Journal:
         log.warning("took over a dead worker's journal", extra={"fields": {"worker": worker, "entries": handed}})
         return handed
 
-    def start(self, usage: Callable[[list[Any]], None], audit: Callable[[tuple[Any, ...]], None]) -> None:
+    def start(self, usage: UsageSink, audit: Callable[[tuple[Any, ...]], None]) -> None:
         self.replay_usage, self.replay_audit = usage, audit
         self.tasks.start("journal.heartbeat", self._heartbeat)
         self.tasks.start("journal.replay", self._replay_dead)

@@ -247,12 +247,15 @@ class Limiter:
             retry_after=resets.timestamp() - now,
         )
 
-    def settle(self, admission: Admission | None, subject: Subject, prompt: int, completion: int) -> None:
-        """Record the real usage: in the ledger always, and against the limits exactly once
-        per admission (a second call is a no-op). The settlement leaves the request path: it
-        rides along with the next pipeline (see `_flush`), which only ever holds a slot or a
-        reservation a moment longer, never less."""
-        self.ledger.record(subject.key_id, subject.tenant_id, prompt, completion)
+    def settle(
+        self, admission: Admission | None, subject: Subject, prompt: int, completion: int, *, model: str
+    ) -> None:
+        """Record the real usage: in the ledger always (under `model`, see `Ledger.record`), and
+        against the limits exactly once per admission (a second call is a no-op); limits and
+        budgets count every model alike. The settlement leaves the request path: it rides along
+        with the next pipeline (see `_flush`), which only ever holds a slot or a reservation a
+        moment longer, never less."""
+        self.ledger.record(subject.key_id, subject.tenant_id, prompt, completion, model=model)
         if admission is None or admission.settled:
             return
         admission.settled = True
@@ -517,6 +520,16 @@ async def in_flight(client: db.RedisClient, prefix: str, tenant_id: int, sid: st
     """Requests holding an unexpired lease for a scope (`t` or `k<key id>`) right now."""
     count: int = await client.zcount(f"{tag(prefix, tenant_id)}lease:{sid}", f"({int(time.time() * 1000)}", "+inf")
     return count
+
+
+async def spent(client: db.RedisClient, prefix: str, tenant_id: int, now: float) -> dict[str, int]:
+    """Tokens a tenant's budget counters hold for the periods `now` is in, by budget name
+    (daily_tokens, ...). A counter Redis does not hold is left out: the tenant has not been
+    budgeted since Redis started, or its counters were lost and are not rebuilt yet."""
+    names = list(BUDGET_NAMES)
+    # One slot (the tenant's hash tag), so one MGET also on a Redis Cluster.
+    values = await client.mget([f"{tag(prefix, tenant_id)}used:t:{period(name, now).id}" for name in names])
+    return {name: int(value) for name, value in zip(names, values, strict=True) if value is not None}
 
 
 def _node_marker(cluster: RedisCluster, prefix: str, node: str) -> str | None:

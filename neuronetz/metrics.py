@@ -6,7 +6,9 @@ directory once a second, and `/metrics` answers with the sum over the live worke
 instance (its own numbers fresh, the others' at most a second old). Gauges that describe
 shared state (backend health, queue depth) are per worker and summed too, which is what a
 dashboard wants for queue depth and in-flight counts; backend health is reported as the
-number of workers that consider the backend up.
+number of workers that consider the backend up. The tenant budget gauges are the exception:
+they describe Redis's counters, so the worker answering the scrape reads them then and sets
+them on the sum (gateway.py), never adding them up over workers.
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ SNAPSHOT_MAX_AGE = 10.0
 HELP = {
     "neuronetz_requests_total": ("counter", "Requests answered, by route, status and model."),
     "neuronetz_tokens_total": ("counter", "Tokens processed, by direction (prompt, completion) and model."),
+    # Tenants, not keys: tenants are few and made by the operator, keys are many.
+    "neuronetz_tenant_tokens_total": ("counter", "Tokens processed, by tenant and direction (prompt, completion)."),
+    "neuronetz_tenant_budget_tokens": ("gauge", "A tenant's token budget, by period (daily, monthly, total)."),
+    "neuronetz_tenant_budget_used_tokens": ("gauge", "Tokens counted against a tenant's budget in its current period."),
     "neuronetz_request_duration_seconds": ("histogram", "Time from request to the end of the answer, by route."),
     "neuronetz_gateway_overhead_seconds": ("histogram", "Time spent in the gateway before the backend was asked."),
     "neuronetz_backend_first_byte_seconds": ("histogram", "Time from asking a backend to its first byte."),

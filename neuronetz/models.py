@@ -7,6 +7,12 @@ in the gateway (allow-lists, backend routing) goes through `normalize`.
 
 from __future__ import annotations
 
+# The longest model name a request may carry (the gateway answers 400 above it). Ollama's own
+# bound is 128 bytes for the whole name (`MaxNamePartLen` in `types/model/name.go`), so this
+# refuses nothing a backend would serve, and it bounds what a client can write into the usage
+# ledger's key and the audit log.
+MAX_LENGTH = 256
+
 
 def normalize(name: str) -> str:
     """`name` lower-cased with `:latest` added when it has no tag.

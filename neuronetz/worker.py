@@ -9,10 +9,10 @@ pipeline itself lives in app.py.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
 import os
 import signal
+import time
 from collections.abc import Awaitable
 from typing import Any
 
@@ -28,19 +28,20 @@ from redis.asyncio.sentinel import Sentinel, SentinelManagedConnection, Sentinel
 from redis.backoff import NoBackoff
 from redis.maint_notifications import MaintNotificationsConfig
 
-from neuronetz import config, db, envfile, metrics, proxy, tasks
+from neuronetz import config, db, envfile, limits, metrics, proxy, tasks, tenants
 from neuronetz.audit import AuditWriter
 from neuronetz.auth import Authenticator
 from neuronetz.backends import BackendPool, failure_reason
-from neuronetz.budgets import Ledger
+from neuronetz.budgets import PERIODS, Ledger
 from neuronetz.journal import Journal
-from neuronetz.limits import Limiter
+from neuronetz.limits import BUDGET_NAMES, Limiter
 from neuronetz.slots import Scheduler
 from neuronetz.transport import Transport
 
 log = logging.getLogger("neuronetz.worker")
 ENV_POLL_INTERVAL = 2.0
 METRICS_INTERVAL = 1.0
+BUDGET_GAUGES_TIMEOUT = 1.0  # a scrape waits this long at most for Postgres and Redis
 
 
 class Worker:
@@ -128,7 +129,10 @@ class Worker:
         self.audit.start()
         # A dead worker's journal is handed to this worker's own writers (and so its journal).
         self.journal.start(
-            lambda u: self.ledger.record(u[0], u[1], u[3], u[4], dt.date.fromisoformat(u[2])), self.audit.submit
+            lambda key, tenant, day, prompt, completion, model: self.ledger.record(
+                key, tenant, prompt, completion, day, model=model
+            ),
+            self.audit.submit,
         )
         self.tasks.start("backends.health", self.backends.run)
         self.tasks.start("worker.env_file", self._watch_env_file)
@@ -262,9 +266,31 @@ class Worker:
             except OSError as exc:
                 log.debug("metrics snapshot not written", extra={"fields": {"error": str(exc)}})
 
-    def metrics_text(self) -> bytes:
+    async def metrics_text(self) -> bytes:
         self.refresh_gauges()
-        return metrics.render(self.shared_metrics.collect(self.metrics))
+        merged = self.shared_metrics.collect(self.metrics)
+        try:
+            await asyncio.wait_for(self._budget_gauges(merged), BUDGET_GAUGES_TIMEOUT)
+        except (TimeoutError, *db.ERRORS, *db.REDIS_ERRORS) as exc:  # the rest of the scrape still counts
+            log.debug("tenant budget gauges left out", extra={"fields": {"error": type(exc).__name__}})
+        return metrics.render(merged)
+
+    async def _budget_gauges(self, registry: metrics.Registry) -> None:
+        """Every tenant budget and what Redis counts against it now, set on the scrape's sum:
+        one value per instance, not per worker. Tenants are few; one MGET each."""
+        now = time.time()
+        for tenant in await tenants.list_tenants(self.db):
+            budgets = {name: getattr(tenant.limits, name) for name in BUDGET_NAMES}
+            if all(limit is None for limit in budgets.values()):
+                continue
+            used = await limits.spent(self.redis, self.settings.redis_prefix, tenant.id, now)
+            for name, limit in budgets.items():
+                if limit is None:
+                    continue
+                key = metrics.labels(tenant=tenant.name, period=PERIODS[name])
+                registry.set("neuronetz_tenant_budget_tokens", float(limit), key)
+                if name in used:
+                    registry.set("neuronetz_tenant_budget_used_tokens", float(used[name]), key)
 
 
 class _PackedInC:

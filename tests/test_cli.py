@@ -37,6 +37,16 @@ def test_help_lists_every_command() -> None:
         assert command in result.stdout
 
 
+def test_usage_help_lists_the_export_columns_in_their_order() -> None:
+    """Scripts depend on the export's columns: `usage --help` names them, in the README's order."""
+    result = run_cli("usage", "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())  # argparse wraps the epilog
+    columns = "period_start, period_end, tenant, key_prefix, key_name, model, requests, prompt_tokens, "
+    assert columns + "completion_tokens, total_tokens." in text
+    assert "--by day|key|model[,...]" in text
+
+
 def test_version() -> None:
     result = run_cli("--version")
     assert result.returncode == 0
@@ -88,8 +98,8 @@ def test_out_of_range_flag_is_one_line_and_exit_1() -> None:
             ["usage", "--from", "2026-11-02", "--to", "2026-11-01"],
             "The last day 2026-11-01 (--to) is before the first day 2026-11-02",
         ),
-        (["usage", "--from", "2026-11-01", "--by", "model"], "the usage ledger does not record models"),
-        (["usage", "--from", "2026-11-01", "--by", "week"], "--by takes day, key or day,key"),
+        (["usage", "--from", "2026-11-01", "--by", "week"], "--by takes one or more of day, key and model"),
+        (["usage", "--from", "2026-11-01", "--by", ","], "--by takes one or more of day, key and model"),
         (["usage", "--by", "day"], "--by belongs to a usage export: give the first day with --from"),
         (["usage", "--from", "2026-11-01", "--csv", "--json"], "--csv and --json contradict each other"),
     ],

@@ -225,6 +225,19 @@ async def test_a_model_with_control_characters_is_a_400_before_the_model_check(
     assert openai.json()["error"]["type"] == "invalid_request_error"
 
 
+async def test_a_model_name_longer_than_256_characters_is_a_400(gateway: GatewayProcess, admin: Admin) -> None:
+    """A client's model name becomes part of a usage ledger row's key (and an audit row): made-up
+    names of any length would let a client grow those at will. 256 characters pass (to the
+    backend, which knows no such model), 257 do not."""
+    key = await admin.key()
+    async with httpx.AsyncClient() as client:
+        longest = await client.post(gateway.url + "/api/chat", json={**CHAT, "model": "m" * 256}, headers=auth(key))
+        longer = await client.post(gateway.url + "/api/chat", json={**CHAT, "model": "m" * 257}, headers=auth(key))
+    assert longest.status_code == 404, longest.text  # the backend's answer
+    assert longer.status_code == 400
+    assert longer.json() == {"error": "The field 'model' is longer than 256 characters; no model name is."}
+
+
 # --- 11.6: refusals an SDK should not wait for ---------------------------------------------------
 
 

@@ -4,6 +4,7 @@ audit record; nothing is counted twice."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import os
 import secrets
 import signal
@@ -16,6 +17,7 @@ import httpx
 import orjson
 import redis.asyncio as aioredis
 
+from tests.asgi import open_worker
 from tests.support import Admin, GatewayProcess, TcpProxy, auth
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "count to ten"}], "stream": False}
@@ -87,3 +89,39 @@ async def test_a_sigkilled_worker_loses_no_finished_request(
     assert audited == 61
     assert ledger is not None
     assert (ledger["requests"], ledger["tokens"]) == (61, tokens)
+
+
+async def test_an_older_workers_journal_still_replays_its_usage_under_no_model(
+    gateway_env: dict[str, str], admin: Admin, redis_url: str, redis_prefix: str
+) -> None:
+    """A worker of a version whose ledger knew no models journals usage as [key, tenant, day,
+    prompt, completion]; one of today's workers takes its journal over (an upgrade that
+    replaces workers killed mid-flight): that usage lands under model '', the entries with a
+    model under theirs, each once."""
+    key = await admin.key()
+    row = await admin.pool.fetchrow("SELECT id, tenant_id FROM api_keys WHERE prefix = $1", key[:11])
+    assert row is not None
+    key_id, tenant_id = row["id"], row["tenant_id"]
+    prefix = f"{redis_prefix}older{secrets.token_hex(2)}:"  # journals of this test only
+    dead = "old-host-7-abcdef"
+    entries = [
+        [1, "u", [key_id, tenant_id, "2026-11-30", 10, 20]],  # written by the older worker
+        [2, "u", [key_id, tenant_id, "2026-11-30", 1, 2, "tiny:latest"]],
+        [3, "u", [key_id, tenant_id, "2026-11-30", 100, 200]],
+    ]
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        await client.xadd(f"{prefix}journal:{dead}", {b"v": orjson.dumps(entries)}, id="3-1")
+        await client.sadd(prefix + "journals", dead)  # and no heartbeat: it is dead
+    finally:
+        await client.aclose()
+    async with open_worker({**gateway_env, "REDIS_KEY_PREFIX": prefix}) as worker:
+        # As if this worker's own heartbeats had succeeded for long enough to judge others dead.
+        worker.journal.connected_since = asyncio.get_running_loop().time() - 60
+        assert await worker.journal.replay_dead() == 3
+    rows = await admin.pool.fetch(
+        "SELECT day, model, requests, prompt_tokens, completion_tokens FROM usage_daily WHERE key_id = $1 "
+        "ORDER BY model", key_id,
+    )  # fmt: skip
+    day = dt.date(2026, 11, 30)
+    assert [tuple(r) for r in rows] == [(day, "", 2, 110, 220), (day, "tiny:latest", 1, 1, 2)]

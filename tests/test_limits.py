@@ -288,6 +288,44 @@ async def test_spend_survives_a_redis_restart(
         assert again.json()["error"] == "The key's total token budget of 12 is used up."
 
 
+async def test_one_daily_budget_covers_every_model_also_when_rebuilt_from_the_ledger(
+    gateway_env: dict[str, str], admin: Admin, private_redis: PrivateRedis
+) -> None:
+    """The ledger keeps each model's usage apart (normalised: `llama3.2` is `llama3.2:latest`),
+    and the budget counts them together: spent on two models, the daily budget refuses both,
+    and still does after Redis lost the counters and they were rebuilt from the ledger."""
+    tenant = await admin.tenant()
+    key = await admin.key(tenant, daily_tokens=12)
+    async with in_process({**gateway_env, "REDIS_URL": private_redis.url}) as client:
+        tiny = await wait_until_budgets_ready(client, "", key)  # 1 + 1 tokens on tiny
+        assert tiny.status_code == 200, tiny.text
+        body = {**GENERATE, "model": "llama3.2", "options": {"num_predict": 9}}
+        llama = await client.post("/api/generate", json=body, headers=auth(key))
+        assert llama.status_code == 200, llama.text
+        for model in ("tiny", "llama3.2"):
+            refused = await client.post("/api/generate", json={**GENERATE, "model": model}, headers=auth(key))
+            assert refused.status_code == 429, refused.text
+        spent = {
+            name: answer.json()["prompt_eval_count"] + answer.json()["eval_count"]
+            for name, answer in (("tiny:latest", tiny), ("llama3.2:latest", llama))
+        }
+        assert sum(spent.values()) == 12
+        assert await _ledger_tokens(admin, tenant, 12) == 12
+        rows = await admin.pool.fetch(
+            "SELECT model, requests, prompt_tokens + completion_tokens AS tokens FROM usage_daily u "
+            "JOIN api_keys k ON k.id = u.key_id WHERE k.prefix = $1 ORDER BY model", key[:11],
+        )  # fmt: skip
+        assert [tuple(r) for r in rows] == [("llama3.2:latest", 1, spent["llama3.2:latest"]),
+                                           ("tiny:latest", 1, spent["tiny:latest"])]  # fmt: skip
+        private_redis.stop()
+        private_redis.start()  # empty: every counter is gone
+        again = await wait_until_budgets_ready(client, "", key)
+        assert again.status_code == 429, again.text
+        assert again.json()["error"].startswith("The key's daily token budget of 12 is used up")
+        other = await client.post("/api/generate", json=body, headers=auth(key))
+        assert other.status_code == 429, other.text
+
+
 # --- the limiter itself, with an injected clock ----------------------------------------------------------
 
 
@@ -326,7 +364,7 @@ async def test_a_daily_budget_resets_at_utc_midnight_and_a_total_one_never(
     await _ready(limiter, tenant_id)
     for subject in (daily, total):
         admission = await limiter.admit(subject, 5, 15)
-        limiter.settle(admission, subject, 5, 15)
+        limiter.settle(admission, subject, 5, 15, model="tiny:latest")
         assert await limiter.flush_settlements()
         with pytest.raises(BudgetExceeded, match="used up"):
             await limiter.admit(subject, 5, 15)
@@ -374,11 +412,11 @@ async def test_budgets_hold_under_any_mix_of_sizes_caps_and_cancellations(
             late.append(admission)  # still in flight while the others come and go
             continue
         produced = admission.cap if fate == "done" else admission.cap // 2
-        limiter.settle(admission, subject, prompt, produced)
+        limiter.settle(admission, subject, prompt, produced, model="tiny:latest")
         assert await limiter.flush_settlements()
         assert await committed() <= 150
     for admission in late:
-        limiter.settle(admission, subject, 1, admission.cap or 0)
+        limiter.settle(admission, subject, 1, admission.cap or 0, model="tiny:latest")
     assert await limiter.flush_settlements()
     assert await committed() <= 150
     outstanding = await limiter.redis.hgetall(f"{tag}reserved:k{scope}")
@@ -512,7 +550,7 @@ async def test_a_budget_added_next_to_another_starts_from_the_spend_so_far(
     daily_only = Subject(7, tenant_id, Limits(daily_tokens=1000), Limits())
     for _ in range(3):
         admission = await limiter.admit(daily_only, 5, 15)
-        limiter.settle(admission, daily_only, 5, 15)
+        limiter.settle(admission, daily_only, 5, 15, model="tiny:latest")
         assert await limiter.flush_settlements()
     with_monthly = Subject(7, tenant_id, Limits(daily_tokens=1000, monthly_tokens=60), Limits())
     with pytest.raises(BudgetExceeded, match="monthly token budget of 60 is used up"):

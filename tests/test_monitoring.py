@@ -9,13 +9,15 @@ operator's empty graph.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
 import stat
 import subprocess
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,7 @@ import promql_parser
 import pytest
 
 from tests.emulator import Emulator
-from tests.support import METRICS_TOKEN, ROOT, Admin, GatewayProcess, auth
+from tests.support import METRICS_TOKEN, ROOT, Admin, GatewayProcess, auth, metric
 from tests.test_deployment import compose_config, default_services, load_yaml, mounts, operator_env, published
 
 DASHBOARDS = ROOT / "ops" / "grafana" / "dashboards"
@@ -124,23 +126,76 @@ def missing(dashboard: dict[str, Any], exposition: str) -> list[str]:
     return problems
 
 
+CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hello"}], "stream": False}
+
+
+async def budgeted_chat(client: httpx.AsyncClient, key: str) -> httpx.Response:
+    """A chat of a budgeted key, answered once the tenant's budget counters are ready (a
+    gateway that has just started may rebuild them first: 503 meanwhile)."""
+    deadline = time.monotonic() + 15
+    while True:
+        answer = await client.post("/api/chat", json=CHAT, headers=auth(key))
+        if answer.status_code != 503 or time.monotonic() > deadline:
+            assert answer.status_code == 200, answer.text
+            return answer
+        await asyncio.sleep(0.2)
+
+
+async def scrape_until(client: httpx.AsyncClient, done: Callable[[str], bool]) -> str:
+    """/metrics once `done` holds for it: settlements reach Redis, and other workers' numbers
+    the scrape, a moment after the answer."""
+    deadline = time.monotonic() + 15
+    while True:
+        response = await client.get("/metrics", headers=auth(METRICS_TOKEN))
+        assert response.status_code == 200, response.text
+        if done(response.text) or time.monotonic() > deadline:
+            return response.text
+        await asyncio.sleep(0.2)
+
+
 @pytest.fixture(scope="module")
 async def scraped(gateway: GatewayProcess, admin: Admin, emulator: Emulator) -> str:
-    """/metrics after the traffic every panel shows: answered requests with tokens, a request
-    refused by a limit, a refused key and a request for an unknown path."""
+    """/metrics after the traffic every panel shows: answered requests with tokens (one of a
+    tenant with a budget), a request refused by a limit, a refused key and a request for an
+    unknown path."""
     key = await admin.key()
     limited = await admin.key(rpm=1)
-    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hello"}], "stream": False}
+    budgeted = await admin.key(await admin.tenant(daily_tokens=1_000_000))
     async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as client:
-        assert (await client.post("/api/chat", json=chat, headers=auth(key))).status_code == 200
-        assert (await client.post("/v1/chat/completions", json={**chat, "stream": True}, headers=auth(key))).is_success
-        assert (await client.post("/api/chat", json=chat, headers=auth(limited))).status_code == 200
-        assert (await client.post("/api/chat", json=chat, headers=auth(limited))).status_code == 429
-        assert (await client.post("/api/chat", json=chat, headers=auth("nz_unknown0" + "x" * 43))).status_code == 401
+        assert (await client.post("/api/chat", json=CHAT, headers=auth(key))).status_code == 200
+        assert (await client.post("/v1/chat/completions", json={**CHAT, "stream": True}, headers=auth(key))).is_success
+        assert (await client.post("/api/chat", json=CHAT, headers=auth(limited))).status_code == 200
+        assert (await client.post("/api/chat", json=CHAT, headers=auth(limited))).status_code == 429
+        assert (await client.post("/api/chat", json=CHAT, headers=auth("nz_unknown0" + "x" * 43))).status_code == 401
         assert (await client.get("/nowhere", headers=auth(key))).status_code == 404
-        response = await client.get("/metrics", headers=auth(METRICS_TOKEN))
-    assert response.status_code == 200, response.text
-    return response.text
+        await budgeted_chat(client, budgeted)
+        return await scrape_until(client, lambda text: "neuronetz_tenant_budget_used_tokens{" in text)
+
+
+async def test_tenant_series_show_each_tenants_tokens_and_its_budgets_against_their_limits(
+    gateway: GatewayProcess, admin: Admin
+) -> None:
+    """Tokens by tenant (summed over the workers), and each budget of a tenant with the tokens
+    Redis counts against it (one value per instance, however many workers)."""
+    tenant = await admin.tenant(daily_tokens=5000, total_tokens=90_000)
+    key = await admin.key(tenant)
+    async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as client:
+        answers = [await budgeted_chat(client, key), await budgeted_chat(client, key)]
+        prompt: int = sum(a.json()["prompt_eval_count"] for a in answers)
+        completion: int = sum(a.json()["eval_count"] for a in answers)
+
+        def settled(text: str) -> bool:
+            used = metric(text, "neuronetz_tenant_budget_used_tokens", period="daily", tenant=tenant)
+            counted = metric(text, "neuronetz_tenant_tokens_total", direction="completion", tenant=tenant)
+            return used == prompt + completion and counted == completion
+
+        text = await scrape_until(client, settled)
+    assert metric(text, "neuronetz_tenant_tokens_total", direction="prompt", tenant=tenant) == prompt
+    assert metric(text, "neuronetz_tenant_tokens_total", direction="completion", tenant=tenant) == completion
+    for period, budget in (("daily", 5000), ("total", 90_000)):
+        assert metric(text, "neuronetz_tenant_budget_tokens", period=period, tenant=tenant) == budget
+        assert metric(text, "neuronetz_tenant_budget_used_tokens", period=period, tenant=tenant) == prompt + completion
+    assert f'period="monthly",tenant="{tenant}"' not in text  # no monthly budget, no series
 
 
 async def test_every_metric_and_label_a_panel_queries_is_in_the_gateways_metrics(scraped: str) -> None:

@@ -203,10 +203,10 @@ async def test_names_stored_by_other_tools_cannot_forge_rows(run: Runner, admin:
         tenant, FORGERY, prefix,
     )  # fmt: skip
     await admin.pool.execute(
-        "INSERT INTO usage_daily (key_id, day, tenant_id, requests) "
-        "SELECT id, (now() AT TIME ZONE 'UTC')::date, tenant_id, 1 FROM api_keys WHERE prefix = $1",
-        prefix,
-    )
+        "INSERT INTO usage_daily (key_id, day, model, tenant_id, requests) "
+        "SELECT id, (now() AT TIME ZONE 'UTC')::date, $2, tenant_id, 1 FROM api_keys WHERE prefix = $1",
+        prefix, FORGERY,
+    )  # fmt: skip
     await admin.pool.execute(
         "INSERT INTO request_log (created_at, request_id, tenant_id, key_prefix, method, route, model, status, "
         "error_code, duration_ms) SELECT now(), $2, tenant_id, $1, 'POST', $2, $2, 200, $2, 1 FROM api_keys "
@@ -219,6 +219,8 @@ async def test_names_stored_by_other_tools_cannot_forge_rows(run: Runner, admin:
         (["usage", "--tenant", tenant], 1),
         (["usage", "--tenant", tenant, "--from", today, "--by", "key"], 1),
         (["usage", "--tenant", tenant, "--from", today, "--by", "key", "--csv"], 1),
+        (["usage", "--tenant", tenant, "--from", today, "--by", "model"], 1),
+        (["usage", "--tenant", tenant, "--from", today, "--by", "model", "--csv"], 1),
         (["audit", "--tenant", tenant], 1),
         (["revoke-key", "--prefix", prefix], 0),
     ]:
@@ -231,6 +233,7 @@ async def test_names_stored_by_other_tools_cannot_forge_rows(run: Runner, admin:
         (["list-keys", "--tenant", tenant, "--json"], "name"),
         (["usage", "--tenant", tenant, "--json"], "name"),
         (["usage", "--tenant", tenant, "--from", today, "--by", "key", "--json"], "key_name"),
+        (["usage", "--tenant", tenant, "--from", today, "--by", "model", "--json"], "model"),
         (["audit", "--tenant", tenant, "--json"], "model"),
     ]:
         result = run(*args)
@@ -238,48 +241,77 @@ async def test_names_stored_by_other_tools_cannot_forge_rows(run: Runner, admin:
         assert orjson.loads(result.stdout)[0][field] == FORGERY  # escaped, yet the same string
 
 
-async def test_usage_export_sums_the_ledger_per_tenant_day_and_key(run: Runner, admin: Admin) -> None:
+async def test_usage_export_sums_the_ledger_per_tenant_day_key_and_model(run: Runner, admin: Admin) -> None:
     tenant = await admin.tenant()
     first = (await tenants.create_key(admin.pool, tenant, "first"))[0].prefix
     second = (await tenants.create_key(admin.pool, tenant, "second"))[0].prefix
-    ledger = [  # key, day, requests, prompt tokens, completion tokens
-        (first, "2026-10-31", 100, 1000, 1000),  # before the range
-        (first, "2026-11-01", 1, 10, 20),
-        (first, "2026-11-02", 2, 30, 40),
-        (second, "2026-11-02", 5, 50, 60),
-        (second, "2026-11-30", 7, 70, 80),
-        (second, "2026-12-01", 100, 1000, 1000),  # after it
+    ledger = [  # key, day, model, requests, prompt tokens, completion tokens
+        (first, "2026-10-31", "tiny:latest", 100, 1000, 1000),  # before the range
+        (first, "2026-11-01", "tiny:latest", 1, 10, 20),
+        (first, "2026-11-02", "tiny:latest", 2, 30, 40),
+        (first, "2026-11-02", "qwen3:8b", 4, 400, 500),
+        (second, "2026-11-02", "", 5, 50, 60),  # from before the ledger kept models
+        (second, "2026-11-02", "qwen3:8b", 1, 1, 2),
+        (second, "2026-11-30", "tiny:latest", 7, 70, 80),
+        (second, "2026-12-01", "tiny:latest", 100, 1000, 1000),  # after it
     ]
-    for prefix, day, requests, prompt, completion in ledger:
+    for prefix, day, model, requests, prompt, completion in ledger:
         await admin.pool.execute(
-            "INSERT INTO usage_daily (key_id, day, tenant_id, requests, prompt_tokens, completion_tokens) "
-            "SELECT id, $2, tenant_id, $3, $4, $5 FROM api_keys WHERE prefix = $1",
-            prefix, dt.date.fromisoformat(day), requests, prompt, completion,
+            "INSERT INTO usage_daily (key_id, day, model, tenant_id, requests, prompt_tokens, completion_tokens) "
+            "SELECT id, $2, $3, tenant_id, $4, $5, $6 FROM api_keys WHERE prefix = $1",
+            prefix, dt.date.fromisoformat(day), model, requests, prompt, completion,
         )  # fmt: skip
-    header = (
-        "period_start,period_end,tenant,key_prefix,key_name,requests,prompt_tokens,completion_tokens,total_tokens\n"
+    header = "period_start,period_end,tenant,key_prefix,key_name,model,requests,prompt_tokens,completion_tokens,"
+    header += "total_tokens\n"
+    month = f"2026-11-01,2026-11-30,{tenant}"
+    by_key = sorted([f"{month},{first},first,,7,440,560,1000\n", f"{month},{second},second,,13,121,142,263\n"])
+    by_day_and_key = [f"2026-11-01,2026-11-01,{tenant},{first},first,,1,10,20,30\n",
+                      *sorted([f"2026-11-02,2026-11-02,{tenant},{first},first,,6,430,540,970\n",
+                               f"2026-11-02,2026-11-02,{tenant},{second},second,,6,51,62,113\n"]),
+                      f"2026-11-30,2026-11-30,{tenant},{second},second,,7,70,80,150\n"]  # fmt: skip
+    # Models sort as text, '' (no model known) first.
+    by_model = f"{month},,,,5,50,60,110\n{month},,,qwen3:8b,5,401,502,903\n{month},,,tiny:latest,10,110,140,250\n"
+    by_day_and_model = (
+        f"2026-11-01,2026-11-01,{tenant},,,tiny:latest,1,10,20,30\n"
+        f"2026-11-02,2026-11-02,{tenant},,,,5,50,60,110\n"
+        f"2026-11-02,2026-11-02,{tenant},,,qwen3:8b,5,401,502,903\n"
+        f"2026-11-02,2026-11-02,{tenant},,,tiny:latest,2,30,40,70\n"
+        f"2026-11-30,2026-11-30,{tenant},,,tiny:latest,7,70,80,150\n"
     )
-    by_key = sorted([f"2026-11-01,2026-11-30,{tenant},{first},first,3,40,60,100\n",
-                     f"2026-11-01,2026-11-30,{tenant},{second},second,12,120,140,260\n"])  # fmt: skip
-    by_day_and_key = [f"2026-11-01,2026-11-01,{tenant},{first},first,1,10,20,30\n",
-                      *sorted([f"2026-11-02,2026-11-02,{tenant},{first},first,2,30,40,70\n",
-                               f"2026-11-02,2026-11-02,{tenant},{second},second,5,50,60,110\n"]),
-                      f"2026-11-30,2026-11-30,{tenant},{second},second,7,70,80,150\n"]  # fmt: skip
+    by_key_and_model = sorted([
+        f"{month},{first},first,qwen3:8b,4,400,500,900\n{month},{first},first,tiny:latest,3,40,60,100\n",
+        f"{month},{second},second,,5,50,60,110\n{month},{second},second,qwen3:8b,1,1,2,3\n"
+        f"{month},{second},second,tiny:latest,7,70,80,150\n",
+    ])  # fmt: skip
     expected = {
-        (): f"2026-11-01,2026-11-30,{tenant},,,15,160,200,360\n",
-        ("--by", "day"): f"2026-11-01,2026-11-01,{tenant},,,1,10,20,30\n"
-        f"2026-11-02,2026-11-02,{tenant},,,7,80,100,180\n2026-11-30,2026-11-30,{tenant},,,7,70,80,150\n",
+        (): f"{month},,,,20,561,702,1263\n",
+        ("--by", "day"): f"2026-11-01,2026-11-01,{tenant},,,,1,10,20,30\n"
+        f"2026-11-02,2026-11-02,{tenant},,,,12,481,602,1083\n2026-11-30,2026-11-30,{tenant},,,,7,70,80,150\n",
         ("--by", "key"): "".join(by_key),
         ("--by", "day,key"): "".join(by_day_and_key),
+        ("--by", "model"): by_model,
+        ("--by", "model,day"): by_day_and_model,
+        ("--by", "key,model"): "".join(by_key_and_model),
     }
     for grouping, rows in expected.items():
         result = run("usage", "--tenant", tenant, "--from", "2026-11-01", "--to", "2026-11-30", *grouping, "--csv")
         assert result.returncode == 0, result
-        assert result.stdout == header + rows
+        assert result.stdout == header + rows, grouping
     only_second = run("usage", "--prefix", second, "--from", "2026-11-02", "--to", "2026-11-02", "--json")
     assert orjson.loads(only_second.stdout) == [
         {"period_start": "2026-11-02", "period_end": "2026-11-02", "tenant": tenant, "key_prefix": None,
-         "key_name": None, "requests": 5, "prompt_tokens": 50, "completion_tokens": 60, "total_tokens": 110},
+         "key_name": None, "model": None, "requests": 6, "prompt_tokens": 51, "completion_tokens": 62,
+         "total_tokens": 113},
+    ]  # fmt: skip
+    per_model = run("usage", "--prefix", second, "--from", "2026-11-02", "--to", "2026-11-02", "--by", "day,key,model",
+                    "--json")  # fmt: skip
+    period = {"period_start": "2026-11-02", "period_end": "2026-11-02"}
+    of_key = {"key_prefix": second, "key_name": "second"}
+    assert orjson.loads(per_model.stdout) == [
+        {**period, "tenant": tenant, **of_key, "model": "", "requests": 5, "prompt_tokens": 50, "completion_tokens": 60,
+         "total_tokens": 110},
+        {**period, "tenant": tenant, **of_key, "model": "qwen3:8b", "requests": 1, "prompt_tokens": 1,
+         "completion_tokens": 2, "total_tokens": 3},
     ]  # fmt: skip
     nothing = run("usage", "--tenant", tenant, "--from", "2027-01-01", "--to", "2027-01-31", "--csv")
     assert nothing.stdout == header

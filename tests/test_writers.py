@@ -86,9 +86,9 @@ async def test_a_poisoned_ledger_row_is_dropped_and_everyone_elses_usage_written
                            [k[:11] for k in keys])  # fmt: skip
     ledger = Ledger(pool)
     for row in ids:
-        ledger.record(row["id"], row["tenant_id"], 10, 20)
-    ledger.record(-1, ids[0]["tenant_id"], 1, 1)  # no such key: a foreign-key violation, every time
-    ledger.record(ids[1]["id"], ids[1]["tenant_id"], -(10**30), 10**30)  # clamped on the way in
+        ledger.record(row["id"], row["tenant_id"], 10, 20, model="tiny:latest")
+    ledger.record(-1, ids[0]["tenant_id"], 1, 1, model="tiny")  # no such key: a foreign-key violation, every time
+    ledger.record(ids[1]["id"], ids[1]["tenant_id"], -(10**30), 10**30, model="tiny:latest")  # clamped on the way in
     await asyncio.wait_for(ledger.flush(), 30)
     assert ledger.pending == {}
     assert ledger.dropped == 1

@@ -101,11 +101,11 @@ async def in_process(
                     if time.monotonic() > deadline:
                         raise
                     await asyncio.sleep(0.5)
-            limiter.settle(admission, subject, 2, 10)
+            limiter.settle(admission, subject, 2, 10, model="tiny:latest")
             await limiter.flush_settlements()
             for _ in range(200):  # warm-up
                 admission = await limiter.admit(subject, 12, None)
-                limiter.settle(admission, subject, 2, 10)
+                limiter.settle(admission, subject, 2, 10, model="tiny:latest")
                 await limiter.flush_settlements()
             admit_trips = settle_trips = 0
             admit_cpu = settle_cpu = 0.0
@@ -117,7 +117,7 @@ async def in_process(
                 middle, cpu_middle = counted["n"], time.process_time()
                 # Queued by the request, sent by the background flush: here flushed at once, so
                 # each request pays its own round trip (the gateway batches them under load).
-                limiter.settle(admission, subject, 2, 10)
+                limiter.settle(admission, subject, 2, 10, model="tiny:latest")
                 await limiter.flush_settlements()
                 walls.append(time.perf_counter() - wall)
                 admit_cpu += cpu_middle - cpu
