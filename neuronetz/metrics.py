@@ -8,7 +8,7 @@ shared state (backend health, queue depth) are per worker and summed too, which 
 dashboard wants for queue depth and in-flight counts; backend health is reported as the
 number of workers that consider the backend up. The tenant budget gauges are the exception:
 they describe Redis's counters, so the worker answering the scrape reads them then and sets
-them on the sum (gateway.py), never adding them up over workers.
+them on the sum (worker.py), never adding them up over workers.
 """
 
 from __future__ import annotations
