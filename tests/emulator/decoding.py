@@ -135,7 +135,9 @@ _WS = " \t\r\n"
 
 def _decode_like_go(text: str, v1: bool) -> Any:
     """The first JSON value, as Go's decoder reads it (what follows is ignored); a body that
-    ends inside that value is ``unexpected EOF``, any other syntax error Go's ``invalid character``."""
+    ends inside that value is ``unexpected EOF``, any other syntax error Go's ``invalid
+    character`` message (worded as Go words it where Python's decoder names the same place;
+    a broken literal or escape more loosely, which no test relies on)."""
     text = text.lstrip(_WS)
     try:
         return json.JSONDecoder().raw_decode(text)[0]
