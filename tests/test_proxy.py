@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from neuronetz import tenants
 from neuronetz.limits import Limits
+from neuronetz.llm_tokens import estimate_prompt
 from tests.emulator import Emulator, count_prompt_tokens
 from tests.support import Admin, GatewayProcess, auth, forwarded, free_port
 
@@ -169,7 +170,6 @@ def test_no_encoding_of_a_blocked_path_reaches_the_backend(
 
 
 async def test_headers_are_rebuilt_for_the_backend(gateway: GatewayProcess, emulator: Emulator, admin: Admin) -> None:
-    emulator.configure(loopback=True)  # Ollama on loopback refuses foreign Host headers (docs/ollama.md §6)
     key = await admin.key()
     headers = {
         **auth(key),
@@ -187,6 +187,7 @@ async def test_headers_are_rebuilt_for_the_backend(gateway: GatewayProcess, emul
         response = await client.post(gateway.url + "/api/chat", content=raw, headers=headers)
     assert response.status_code == 200, response.text
     (seen,) = forwarded(emulator, "/api/chat")
+    # Ollama on loopback refuses a foreign Host (docs/ollama.md §6): the backend sees its own.
     assert seen.header("host") == emulator.url.removeprefix("http://")
     assert seen.header("user-agent") == "ollama-python/0.6.3"
     for dropped in ("authorization", "cookie", "origin", "x-forwarded-for", "x-custom", "connection", "x-api-key"):
@@ -267,9 +268,29 @@ async def test_native_usage_is_taken_from_the_final_chunk(asgi: httpx.AsyncClien
     assert row["stream"] is True
 
 
+# Where an Ollama release puts the finish and usage events of a /v1 stream (docs/ollama.md §3):
+# the relay must account for each. Before v0.5.2 there is no usage event at all, so the gateway
+# charges its prompt estimate and the content events it saw.
+WITHOUT_USAGE = pytest.param(
+    "pre-0.5.2",
+    marks=pytest.mark.xfail(
+        strict=True, reason="the relay counts the finish event of a stream without usage as one more token"
+    ),
+)
+
+
+def charged(frame_style: str, path: str, body: dict[str, Any], tokens: int) -> tuple[int, int]:
+    """The (prompt, completion) tokens a /v1 stream of `tokens` tokens is charged in `frame_style`."""
+    if frame_style == "pre-0.5.2":
+        return estimate_prompt(body), tokens
+    return count_prompt_tokens(path, body), tokens
+
+
+@pytest.mark.parametrize("frame_style", ["modern", "legacy", WITHOUT_USAGE])
 async def test_openai_streams_are_accounted_without_showing_unasked_usage(
-    asgi: httpx.AsyncClient, emulator: Emulator, admin: Admin
+    asgi: httpx.AsyncClient, emulator: Emulator, admin: Admin, frame_style: str
 ) -> None:
+    emulator.configure(frame_style=frame_style)
     key = await admin.key()
     request_id, headers = traced(key)
     body = {**CHAT, "stream": True}
@@ -279,10 +300,14 @@ async def test_openai_streams_are_accounted_without_showing_unasked_usage(
     assert all('"usage"' not in e for e in events)  # the client did not ask for usage
     assert forwarded(emulator, "/v1/chat/completions")[0].json()["stream_options"] == {"include_usage": True}
     row = await audit_row(admin, request_id)
-    assert (row["prompt_tokens"], row["completion_tokens"]) == (count_prompt_tokens("/v1/chat/completions", body), 10)
+    assert (row["prompt_tokens"], row["completion_tokens"]) == charged(frame_style, "/v1/chat/completions", body, 10)
 
 
-async def test_openai_streams_keep_usage_the_client_asked_for(asgi: httpx.AsyncClient, admin: Admin) -> None:
+@pytest.mark.parametrize("frame_style", ["modern", "legacy"])  # before v0.5.2 Ollama sends no usage to keep
+async def test_openai_streams_keep_usage_the_client_asked_for(
+    asgi: httpx.AsyncClient, emulator: Emulator, admin: Admin, frame_style: str
+) -> None:
+    emulator.configure(frame_style=frame_style)
     key = await admin.key()
     body = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
     text = (await asgi.post("/v1/chat/completions", json=body, headers=auth(key))).text
@@ -291,14 +316,39 @@ async def test_openai_streams_keep_usage_the_client_asked_for(asgi: httpx.AsyncC
     assert events[-1]["usage"]["completion_tokens"] == 10
 
 
-async def test_completions_streams_lose_the_zero_usage_of_each_event(asgi: httpx.AsyncClient, admin: Admin) -> None:
+@pytest.mark.parametrize("frame_style", ["modern", "legacy", WITHOUT_USAGE])
+async def test_completions_streams_lose_the_zero_usage_of_each_event(
+    asgi: httpx.AsyncClient, emulator: Emulator, admin: Admin, frame_style: str
+) -> None:
+    emulator.configure(frame_style=frame_style)
     key = await admin.key()
     request_id, headers = traced(key)
     body = {"model": "tiny", "prompt": "a b c", "stream": True, "max_tokens": 3}
     text = (await asgi.post("/v1/completions", json=body, headers=headers)).text
     assert '"usage"' not in text
     row = await audit_row(admin, request_id)
-    assert (row["prompt_tokens"], row["completion_tokens"]) == (3, 3)
+    assert (row["prompt_tokens"], row["completion_tokens"]) == charged(frame_style, "/v1/completions", body, 3)
+
+
+@pytest.mark.parametrize("in_done", [False, True], ids=["own-line", "final-line"])
+async def test_tool_calls_are_relayed_and_charged_wherever_they_ride(
+    asgi: httpx.AsyncClient, emulator: Emulator, admin: Admin, in_done: bool
+) -> None:
+    """A tool call comes in its own line or inside the final `done` record (docs/ollama.md §9)."""
+    emulator.configure(tool_calls_in_done=in_done)
+    key = await admin.key()
+    request_id, headers = traced(key)
+    city = {"type": "object", "properties": {"city": {"type": "string"}}}
+    tool = {"type": "function", "function": {"name": "weather", "parameters": city}}
+    body = {"model": "llama3.2", "messages": [{"role": "user", "content": "weather?"}], "tools": [tool]}
+    lines = [
+        orjson.loads(line) for line in (await asgi.post("/api/chat", json=body, headers=headers)).text.splitlines()
+    ]
+    calls = [call["function"]["arguments"] for line in lines for call in line["message"].get("tool_calls", [])]
+    assert calls == [{"city": "test"}]
+    assert ("tool_calls" in lines[-1]["message"]) is in_done
+    row = await audit_row(admin, request_id)
+    assert (row["completion_tokens"], row["error_code"]) == (1, None)
 
 
 # --- failures ---------------------------------------------------------------------------------------------
@@ -329,11 +379,13 @@ async def test_a_native_error_line_mid_stream_is_passed_on(
     assert (row["status"], row["error_code"], row["completion_tokens"]) == (200, "backend_error", 3)
 
 
-@pytest.mark.parametrize("kind", ["drop", "error"])
+# "error" on /v1 is Ollama's silent truncation (docs/ollama.md §4); an OpenAI-style backend
+# sends an error event of its own instead.
+@pytest.mark.parametrize(("kind", "style"), [("drop", None), ("error", "ollama"), ("error", "openai")])
 async def test_openai_streams_that_break_end_with_an_error_event(
-    gateway: GatewayProcess, emulator: Emulator, admin: Admin, kind: str
+    gateway: GatewayProcess, emulator: Emulator, admin: Admin, kind: str, style: str | None
 ) -> None:
-    emulator.inject(kind, after_tokens=2)  # "error" on /v1 is Ollama's silent truncation (docs/ollama.md §4)
+    emulator.inject(kind, after_tokens=2, v1_style=style)
     key = await admin.key()
     async with httpx.AsyncClient() as client:
         text = (await client.post(gateway.url + "/v1/chat/completions", json={**CHAT, "stream": True},

@@ -19,29 +19,26 @@ Python API (in-process; every method is thread-safe)::
                                                  #   headers (original case and order), body, at, monotonic;
                                                  #   .header(name) is case-insensitive, .json() parses the body
         emu.clear_requests()
-        emu.cancellations()                      # [Cancellation(path, model, tokens_sent, at, monotonic)]
-        emu.wait_for_cancellations(count=1, timeout=1.0)
-        emu.clear_cancellations()
+        emu.wait_for_cancellations(count=1, timeout=1.0)   # [Cancellation(path, model, tokens_sent, at,
+                                                 #   monotonic)], once there are `count` or the time is up
         emu.inject("error", after_tokens=2, model="tiny", times=1)   # or emu.inject(Fault(...));
                                                  #   no path = the next inference request (chat,
                                                  #   generate, embed...), never a health probe
-        emu.faults(); emu.clear_faults()
-        emu.config; emu.configure(token_delay_ms=5, frame_style="legacy")
-        emu.models(); emu.add_model("m", capabilities=("completion", "tools")); emu.remove_model("m")
+        emu.clear_faults()
+        emu.configure(token_delay_ms=5, frame_style="legacy")
+        emu.add_model("m", capabilities=("completion", "tools"))
         emu.set_models([ModelSpec("only")])
-        emu.loaded()                             # names /api/ps lists
         emu.stats()                              # Stats(requests, cancellations, in_flight, peak_in_flight,
                                                  #   generations, peak_generations: inference requests inside)
         emu.reset()                              # config, models, faults, records as at construction
 
 ``Config`` fields: version, tokens (10), thinking_tokens (3), first_token_delay_ms,
 token_delay_ms, load_delay_ms, sleep_on_load, frame_style ("modern" | "legacy" |
-"pre-0.5.2"), tool_calls_in_done, v1_error_style ("ollama" | "openai"), record,
-num_parallel (0 = unlimited), max_queue (512), loopback (Host check),
-check_origin, origins, keep_alive_s. ``ModelSpec``: name, capabilities,
-family, parameter_size, quantization_level, size, modified_at, context_length,
-embedding_length, reply (fixed answer), echo (repeat the last message),
-first_token_delay_ms / token_delay_ms overrides. Default models: ``tiny``,
+"pre-0.5.2": where an Ollama release puts a /v1 stream's finish and usage events),
+tool_calls_in_done, v1_error_style ("ollama" | "openai"), record, num_parallel
+(0 = unlimited), max_queue (512), keep_alive_s, ignore_output_cap. ``ModelSpec``: name,
+capabilities, family, parameter_size, quantization_level, size, modified_at,
+context_length, embedding_length. Default models: ``tiny``,
 ``llama3.2`` (tools), ``qwen3`` (tools, thinking), ``llava`` (vision),
 ``nomic-embed-text`` (embedding). ``Fault`` kinds (status, error, drop, stall,
 malformed, blank) and where each acts: see ``tests/emulator/faults.py``.
@@ -53,28 +50,25 @@ response is complete, from the socket callback itself, so ``monotonic`` is
 within a millisecond of the close; ``tokens_sent`` counts steps already
 written (or generated, for stream:false).
 
-HTTP control API (JSON, never recorded, never faulted)::
+HTTP control API, for the emulator as its own process (JSON, never recorded, never faulted)::
 
-    GET    /_emulator/requests[?path=/api/chat]   {"requests": [{..., "headers": [[k, v]], "body": text|null,
-                                                                  "body_base64": ..., "raw_path": ...}]}
-    DELETE /_emulator/requests
-    GET    /_emulator/cancellations               {"cancellations": [...], "count": n}
-    DELETE /_emulator/cancellations
-    GET    /_emulator/faults | POST (a fault object or a list) | DELETE
-    GET    /_emulator/config | POST (partial update, returns the new config)
-    GET    /_emulator/models | PUT (replace with a list of specs) | POST (add one spec)
+    POST   /_emulator/config                       a partial update of Config; answers the new config
     GET    /_emulator/stats                        {"requests", "cancellations", "in_flight", "peak_in_flight",
                                                     "generations", "peak_generations"}
-    POST   /_emulator/reset
+
+Routes: /api/version, /api/tags, /api/ps, /api/show, /api/generate, /api/chat, /api/embed,
+/api/embeddings, /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models[/NAME],
+/v1/responses and /v1/messages. Anything else is gin's ``404 page not found`` (and still
+recorded, so a test sees a request a gateway should not have forwarded). Request bodies are
+framed by Content-Length, as a gateway sends them; a chunked body is refused with 501.
 
 Answers are deterministic: content is ``Config.tokens`` words of "Lorem ipsum
-dolor sit amet ..." (tokens "Lorem", " ipsum", ...), or the model's ``reply``,
-or its prompt echoed; thinking models first think ``thinking_tokens`` words of
-"Let me think about this carefully."; a tools-capable model given ``tools``
-calls the first tool (string arguments "test", numbers 1) unless the last
-message is a tool result. ``options.num_predict`` / ``max_tokens`` above zero
-cut the answer (done_reason "length"); 0 and negative values mean no limit, as
-in Ollama; ``stop`` ends it before the stop text.
+dolor sit amet ..." (tokens "Lorem", " ipsum", ...); thinking models first think
+``thinking_tokens`` words of "Let me think about this carefully."; a tools-capable
+model given ``tools`` calls the first tool (string arguments "test", numbers 1)
+unless the last message is a tool result. ``options.num_predict`` / ``max_tokens``
+above zero cut the answer (done_reason "length"); 0 and negative values mean no
+limit, as in Ollama.
 Embeddings are ``embedding_vector(text, model.embedding_length)``.
 
 Token counting (``count_prompt_tokens(path, body)`` computes it): a token is a
@@ -89,11 +83,8 @@ and exact, in ns: load = 100 000 (+ load_delay_ms on a cold load), prompt_eval
 
 CLI (the same server as a process; prints its URL, serves until SIGTERM/SIGINT)::
 
-    python -m tests.emulator --host 127.0.0.1 --port 11434 [--ollama-version V] [--tokens N]
-        [--thinking-tokens N] [--first-token-delay-ms MS] [--token-delay-ms MS] [--load-delay-ms MS]
-        [--sleep-on-load] [--frame-style modern|legacy|pre-0.5.2] [--tool-calls-in-done]
-        [--v1-error-style ollama|openai] [--no-record] [--num-parallel N] [--max-queue N]
-        [--loopback-host-check] [--no-origin-check] [--origins A,B] [--keep-alive-s S] [--models-json FILE]
+    python -m tests.emulator --host 127.0.0.1 --port 11434 [--tokens N] [--token-delay-ms MS]
+        [--no-record] [--num-parallel N] [--max-queue N]      # the rest: POST /_emulator/config
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ A failure after the stream started ends it with an ``error`` event in the route'
 
 from __future__ import annotations
 
+import abc
 import os
 import time
 from typing import TYPE_CHECKING, Any
@@ -30,10 +31,11 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from .decoding import ApiError, decode
-from .engine import Plan, Step
+from .engine import Plan, Sink, Step
 from .faults import Fault
 from .native import Call, chat_core
-from .v1 import SSE, V1_JSON
+from .prompt import text_of
+from .v1 import SSE, V1_JSON, error_body
 
 if TYPE_CHECKING:
     from .connection import Exchange
@@ -53,15 +55,6 @@ def _body(exchange: Exchange, struct: str) -> dict[str, Any]:
     body, `unexpected EOF` for a truncated one, `json: cannot unmarshal array into Go value of
     type openai.ResponsesRequest` / `anthropic.MessagesRequest`)."""
     return decode(exchange.request.body, struct, {}, v1=True)
-
-
-def _text(content: Any) -> str:
-    """Text of either dialect's content: a string or a list of text-bearing blocks."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(str(b.get("text", "")) for b in content if isinstance(b, dict))
-    return ""
 
 
 def _num_predict(value: Any) -> int | None:
@@ -84,26 +77,35 @@ def _function_tools(tools: Any) -> list[dict[str, Any]]:
     return native
 
 
-class _EventSink:
-    """Typed SSE framing shared by both dialects."""
+class _EventSink(Sink):
+    """Typed SSE framing shared by both dialects: the opening events go out with the first
+    token, one delta event per token follows."""
+
+    content_type = SSE
 
     def __init__(self, exchange: Exchange, model: str, stream: bool) -> None:
-        self.exchange = exchange
-        self.model = model
-        self.stream = stream
+        super().__init__(exchange, model, stream)
         self.opened = False
+        self.text: list[str] = []
 
     def _event(self, name: str, data: dict[str, Any]) -> None:
-        if not self.exchange.started:
-            self.exchange.start(200, SSE)
-        self.exchange.send(b"event: " + name.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n")
+        self.write(b"event: " + name.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n")
 
-    def garble(self, kind: str) -> None:
-        if not self.stream:
+    def cut_record(self) -> bytes:
+        return b'event: x\ndata: {"type"\n\n'
+
+    def step(self, step: Step) -> None:
+        if not step.content:
             return
-        if not self.exchange.started:
-            self.exchange.start(200, SSE)
-        self.exchange.send(b"\n" if kind == "blank" else b'event: x\ndata: {"type"\n\n')
+        self.text.append(step.content)
+        if self.stream:
+            self._ensure_open()
+            self._delta(step.content)
+
+    def _ensure_open(self) -> None:
+        if not self.opened:
+            self.opened = True
+            self._open()
 
     def fail(self, fault: Fault) -> None:
         if not self.stream or not self.exchange.started:
@@ -112,11 +114,18 @@ class _EventSink:
         self._stream_error(fault.message)
         self.exchange.end()
 
-    def _whole_error(self, status: int, message: str) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _open(self) -> None:
+        """The events before the first delta."""
 
-    def _stream_error(self, message: str) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _delta(self, content: str) -> None: ...
+
+    @abc.abstractmethod
+    def _whole_error(self, status: int, message: str) -> None: ...
+
+    @abc.abstractmethod
+    def _stream_error(self, message: str) -> None: ...
 
 
 class ResponsesSink(_EventSink):
@@ -127,7 +136,6 @@ class ResponsesSink(_EventSink):
         self.created = int(time.time())
         self.max_output_tokens = max_output_tokens
         self.sequence = 0
-        self.text: list[str] = []
 
     def _send(self, kind: str, data: dict[str, Any]) -> None:
         self._event(kind, {**data, "sequence_number": self.sequence, "type": kind})
@@ -152,9 +160,6 @@ class ResponsesSink(_EventSink):
                 "content": content if status == "completed" else []}  # fmt: skip
 
     def _open(self) -> None:
-        if self.opened:
-            return
-        self.opened = True
         for kind in ("response.created", "response.in_progress"):
             self._send(kind, {"response": self._response("in_progress", [], None)})
         self._send("response.output_item.added", {"item": self._message("in_progress"), "output_index": 0})
@@ -162,17 +167,12 @@ class ResponsesSink(_EventSink):
         self._send("response.content_part.added", {"item_id": self.item, "output_index": 0, "content_index": 0,
                                                     "part": part})  # fmt: skip
 
-    def step(self, step: Step) -> None:
-        if not step.content:
-            return
-        self.text.append(step.content)
-        if self.stream:
-            self._open()
-            self._send("response.output_text.delta", {"item_id": self.item, "output_index": 0, "content_index": 0,
-                                                      "delta": step.content, "logprobs": []})  # fmt: skip
+    def _delta(self, content: str) -> None:
+        self._send("response.output_text.delta", {"item_id": self.item, "output_index": 0, "content_index": 0,
+                                                  "delta": content, "logprobs": []})  # fmt: skip
 
     def finish(self, plan: Plan) -> None:
-        prompt, completion = plan.metrics.get("prompt_eval_count", 0), plan.metrics.get("eval_count", 0)
+        prompt, completion = plan.usage
         usage = {
             "input_tokens": prompt, "output_tokens": completion, "total_tokens": prompt + completion,
             "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0},
@@ -182,7 +182,7 @@ class ResponsesSink(_EventSink):
             body = self._response("completed", [message], usage)
             self.exchange.respond(200, orjson.dumps(body), V1_JSON)
             return
-        self._open()
+        self._ensure_open()
         text = "".join(self.text)
         where = {"item_id": self.item, "output_index": 0, "content_index": 0}
         self._send("response.output_text.done", {**where, "text": text, "logprobs": []})
@@ -192,9 +192,7 @@ class ResponsesSink(_EventSink):
         self.exchange.end()
 
     def _whole_error(self, status: int, message: str) -> None:
-        kind = {400: "invalid_request_error", 404: "not_found_error"}.get(status, "api_error")
-        error = {"error": {"message": message, "type": kind, "param": None, "code": None}}
-        self.exchange.respond(status, orjson.dumps(error), V1_JSON)
+        self.exchange.respond(status, error_body(status, message), V1_JSON)
 
     def _stream_error(self, message: str) -> None:
         self._send("error", {"code": "server_error", "message": message, "param": None})
@@ -205,30 +203,21 @@ class MessagesSink(_EventSink):
         super().__init__(exchange, model, stream)
         self.id = "msg_" + os.urandom(12).hex()
         self.estimate = estimate
-        self.text: list[str] = []
 
     def _open(self) -> None:
-        if self.opened:
-            return
-        self.opened = True
         message = {"id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": [],
                    "usage": {"input_tokens": self.estimate, "output_tokens": 0}}  # fmt: skip
         self._event("message_start", {"type": "message_start", "message": message})
         block = {"type": "text", "text": ""}
         self._event("content_block_start", {"type": "content_block_start", "index": 0, "content_block": block})
 
-    def step(self, step: Step) -> None:
-        if not step.content:
-            return
-        self.text.append(step.content)
-        if self.stream:
-            self._open()
-            delta = {"type": "text_delta", "text": step.content}
-            self._event("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta})
+    def _delta(self, content: str) -> None:
+        delta = {"type": "text_delta", "text": content}
+        self._event("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta})
 
     def finish(self, plan: Plan) -> None:
-        usage = {"input_tokens": plan.metrics.get("prompt_eval_count", 0),
-                 "output_tokens": plan.metrics.get("eval_count", 0)}  # fmt: skip
+        prompt, completion = plan.usage
+        usage = {"input_tokens": prompt, "output_tokens": completion}
         reason = "max_tokens" if plan.done_reason == "length" else "end_turn"
         if not self.stream:
             body = {"id": self.id, "type": "message", "role": "assistant", "model": self.model,
@@ -236,7 +225,7 @@ class MessagesSink(_EventSink):
                     "usage": usage}  # fmt: skip
             self.exchange.respond(200, orjson.dumps(body), V1_JSON)
             return
-        self._open()
+        self._ensure_open()
         self._event("content_block_stop", {"type": "content_block_stop", "index": 0})
         self._event("message_delta", {"type": "message_delta", "delta": {"stop_reason": reason}, "usage": usage})
         self._event("message_stop", {"type": "message_stop"})
@@ -264,7 +253,7 @@ def _responses_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
             if item.get("type") == "function_call_output":
                 messages.append({"role": "tool", "content": str(item.get("output", ""))})
             elif "content" in item:
-                messages.append({"role": str(item.get("role") or "user"), "content": _text(item["content"])})
+                messages.append({"role": str(item.get("role") or "user"), "content": text_of(item["content"])})
     return messages
 
 
@@ -276,7 +265,6 @@ async def responses(exchange: Exchange) -> None:
         model=str(body.get("model") or ""),
         stream=stream,
         options={"num_predict": _num_predict(cap)},
-        keep_alive=None,
         messages=_responses_messages(body),
         tools=_function_tools(body.get("tools")),
     )
@@ -289,23 +277,22 @@ async def messages(exchange: Exchange) -> None:
     if max_tokens is None:
         raise ApiError(400, "max_tokens is required and must be positive", middleware=True)
     chat: list[dict[str, Any]] = []
-    system = _text(body.get("system"))
+    system = text_of(body.get("system"))
     if system:
         chat.append({"role": "system", "content": system})
     raw = body.get("messages")
     for message in raw if isinstance(raw, list) else []:
         if isinstance(message, dict):
-            chat.append({"role": str(message.get("role") or "user"), "content": _text(message.get("content"))})
+            chat.append({"role": str(message.get("role") or "user"), "content": text_of(message.get("content"))})
     stream = body.get("stream") is True
     call = Call(
         model=str(body.get("model") or ""),
         stream=stream,
         options={"num_predict": max_tokens},
-        keep_alive=None,
         messages=chat,
         tools=_function_tools(body.get("tools")),
     )
     # message_start's input count is a rough guess made before the prompt is rendered (Ollama
     # estimates from the request); the real count arrives in message_delta.
-    estimate = max(1, len(_text(chat[-1]["content"]).split()) if chat else 1)
+    estimate = max(1, len(text_of(chat[-1]["content"]).split()) if chat else 1)
     await chat_core(exchange, call, lambda _single: MessagesSink(exchange, call.model, stream, estimate))

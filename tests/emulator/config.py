@@ -33,9 +33,6 @@ class Config:
     record: bool = True  # keep every request; benchmarks switch this off to save memory
     num_parallel: int = 0  # generations at once; 0 = unlimited
     max_queue: int = 512  # waiting requests beyond num_parallel before 503 (OLLAMA_MAX_QUEUE)
-    loopback: bool = False  # behave as if bound to loopback: enforce the Host check (§6)
-    check_origin: bool = True  # gin-contrib/cors rejects foreign Origin headers with 403 (§6)
-    origins: tuple[str, ...] = ()  # extra allowed origins, like OLLAMA_ORIGINS
     keep_alive_s: float = 300.0  # OLLAMA_KEEP_ALIVE default of 5m
     ignore_output_cap: bool = False  # generate past num_predict / max_tokens: a backend a gateway must cut
 
@@ -64,17 +61,11 @@ class Config:
         unknown = sorted(set(changes) - set(current))
         if unknown:
             raise ValueError(f"unknown config keys: {', '.join(unknown)}")
-        merged: dict[str, Any] = {}
-        for key, value in changes.items():
-            merged[key] = _coerce(key, value, current[key])
-        if "origins" in merged:
-            merged["origins"] = tuple(merged["origins"])
+        merged = {key: _coerce(key, value, current[key]) for key, value in changes.items()}
         return dataclasses.replace(self, **merged)
 
     def to_json(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["origins"] = list(self.origins)
-        return data
+        return dataclasses.asdict(self)
 
 
 def _coerce(key: str, value: Any, example: Any) -> Any:
@@ -86,8 +77,6 @@ def _coerce(key: str, value: Any, example: Any) -> Any:
     elif isinstance(example, float):
         ok = isinstance(value, int | float) and not isinstance(value, bool)
         value = float(value) if ok else value
-    elif isinstance(example, list):
-        ok = isinstance(value, list | tuple) and all(isinstance(item, str) for item in value)
     else:
         ok = isinstance(value, str)
     if not ok:

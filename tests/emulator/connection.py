@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, cast
 
-from .wire import CONTINUE, LAST_CHUNK, ParseError, Request, RequestParser, chunk, reason_phrase, response_head
+from .wire import LAST_CHUNK, ParseError, Request, RequestParser, chunk, reason_phrase, response_head
 
 if TYPE_CHECKING:
     from .state import State
@@ -31,7 +31,6 @@ class Exchange:
     __slots__ = (
         "_conn",
         "chunked",
-        "extra_headers",
         "finished",
         "model",
         "request",
@@ -51,17 +50,10 @@ class Exchange:
         self.started = False  # status line written
         self.finished = False  # response complete (or deliberately dropped)
         self.chunked = request.version != "HTTP/1.0"
-        self.extra_headers: list[tuple[str, str]] = []  # e.g. CORS headers, added to whatever is answered
 
-    def respond(
-        self,
-        status: int,
-        body: bytes = b"",
-        content_type: str | None = None,
-        headers: list[tuple[str, str]] | None = None,
-    ) -> None:
+    def respond(self, status: int, body: bytes = b"", content_type: str | None = None) -> None:
         """A complete response with Content-Length; HEAD gets the headers only."""
-        fields = [*self.extra_headers, *(headers or ())]
+        fields = []
         if content_type is not None:
             fields.append(("Content-Type", content_type))
         fields.append(("Content-Length", str(len(body))))
@@ -73,7 +65,7 @@ class Exchange:
 
     def start(self, status: int, content_type: str) -> None:
         """Status line and headers of a streamed body; chunked, or close-delimited for HTTP/1.0."""
-        fields = [*self.extra_headers, ("Content-Type", content_type)]
+        fields = [("Content-Type", content_type)]
         if self.chunked:
             fields.append(("Transfer-Encoding", "chunked"))
         if not self.request.keep_alive or not self.chunked:
@@ -117,7 +109,6 @@ class Connection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._current: Exchange | None = None
         self._task: asyncio.Task[None] | None = None
-        self._continued: Request | None = None
         self.writable: asyncio.Future[None] | None = None
         self.lost = False
 
@@ -137,10 +128,6 @@ class Connection(asyncio.Protocol):
             )
             self.close()
             return
-        waiting = self._parser.awaiting_continue
-        if waiting is not None and waiting is not self._continued:
-            self._continued = waiting  # one interim response per request, as net/http sends
-            self.write(CONTINUE)
         self._queue.extend(requests)
         if self._current is None:
             self._next()

@@ -103,12 +103,6 @@ class Emulator:
     def clear_requests(self) -> None:
         self.state.clear_requests()
 
-    def cancellations(self) -> list[Cancellation]:
-        return self.state.cancellations()
-
-    def clear_cancellations(self) -> None:
-        self.state.clear_cancellations()
-
     def wait_for_cancellations(self, count: int = 1, timeout: float = 1.0) -> list[Cancellation]:
         return self.state.wait_for_cancellations(count, timeout)
 
@@ -122,41 +116,24 @@ class Emulator:
         self.state.faults.add(armed)
         return armed
 
-    def faults(self) -> list[Fault]:
-        return self.state.faults.armed()
-
     def clear_faults(self) -> None:
         self.state.faults.clear()
 
     # Config
-    @property
-    def config(self) -> Config:
-        return self.state.config
-
     def configure(self, **changes: Any) -> Config:
         """Change settings for requests that arrive from now on, e.g. ``configure(token_delay_ms=20)``."""
         return self.state.configure(changes)
 
     # Models
-    def models(self) -> list[ModelSpec]:
-        return self.state.registry.models()
-
     def add_model(self, spec: ModelSpec | str, **fields: Any) -> ModelSpec:
         """Install a model: ``add_model(ModelSpec(...))`` or ``add_model("m", capabilities=("completion",))``."""
         model = spec if isinstance(spec, ModelSpec) else ModelSpec(spec, **fields)
         self.state.registry.put(model)
         return model
 
-    def remove_model(self, name: str) -> bool:
-        return self.state.registry.remove(name)
-
     def set_models(self, specs: Iterable[ModelSpec]) -> None:
         """Replace the whole registry (and forget what was loaded)."""
         self.state.registry.replace(specs)
-
-    def loaded(self) -> list[str]:
-        """Names ``/api/ps`` would list, longest time left first."""
-        return [item.spec.name for item in self.state.registry.loaded()]
 
     def reset(self) -> None:
         """Back to how it started: config, models, no faults, records or loaded models."""

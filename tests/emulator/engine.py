@@ -20,12 +20,13 @@ tool call (one each, also when the call rides in the done chunk).
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import hashlib
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from .config import Config
 from .faults import Fault
@@ -76,10 +77,9 @@ class Ask:
     spec: ModelSpec
     prompt_tokens: int
     think: bool
-    echo_text: str = ""
+    seed: str = ""  # the last message's text: seeds a tool call's id
     tools: Sequence[dict[str, Any]] = ()
     num_predict: int | None = None
-    stop: tuple[str, ...] = ()
     cold: bool = False
 
 
@@ -94,35 +94,21 @@ class Plan:
     thinking: str = ""  # all thinking, joined, for stream:false
     content: str = ""  # all content, joined
 
+    @property
+    def usage(self) -> tuple[int, int]:
+        """(prompt tokens, completion tokens), as every dialect's usage reports them."""
+        return self.metrics.get("prompt_eval_count", 0), self.metrics.get("eval_count", 0)
+
 
 def single(done_reason: str) -> Plan:
     """The answer to a load or unload call: no tokens, no metrics (§2.2)."""
     return Plan((), done_reason, {})
 
 
-def words_as_tokens(text: str) -> list[str]:
-    """Split into word tokens that concatenate back to the words, single-spaced."""
-    return [word if i == 0 else " " + word for i, word in enumerate(text.split())]
-
-
 def _cycled(source: Sequence[str], count: int) -> list[str]:
-    return words_as_tokens(" ".join(itertools.islice(itertools.cycle(source), count)))
-
-
-def _until_stop(tokens: list[str], stops: tuple[str, ...]) -> list[str]:
-    """Tokens up to the first stop sequence, which is not emitted (§10)."""
-    if not stops:
-        return tokens
-    text, kept = "", list[str]()
-    for token in tokens:
-        candidate = text + token
-        hits = [i for i in (candidate.find(stop) for stop in stops if stop) if i >= 0]
-        if hits:
-            tail = candidate[len(text) : min(hits)]
-            return [*kept, tail] if tail else kept
-        kept.append(token)
-        text = candidate
-    return kept
+    """``count`` words of ``source``, repeated as needed, as tokens that join single-spaced."""
+    words = itertools.islice(itertools.cycle(source), count)
+    return [word if i == 0 else " " + word for i, word in enumerate(words)]
 
 
 def tool_call(tools: Sequence[dict[str, Any]], seed: str) -> dict[str, Any]:
@@ -137,8 +123,8 @@ def tool_call(tools: Sequence[dict[str, Any]], seed: str) -> dict[str, Any]:
     return {"id": call_id, "function": {"index": 0, "name": function.get("name", ""), "arguments": arguments}}
 
 
-def metrics(config: Config, spec: ModelSpec, prompt_tokens: int, eval_count: int, cold: bool) -> dict[str, int]:
-    first_ms, token_ms = delays_ms(config, spec)
+def metrics(config: Config, prompt_tokens: int, eval_count: int, cold: bool) -> dict[str, int]:
+    first_ms, token_ms = config.first_token_delay_ms, config.token_delay_ms
     load = SCHEDULE_NS + (round(config.load_delay_ms * 1e6) if cold else 0)
     prompt = round(first_ms * 1e6) + prompt_tokens * PER_TOKEN_NS
     evaluation = eval_count * (round(token_ms * 1e6) + PER_TOKEN_NS)
@@ -153,25 +139,13 @@ def metrics(config: Config, spec: ModelSpec, prompt_tokens: int, eval_count: int
     return {key: value for key, value in values.items() if value}
 
 
-def delays_ms(config: Config, spec: ModelSpec) -> tuple[float, float]:
-    first = config.first_token_delay_ms if spec.first_token_delay_ms is None else spec.first_token_delay_ms
-    each = config.token_delay_ms if spec.token_delay_ms is None else spec.token_delay_ms
-    return first, each
-
-
 def make_plan(config: Config, ask: Ask) -> Plan:
     spec = ask.spec
     steps = [Step(thinking=t) for t in _cycled(THINKING, config.thinking_tokens)] if ask.think else []
     if ask.tools:
-        steps.append(Step(tool_calls=(tool_call(ask.tools, spec.name + ask.echo_text),)))
+        steps.append(Step(tool_calls=(tool_call(ask.tools, spec.name + ask.seed),)))
     else:
-        if spec.reply is not None:
-            content = words_as_tokens(spec.reply)
-        elif spec.echo:
-            content = words_as_tokens(ask.echo_text)
-        else:
-            content = _cycled(LOREM, config.tokens)
-        steps += [Step(content=token) for token in _until_stop(content, ask.stop)]
+        steps += [Step(content=token) for token in _cycled(LOREM, config.tokens)]
     reason = "stop"
     # A cap applies only when it is above zero: 0, -1 (no limit) and -2 (fill the context) all
     # let the answer run to its end (`runner/ollamarunner/runner.go` checks `numPredict > 0`;
@@ -182,30 +156,52 @@ def make_plan(config: Config, ask: Ask) -> Plan:
     if config.tool_calls_in_done and steps and steps[-1].tool_calls:
         final = steps.pop().tool_calls
     eval_count = len(steps) + (1 if final else 0)
-    first_ms, token_ms = delays_ms(config, spec)
-    wait_ms = first_ms + (config.load_delay_ms if ask.cold and config.sleep_on_load else 0.0)
+    wait_ms = config.first_token_delay_ms + (config.load_delay_ms if ask.cold and config.sleep_on_load else 0.0)
     return Plan(
         tuple(steps),
         reason,
-        metrics(config, spec, ask.prompt_tokens, eval_count, ask.cold),
+        metrics(config, ask.prompt_tokens, eval_count, ask.cold),
         final,
         wait_ms / 1000,
-        token_ms / 1000,
+        config.token_delay_ms / 1000,
         "".join(s.thinking for s in steps),
         "".join(s.content for s in steps),
     )
 
 
-class Sink(Protocol):
-    """Frames the steps of one answer for one surface (native or /v1, streamed or not)."""
+class Sink(abc.ABC):
+    """Frames the steps of one answer for one surface (native, /v1, an agent dialect), streamed
+    or whole. A stream's pieces go out as they come, the status line with the first of them."""
 
+    content_type: str  # of the stream
+
+    def __init__(self, exchange: Exchange, model: str, stream: bool) -> None:
+        self.exchange = exchange
+        self.model = model
+        self.stream = stream
+
+    def write(self, data: bytes) -> None:
+        if not self.exchange.started:
+            self.exchange.start(200, self.content_type)
+        self.exchange.send(data)
+
+    def garble(self, kind: str) -> None:
+        """The ``blank`` and ``malformed`` faults: an empty line or a record cut off in its middle."""
+        if self.stream:
+            self.write(b"\n" if kind == "blank" else self.cut_record())
+
+    @abc.abstractmethod
+    def cut_record(self) -> bytes:
+        """A record of this surface's stream cut off in its middle."""
+
+    @abc.abstractmethod
     def step(self, step: Step) -> None: ...
 
+    @abc.abstractmethod
     def finish(self, plan: Plan) -> None: ...
 
+    @abc.abstractmethod
     def fail(self, fault: Fault) -> None: ...
-
-    def garble(self, kind: str) -> None: ...
 
 
 async def run(exchange: Exchange, plan: Plan, sink: Sink, fault: Fault | None) -> None:

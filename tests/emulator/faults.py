@@ -26,9 +26,7 @@ elsewhere ``drop`` and ``stall`` act before the first byte, and only with
 
 from __future__ import annotations
 
-import dataclasses
 import threading
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,17 +74,6 @@ class Fault:
         # "after N tokens" needs tokens: on other routes only an immediate fault applies
         return path in GENERATION or self.kind == "status" or self.after_tokens == 0
 
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Fault:
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - fields)
-        if unknown:
-            raise ValueError(f"unknown fault fields: {', '.join(unknown)}")
-        return cls(**data)
-
 
 class FaultBook:
     """Armed faults in the order they were added; the first match wins and is used up."""
@@ -102,10 +89,6 @@ class FaultBook:
     def clear(self) -> None:
         with self._lock:
             self._armed.clear()
-
-    def armed(self) -> list[Fault]:
-        with self._lock:
-            return [entry[0] for entry in self._armed]
 
     def wants_model(self) -> bool:
         """Whether matching needs the request's model, i.e. its body parsed early."""

@@ -27,7 +27,6 @@ from .decoding import (
     check,
     decode,
     option_int,
-    option_stop,
     parse_keep_alive,
     parse_think,
 )
@@ -66,7 +65,7 @@ class Call:
     model: str
     stream: bool
     options: dict[str, Any]
-    keep_alive: float | None
+    keep_alive: float | None = None  # seconds; None: the server's default
     think: bool | str | None = None
     messages: list[dict[str, Any]] = field(default_factory=list)
     tools: list[dict[str, Any]] = field(default_factory=list)
@@ -146,7 +145,6 @@ async def _generate(
     state = exchange.state
     config = state.config
     num_predict = None if config.ignore_output_cap else option_int(call.options, "num_predict")
-    stop = option_stop(call.options)
     num_ctx = option_int(call.options, "num_ctx") or spec.context_length
     async with state.slots.hold(config):
         keep_alive = config.keep_alive_s if call.keep_alive is None else call.keep_alive
@@ -156,25 +154,20 @@ async def _generate(
                 await asyncio.sleep(config.load_delay_ms / 1000)
             make_sink(True).finish(single("load"))
             return
-        plan = make_plan(config, dataclasses.replace(ask, num_predict=num_predict, stop=stop, cold=cold))
+        plan = make_plan(config, dataclasses.replace(ask, num_predict=num_predict, cold=cold))
         fault = state.faults.take(exchange.request.path, call.model, STREAM_KINDS if call.stream else BUFFERED_KINDS)
         await run(exchange, plan, make_sink(False), fault)
     if call.keep_alive == 0:  # a generation with keep_alive 0 unloads once it is done
         state.registry.unload(spec)
 
 
-class _NativeSink:
+class _NativeSink(Sink):
     """NDJSON lines when streaming, else one ``c.JSON`` object; errors as ``streamResponse`` sends them (§4)."""
 
-    def __init__(self, exchange: Exchange, model: str, stream: bool) -> None:
-        self.exchange = exchange
-        self.model = model
-        self.stream = stream
+    content_type = NDJSON
 
     def _line(self, record: dict[str, Any]) -> None:
-        if not self.exchange.started:
-            self.exchange.start(200, NDJSON)
-        self.exchange.send(orjson.dumps(record) + b"\n")
+        self.write(orjson.dumps(record) + b"\n")
 
     def _done(self, record: dict[str, Any]) -> None:
         if self.stream:
@@ -193,13 +186,8 @@ class _NativeSink:
             self.exchange.send(body + b"\n")
             self.exchange.end()
 
-    def garble(self, kind: str) -> None:
-        if not self.stream:
-            return
-        if not self.exchange.started:
-            self.exchange.start(200, NDJSON)
-        truncated_line = b'{"model":%b,"created_at":"%b","respon' % (orjson.dumps(self.model), now().encode())
-        self.exchange.send(b"\n" if kind == "blank" else truncated_line + b"\n")
+    def cut_record(self) -> bytes:
+        return b'{"model":%b,"created_at":"%b","respon\n' % (orjson.dumps(self.model), now().encode())
 
 
 class GenerateSink(_NativeSink):
@@ -262,14 +250,22 @@ class ChatSink(_NativeSink):
         self._done(record)
 
 
-async def generate(exchange: Exchange) -> None:
-    body = decode(exchange.request.body, "api.GenerateRequest", GENERATE)
-    call = Call(
+def _call(body: dict[str, Any], **fields: Any) -> Call:
+    """A native generate or chat request: the fields both have, and ``fields``."""
+    return Call(
         model=body.get("model") or "",
         stream=body.get("stream") is not False,
         options=body.get("options") or {},
         keep_alive=parse_keep_alive(body.get("keep_alive")),
         think=parse_think(body.get("think")),
+        **fields,
+    )
+
+
+async def generate(exchange: Exchange) -> None:
+    body = decode(exchange.request.body, "api.GenerateRequest", GENERATE)
+    call = _call(
+        body,
         prompt=body.get("prompt") or "",
         system=body.get("system") or "",
         suffix=body.get("suffix") or "",
@@ -289,15 +285,7 @@ async def chat(exchange: Exchange) -> None:
             field = "Go struct field ChatRequest.messages of type api.Message"
             raise ApiError(400, f"json: cannot unmarshal {kind} into {field}")
         check(message, "ChatRequest.messages", MESSAGE)
-    call = Call(
-        model=body.get("model") or "",
-        stream=body.get("stream") is not False,
-        options=body.get("options") or {},
-        keep_alive=parse_keep_alive(body.get("keep_alive")),
-        think=parse_think(body.get("think")),
-        messages=messages,
-        tools=body.get("tools") or [],
-    )
+    call = _call(body, messages=messages, tools=body.get("tools") or [])
     await chat_core(exchange, call, lambda single: ChatSink(exchange, call.model, call.stream and not single))
 
 
@@ -326,7 +314,7 @@ async def embed_core(
         state.registry.unload(spec)
     if not texts:
         return None
-    timing = metrics(config, spec, sum(words(text) for text in texts), 0, cold)
+    timing = metrics(config, sum(words(text) for text in texts), 0, cold)
     result: dict[str, Any] = {"model": model, "embeddings": vectors}
     kept = ("total_duration", "load_duration", "prompt_eval_count")  # EmbedResponse has no eval fields
     result.update((key, timing[key]) for key in kept if key in timing)

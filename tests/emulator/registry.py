@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,10 +57,7 @@ def model_key(name: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class ModelSpec:
-    """One installed model. ``reply`` fixes the answer; ``echo`` repeats the prompt back.
-
-    Without either the answer is ``Config.tokens`` words of a fixed sequence.
-    """
+    """One installed model; its answer is ``Config.tokens`` words of a fixed sequence."""
 
     name: str
     capabilities: tuple[str, ...] = ("completion",)
@@ -72,10 +68,6 @@ class ModelSpec:
     modified_at: float = 1_735_689_600.0  # 2025-01-01T00:00:00Z
     context_length: int = 4096
     embedding_length: int = 2048
-    reply: str | None = None
-    echo: bool = False
-    first_token_delay_ms: float | None = None  # overrides Config for this model
-    token_delay_ms: float | None = None
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -101,19 +93,6 @@ class ModelSpec:
             "parameter_size": self.parameter_size,
             "quantization_level": self.quantization_level,
         }
-
-    def to_json(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["capabilities"] = list(self.capabilities)
-        return data
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> ModelSpec:
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - fields)
-        if unknown:
-            raise ValueError(f"unknown model fields: {', '.join(unknown)}")
-        return cls(**data)
 
 
 DEFAULT_MODELS = (
@@ -173,7 +152,6 @@ class Registry:
         self._lock = threading.Lock()
         self._models = {model_key(spec.name): spec for spec in specs}
         self._loaded: dict[str, Loaded] = {}
-        self._blobs: set[str] = set()
 
     def get(self, name: str) -> ModelSpec | None:
         with self._lock:
@@ -188,16 +166,10 @@ class Registry:
         with self._lock:
             self._models[model_key(spec.name)] = spec
 
-    def remove(self, name: str) -> bool:
-        with self._lock:
-            self._loaded.pop(model_key(name), None)
-            return self._models.pop(model_key(name), None) is not None
-
     def replace(self, specs: Iterable[ModelSpec]) -> None:
         with self._lock:
             self._models = {model_key(spec.name): spec for spec in specs}
             self._loaded.clear()
-            self._blobs.clear()
 
     def load(self, spec: ModelSpec, keep_alive_s: float, context_length: int) -> bool:
         """Mark ``spec`` loaded until now + keep_alive; True when it was not loaded (a cold load)."""
@@ -220,11 +192,3 @@ class Registry:
             for key in [key for key, item in self._loaded.items() if item.expires_at <= now]:
                 del self._loaded[key]
             return sorted(self._loaded.values(), key=lambda item: item.expires_at, reverse=True)
-
-    def has_blob(self, digest: str) -> bool:
-        with self._lock:
-            return digest in self._blobs
-
-    def add_blob(self, digest: str) -> None:
-        with self._lock:
-            self._blobs.add(digest)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import threading
 import time
 from collections import deque
@@ -42,24 +41,6 @@ class RecordedRequest:
     def json(self) -> Any:
         return orjson.loads(self.body)
 
-    def to_json(self) -> dict[str, Any]:
-        try:
-            text: str | None = self.body.decode()
-        except UnicodeDecodeError:
-            text = None
-        return {
-            "seq": self.seq,
-            "method": self.method,
-            "path": self.path,
-            "raw_path": self.target,
-            "query": self.query,
-            "headers": [list(pair) for pair in self.headers],
-            "body": text,
-            "body_base64": base64.b64encode(self.body).decode(),
-            "at": self.at,
-            "monotonic": self.monotonic,
-        }
-
 
 @dataclass(frozen=True, slots=True)
 class Cancellation:
@@ -70,15 +51,6 @@ class Cancellation:
     tokens_sent: int
     at: float  # time.time()
     monotonic: float  # time.monotonic(), comparable across processes on one host
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "path": self.path,
-            "model": self.model,
-            "tokens_sent": self.tokens_sent,
-            "at": self.at,
-            "monotonic": self.monotonic,
-        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,14 +189,6 @@ class State:
             self._cancellations.append(Cancellation(path, model, tokens_sent, time.time(), time.monotonic()))
             self._counts["cancellations"] += 1
             self._cond.notify_all()
-
-    def cancellations(self) -> list[Cancellation]:
-        with self._cond:
-            return list(self._cancellations)
-
-    def clear_cancellations(self) -> None:
-        with self._cond:
-            self._cancellations.clear()
 
     def wait_for_cancellations(self, count: int = 1, timeout: float = 1.0) -> list[Cancellation]:
         """Block until ``count`` cancellations are recorded or ``timeout`` passes; returns what there is."""

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from .decoding import V1_CHAT, V1_COMPLETION, V1_EMBED, ApiError, decode
-from .engine import Plan, Step
+from .engine import Plan, Sink, Step
 from .faults import Fault
 from .native import Call, chat_core, embed_core, generate_core
 from .prompt import embed_inputs, native_messages
@@ -55,7 +55,7 @@ def error_body(status: int, message: str) -> bytes:
 
 
 def _usage(plan: Plan) -> dict[str, int]:
-    prompt, completion = plan.metrics.get("prompt_eval_count", 0), plan.metrics.get("eval_count", 0)
+    prompt, completion = plan.usage
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
@@ -72,19 +72,17 @@ def _tool_calls(calls: Any) -> list[dict[str, Any]]:
     ]
 
 
-class _SseSink(abc.ABC):
+class _SseSink(Sink):
+    content_type = SSE
+
     def __init__(self, exchange: Exchange, model: str, stream: bool, include_usage: bool, prefix: str) -> None:
-        self.exchange = exchange
-        self.model = model
-        self.stream = stream
+        super().__init__(exchange, model, stream)
         self.style = exchange.state.config.frame_style
         self.include_usage = include_usage and self.style != "pre-0.5.2"  # ignored before v0.5.2 (§3)
         self.id = f"{prefix}-{next(_ids) % 999}"  # Ollama: rand.Intn(999)
 
     def _frame(self, payload: bytes) -> None:
-        if not self.exchange.started:
-            self.exchange.start(200, SSE)
-        self.exchange.send(b"data: " + payload + b"\n\n")
+        self.write(b"data: " + payload + b"\n\n")
 
     def _close(self) -> None:
         self._frame(b"[DONE]")
@@ -108,12 +106,8 @@ class _SseSink(abc.ABC):
     def _error_chunk(self) -> dict[str, Any]:
         """The chunk Ollama's writer makes from an ``{"error":…}`` line."""
 
-    def garble(self, kind: str) -> None:
-        if not self.stream:
-            return
-        if not self.exchange.started:
-            self.exchange.start(200, SSE)
-        self.exchange.send(b"\n" if kind == "blank" else b'data: {"id":"%b","object"\n\n' % self.id.encode())
+    def cut_record(self) -> bytes:
+        return b'data: {"id":"%b","object"\n\n' % self.id.encode()
 
 
 class ChatSink(_SseSink):
@@ -243,9 +237,16 @@ class CompletionSink(_SseSink):
         return self._chunk("", None, model="")
 
 
-def _stream_options(body: dict[str, Any]) -> tuple[bool, bool]:
-    options = body.get("stream_options") or {}
-    return body.get("stream") is True, bool(options.get("include_usage"))
+def _call(body: dict[str, Any], **fields: Any) -> tuple[Call, bool]:
+    """What a /v1 chat or completion request asks for (``max_tokens`` is ``num_predict``), and
+    whether its stream is to carry usage."""
+    call = Call(
+        model=body.get("model") or "",
+        stream=body.get("stream") is True,
+        options={"num_predict": body.get("max_tokens")},
+        **fields,
+    )
+    return call, bool((body.get("stream_options") or {}).get("include_usage"))
 
 
 def _check_messages(messages: list[Any]) -> None:
@@ -284,45 +285,18 @@ async def chat_completions(exchange: Exchange) -> None:
             '"xhigh", "ultra", "max", or "none")',
             middleware=True,
         )
-    stop = body.get("stop")
-    options: dict[str, Any] = {"num_predict": body.get("max_tokens")}
-    if isinstance(stop, str | list):
-        options["stop"] = [stop] if isinstance(stop, str) else [s for s in stop if isinstance(s, str)]
-    stream, include_usage = _stream_options(body)
-    call = Call(
-        model=body.get("model") or "",
-        stream=stream,
-        options=options,
-        keep_alive=None,
-        think=_EFFORT.get(effort),
-        messages=native_messages(messages),
-        tools=body.get("tools") or [],
+    call, include_usage = _call(
+        body, think=_EFFORT.get(effort), messages=native_messages(messages), tools=body.get("tools") or []
     )
-    await chat_core(exchange, call, lambda _single: ChatSink(exchange, call.model, stream, include_usage))
+    await chat_core(exchange, call, lambda _single: ChatSink(exchange, call.model, call.stream, include_usage))
 
 
 async def completions(exchange: Exchange) -> None:
     body = decode(exchange.request.body, "openai.CompletionRequest", V1_COMPLETION, v1=True)
-    stop = body.get("stop")
-    options: dict[str, Any] = {"num_predict": body.get("max_tokens")}
-    if isinstance(stop, list):
-        bad = next((s for s in stop if not isinstance(s, str)), None)
-        if bad is not None:
-            kind = "bool" if isinstance(bad, bool) else "float64" if isinstance(bad, int | float) else "<nil>"
-            raise ApiError(400, f"invalid type for 'stop' field: {kind}", middleware=True)
-        options["stop"] = stop
-    elif isinstance(stop, str):
-        options["stop"] = [stop]
-    stream, include_usage = _stream_options(body)
-    call = Call(
-        model=body.get("model") or "",
-        stream=stream,
-        options=options,
-        keep_alive=None,
-        prompt=body.get("prompt") or "",
-        suffix=body.get("suffix") or "",
+    call, include_usage = _call(body, prompt=body.get("prompt") or "", suffix=body.get("suffix") or "")
+    await generate_core(
+        exchange, call, lambda _single: CompletionSink(exchange, call.model, call.stream, include_usage)
     )
-    await generate_core(exchange, call, lambda _single: CompletionSink(exchange, call.model, stream, include_usage))
 
 
 async def embeddings(exchange: Exchange) -> None:

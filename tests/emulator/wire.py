@@ -3,7 +3,9 @@
 The parser is fed whatever the socket delivers and returns every request that
 became complete, so keep-alive and pipelined requests come out in order. Body
 bytes accumulate in a ``bytearray`` whose front deletions are O(1) in CPython,
-so a 50 MB base64 image body costs a couple of copies, never a rescan.
+so a 50 MB base64 image body costs a couple of copies, never a rescan. Bodies
+are framed by Content-Length, as a gateway sends them; a chunked one is refused
+with 501.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from urllib.parse import unquote
 
 MAX_HEAD_BYTES = 1 << 20  # Go's http.DefaultMaxHeaderBytes
 
-_HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _TRAILER = range(5)
+_HEAD, _LENGTH = range(2)
 
 
 class ParseError(Exception):
@@ -37,7 +39,6 @@ class Request:
     headers: list[tuple[str, str]]  # original case and order, as received
     body: bytes
     keep_alive: bool
-    expects_continue: bool
 
     def header(self, name: str) -> str | None:
         """First value of header ``name``, compared case-insensitively."""
@@ -49,16 +50,14 @@ class Request:
 
 
 class RequestParser:
-    """Turns a byte stream into ``Request`` objects (Content-Length or chunked bodies)."""
+    """Turns a byte stream into ``Request`` objects (Content-Length bodies)."""
 
     def __init__(self) -> None:
         self._buf = bytearray()
         self._state = _HEAD
         self._scan_from = 0
         self._need = 0
-        self._chunks = bytearray()
         self._head: Request | None = None
-        self.awaiting_continue: Request | None = None
 
     def feed(self, data: bytes) -> list[Request]:
         buf = self._buf
@@ -78,39 +77,12 @@ class RequestParser:
                 ready = self._start(head)
                 if ready is not None:
                     done.append(ready)
-            elif self._state == _LENGTH:
+            else:  # _LENGTH
                 if len(buf) < self._need:
                     return done
                 with memoryview(buf) as view:
                     body = bytes(view[: self._need])
                 del buf[: self._need]
-                done.append(self._finish(body))
-            elif self._state == _CHUNK_SIZE:
-                end = buf.find(b"\r\n")
-                if end < 0:
-                    return done
-                size_text = bytes(buf[:end]).split(b";", 1)[0].strip()
-                del buf[: end + 2]
-                try:
-                    self._need = int(size_text, 16)
-                except ValueError:
-                    raise ParseError(400, "invalid chunk size") from None
-                self._state = _CHUNK_DATA if self._need else _TRAILER
-            elif self._state == _CHUNK_DATA:
-                if len(buf) < self._need + 2:
-                    return done
-                if buf[self._need : self._need + 2] != b"\r\n":
-                    raise ParseError(400, "chunk not terminated by CRLF")
-                self._chunks += buf[: self._need]
-                del buf[: self._need + 2]
-                self._state = _CHUNK_SIZE
-            else:  # _TRAILER: trailer fields are read and dropped, as net/http does by default
-                end = 0 if buf.startswith(b"\r\n") else buf.find(b"\r\n\r\n")
-                if end < 0:
-                    return done
-                del buf[: end + (2 if end == 0 else 4)]
-                body = bytes(self._chunks)
-                self._chunks = bytearray()
                 done.append(self._finish(body))
 
     def _start(self, head: bytes) -> Request | None:
@@ -126,20 +98,14 @@ class RequestParser:
                 raise ParseError(400, "malformed header line")
             headers.append((name, value.strip(" \t")))
         path, _, query = target.partition("?")
-        request = Request(method, target, unquote(path), query, version, headers, b"", True, False)
+        request = Request(method, target, unquote(path), query, version, headers, b"", True)
         if version == "HTTP/1.1" and request.header("host") is None:
             raise ParseError(400, "missing required Host header")
         tokens = {t.strip().lower() for t in (request.header("connection") or "").split(",")}
         request.keep_alive = "keep-alive" in tokens if version == "HTTP/1.0" else "close" not in tokens
-        request.expects_continue = (request.header("expect") or "").lower() == "100-continue"
         self._head = request
-        encoding = request.header("transfer-encoding")
-        if encoding is not None:
-            if encoding.split(",")[-1].strip().lower() != "chunked":
-                raise ParseError(501, "unsupported transfer encoding")
-            self._state = _CHUNK_SIZE
-            self.awaiting_continue = request if request.expects_continue else None
-            return None
+        if request.header("transfer-encoding") is not None:
+            raise ParseError(501, "unsupported transfer encoding")
         lengths = {value.strip() for key, value in headers if key.lower() == "content-length"}
         if len(lengths) > 1 or not all(v.isdigit() for v in lengths):
             raise ParseError(400, "bad Content-Length")
@@ -147,7 +113,6 @@ class RequestParser:
         if self._need == 0:
             return self._finish(b"")
         self._state = _LENGTH
-        self.awaiting_continue = request if request.expects_continue else None
         return None
 
     def _finish(self, body: bytes) -> Request:
@@ -156,7 +121,6 @@ class RequestParser:
         request.body = body
         self._head = None
         self._state = _HEAD
-        self.awaiting_continue = None
         return request
 
 
@@ -195,7 +159,6 @@ def chunk(data: bytes) -> bytes:
 
 
 LAST_CHUNK = b"0\r\n\r\n"
-CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 _second_cache: tuple[int, str] = (-1, "")
