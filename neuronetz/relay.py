@@ -191,7 +191,9 @@ class SseRelay:
             outcome.finished = True
             return event + b"\n\n"
         if b'"usage"' not in data and b'"error"' not in data and outcome.text is None:
-            outcome.usage.completion_tokens += 1
+            # Every event but the finish event is output; the byte test spares parsing them.
+            if b'"finish_reason":null' in data or _has_output(json_object(data)):
+                outcome.usage.completion_tokens += 1
             return event + b"\n\n"
         record = json_object(data)
         if record is None:
@@ -203,7 +205,7 @@ class SseRelay:
         choices = record.get("choices")
         if isinstance(usage, dict) and (usage.get("prompt_tokens") or usage.get("completion_tokens")):
             read_counters(usage, "prompt_tokens", "completion_tokens", outcome)
-        elif choices:
+        elif choices and _has_output(record):
             outcome.usage.completion_tokens += 1
         if outcome.text is not None and choices:
             piece = _answer_text(record)
@@ -288,6 +290,24 @@ def json_object(data: bytes) -> dict[str, Any] | None:
 
 def _error_message(error: Any) -> str:
     return str(error.get("message") if isinstance(error, dict) else error)
+
+
+def _has_output(record: dict[str, Any] | None) -> bool:
+    """Whether an OpenAI stream event carries generated output (text, reasoning, a tool call)
+    rather than only the reason the answer finished. Unreadable counts as output: a backend
+    must not hide its work from the count that way."""
+    if record is None:
+        return True
+    choices = record.get("choices")
+    if not isinstance(choices, list) or not choices:
+        return False
+    choice = choices[0]
+    if not isinstance(choice, dict):
+        return True
+    delta = choice.get("delta")
+    if isinstance(delta, dict):
+        return bool(delta.get("content") or delta.get("reasoning") or delta.get("tool_calls"))
+    return bool(choice.get("text"))
 
 
 def _answer_text(record: dict[str, Any]) -> str | None:

@@ -239,7 +239,7 @@ async def test_tokens_stream_through_at_the_backends_pace(
     # Buffering would bunch tokens up (gaps near zero); passing them on as they come keeps the
     # emulator's 50 ms beat. (Single gaps may stretch or shrink when this busy machine
     # schedules late; the median is the beat.)
-    assert abs(statistics.median(gaps) - 0.05) < 0.002, gaps
+    assert abs(statistics.median(gaps) - 0.05) < 0.01, gaps
     assert sum(gap > 0.03 for gap in gaps) >= 0.8 * len(gaps), gaps
 
 
@@ -271,14 +271,6 @@ async def test_native_usage_is_taken_from_the_final_chunk(asgi: httpx.AsyncClien
 # Where an Ollama release puts the finish and usage events of a /v1 stream (docs/ollama.md §3):
 # the relay must account for each. Before v0.5.2 there is no usage event at all, so the gateway
 # charges its prompt estimate and the content events it saw.
-WITHOUT_USAGE = pytest.param(
-    "pre-0.5.2",
-    marks=pytest.mark.xfail(
-        strict=True, reason="the relay counts the finish event of a stream without usage as one more token"
-    ),
-)
-
-
 def charged(frame_style: str, path: str, body: dict[str, Any], tokens: int) -> tuple[int, int]:
     """The (prompt, completion) tokens a /v1 stream of `tokens` tokens is charged in `frame_style`."""
     if frame_style == "pre-0.5.2":
@@ -286,7 +278,7 @@ def charged(frame_style: str, path: str, body: dict[str, Any], tokens: int) -> t
     return count_prompt_tokens(path, body), tokens
 
 
-@pytest.mark.parametrize("frame_style", ["modern", "legacy", WITHOUT_USAGE])
+@pytest.mark.parametrize("frame_style", ["modern", "legacy", "pre-0.5.2"])
 async def test_openai_streams_are_accounted_without_showing_unasked_usage(
     asgi: httpx.AsyncClient, emulator: Emulator, admin: Admin, frame_style: str
 ) -> None:
@@ -316,7 +308,7 @@ async def test_openai_streams_keep_usage_the_client_asked_for(
     assert events[-1]["usage"]["completion_tokens"] == 10
 
 
-@pytest.mark.parametrize("frame_style", ["modern", "legacy", WITHOUT_USAGE])
+@pytest.mark.parametrize("frame_style", ["modern", "legacy", "pre-0.5.2"])
 async def test_completions_streams_lose_the_zero_usage_of_each_event(
     asgi: httpx.AsyncClient, emulator: Emulator, admin: Admin, frame_style: str
 ) -> None:
