@@ -206,16 +206,20 @@ async def test_a_flood_of_bad_keys_leaves_good_keys_fast(gateway_env: dict[str, 
     with GatewayProcess(env) as process:
         async with httpx.AsyncClient(limits=httpx.Limits(max_connections=64)) as client:
 
-            async def good_latency(count: int) -> list[float]:
-                times = []
-                for _ in range(count):
-                    start = time.perf_counter()
-                    response = await client.get(process.url + "/api/version", headers=auth(key))
-                    assert response.status_code == 200
-                    times.append(time.perf_counter() - start)
-                return times
+            async def latencies(count: int) -> tuple[list[float], list[float]]:
+                """The good key's and, alternating with it, an unauthenticated route's: both
+                wait alike for this busy machine; only the first waits for authentication."""
+                good: list[float] = []
+                control: list[float] = []
+                for _ in range(count):  # /api/status is the gateway's own answer, like /healthz
+                    for path, headers, times in (("/api/status", auth(key), good), ("/healthz", {}, control)):
+                        start = time.perf_counter()
+                        response = await client.get(process.url + path, headers=headers)
+                        assert response.status_code == 200
+                        times.append(time.perf_counter() - start)
+                return good, control
 
-            baseline = await good_latency(30)
+            await latencies(10)  # the good key is in the cache from here on
             flooding = True
             statuses: list[int] = []
 
@@ -232,7 +236,7 @@ async def test_a_flood_of_bad_keys_leaves_good_keys_fast(gateway_env: dict[str, 
                 while statuses.count(429) <= 10 * statuses.count(401):
                     assert time.monotonic() < deadline, f"{statuses.count(429)} refusals with 429 only"
                     await asyncio.sleep(0.02)
-                during = await good_latency(60)  # while the flood goes on
+                good, control = await latencies(60)  # while the flood goes on
             finally:
                 flooding = False
                 await asyncio.gather(*flooders)
@@ -241,12 +245,10 @@ async def test_a_flood_of_bad_keys_leaves_good_keys_fast(gateway_env: dict[str, 
     # (half of the attempts are unknown prefixes, refused without Argon2 at all) ...
     assert 0 < statuses.count(401) <= 30
     assert 1 <= argon2 <= 30
-    # ... and the good key, answered from the cache, kept its pace. The flood shares this
-    # 2-core machine with the good client and the gateway, so only the middle is held tight:
-    # below two Argon2id verifications (25-30 ms each here), which a good key queued behind the
-    # flood's verifications would pay at least.
-    assert statistics.median(during) < max(5 * statistics.median(baseline), 0.05)
-    assert sorted(during)[int(len(during) * 0.95)] < 0.5  # the tail shares two cores with eight flooders
+    # ... and the good key, answered from the cache, kept the pace of a route without
+    # authentication: less apart than one Argon2id verification (25-30 ms here), which a good
+    # key queued behind the flood's verifications would pay at least.
+    assert statistics.median(good) - statistics.median(control) < 0.02, (good, control)
 
 
 async def test_too_many_failures_from_one_address_get_429(gateway_env: dict[str, str], admin: Admin) -> None:
