@@ -7,7 +7,8 @@
 -- ARGV[3] = lease ttl (ms): an in-flight request's lease expires unless renewed
 -- admit:  ARGV[4] = prompt estimate (tokens), ARGV[5] = requested output cap (-1: none),
 --         ARGV[6] = default output cap, ARGV[7] = minimum output worth admitting
--- settle: ARGV[4] = tokens reserved at admission, ARGV[5] = tokens actually used
+-- settle: ARGV[4] = tokens reserved at admission (as admit returned it), ARGV[5] = tokens
+--         actually used
 -- renew:  KEYS = lease zsets holding this lease; extends it by the lease ttl
 -- instance: KEYS[1] = this Redis's instance marker (Redis TIME in ms when a gateway first saw
 --         this Redis's data); created if missing. Returns {ms since then}: 0 means it was just
@@ -25,7 +26,10 @@
 --   "B", label, limit, ttl_s  KEYS: used-tokens counter of one budget period; its reservations
 --                             are those of the "L" check before it (same scope). limit -1: no
 --                             budget for this period, the counter only counts (so a budget added
---                             later starts from the spend so far)
+--                             later starts from the spend so far). ttl_s: the counter's expiry,
+--                             set when a charge creates it (0: none)
+-- KEYS and the checks are the same in every call for one key on one UTC day, and come first and
+-- last: the gateway encodes them once and only ARGV[1..7] per call (limits.py, `Checks`).
 --
 -- admit returns {1, cap, reservation, req_limit, req_remaining, req_reset_ms,
 --                tok_limit, tok_remaining, tok_reset_ms}   (-1 where no such limit applies)
@@ -106,8 +110,8 @@ end
 
 -- A budget counter is given its expiry when it is created (the increment is all it holds), not
 -- on every settlement.
-local function charge(budget, amount)
-    if redis.call('INCRBY', budget.key, amount) == amount and budget.ttl > 0 then
+local function charge(budget, amount, text)
+    if redis.call('INCRBY', budget.key, text or amount) == amount and budget.ttl > 0 then
         redis.call('EXPIRE', budget.key, budget.ttl)
     end
 end
@@ -156,10 +160,10 @@ if mode == 'settle' then
             -- The reservation is the one this lease made (ARGV[4]), unless the lease expired
             -- and was reaped: then its entry is gone and the sum no longer holds it.
             if reserved_tokens > 0 and redis.call('HDEL', c.amounts, lease) == 1 then
-                redis.call('HINCRBY', c.amounts, '=', -reserved_tokens)
+                redis.call('HINCRBY', c.amounts, '=', '-' .. ARGV[4])
             end
         elseif c.kind == 'B' and used > 0 then
-            charge(c, used)
+            charge(c, used, ARGV[5])
         end
     end
     return {1}
@@ -246,18 +250,20 @@ for _, c in ipairs(checks) do
     end
 end
 
--- phase 2: everything passed; commit it all.
+-- phase 2: everything passed; commit it all. (Numbers used more than once are turned into
+-- text once: each redis.call argument that is a number is formatted again.)
 for _, w in ipairs(writes) do
     redis.call('SET', w[1], w[2], 'PX', math.ceil(w[2] - now) + PERIOD)
 end
+local expires, keep, reserve = tostring(now + lease_ttl), tostring(lease_ttl * 2), tostring(reservation)
 for _, c in ipairs(checks) do
     if c.kind == 'L' then
-        redis.call('ZADD', c.key, now + lease_ttl, lease)
-        redis.call('PEXPIRE', c.key, lease_ttl * 2)
+        redis.call('ZADD', c.key, expires, lease)
+        redis.call('PEXPIRE', c.key, keep)
         if reservation > 0 then
-            redis.call('HSET', c.amounts, lease, reservation)
-            redis.call('HINCRBY', c.amounts, '=', reservation)
-            redis.call('PEXPIRE', c.amounts, lease_ttl * 2)
+            redis.call('HSET', c.amounts, lease, reserve)
+            redis.call('HINCRBY', c.amounts, '=', reserve)
+            redis.call('PEXPIRE', c.amounts, keep)
         end
     end
 end
