@@ -7,7 +7,8 @@
 -- ARGV[3] = lease ttl (ms): an in-flight request's lease expires unless renewed
 -- admit:  ARGV[4] = prompt estimate (tokens), ARGV[5] = requested output cap (-1: none),
 --         ARGV[6] = default output cap, ARGV[7] = minimum output worth admitting
--- settle: ARGV[4] = tokens reserved at admission, ARGV[5] = tokens actually used
+-- settle: ARGV[4] = tokens reserved at admission (as admit returned it), ARGV[5] = tokens
+--         actually used
 -- renew:  KEYS = lease zsets holding this lease; extends it by the lease ttl
 -- instance: KEYS[1] = this Redis's instance marker (Redis TIME in ms when a gateway first saw
 --         this Redis's data); created if missing. Returns {ms since then}: 0 means it was just
@@ -25,7 +26,10 @@
 --   "B", label, limit, ttl_s  KEYS: used-tokens counter of one budget period; its reservations
 --                             are those of the "L" check before it (same scope). limit -1: no
 --                             budget for this period, the counter only counts (so a budget added
---                             later starts from the spend so far)
+--                             later starts from the spend so far). ttl_s: the counter's expiry,
+--                             set when a charge creates it (0: none)
+-- KEYS and the checks are the same in every call for one key on one UTC day, and come first and
+-- last: the gateway encodes them once and only ARGV[1..7] per call (limits.py, `Checks`).
 --
 -- admit returns {1, cap, reservation, req_limit, req_remaining, req_reset_ms,
 --                tok_limit, tok_remaining, tok_reset_ms}   (-1 where no such limit applies)
@@ -63,23 +67,53 @@ if mode == 'rebuild' then
     return {1}
 end
 
--- Read all checks into a list first: phase 1 of admit evaluates, phase 2 writes.
-local checks, k, a = {}, 1, 8
+-- Read all checks into a list first: phase 1 of admit evaluates, phase 2 writes. Each lease
+-- check also lists the budget checks that follow it (same scope): its reservations count
+-- against those.
+local checks, k, a, current = {}, 1, 8, nil
 while ARGV[a] do
-    local kind = ARGV[a]
-    local c = {kind = kind}
+    -- (each check's table is built whole: a table grown field by field is rehashed each time)
+    local kind, c = ARGV[a], nil
     if kind == 'E' then
-        c.key = KEYS[k]; k = k + 1; a = a + 1
+        c = {kind = kind, key = KEYS[k], value = false}
+        k = k + 1; a = a + 1
     elseif kind == 'R' or kind == 'T' then
-        c.label, c.limit, c.key = ARGV[a + 1], tonumber(ARGV[a + 2]), KEYS[k]; k = k + 1; a = a + 3
+        c = {kind = kind, label = ARGV[a + 1], limit = tonumber(ARGV[a + 2]), key = KEYS[k], value = false}
+        k = k + 1; a = a + 3
     elseif kind == 'L' then
-        c.label, c.limit, c.key, c.amounts = ARGV[a + 1], tonumber(ARGV[a + 2]), KEYS[k], KEYS[k + 1]
+        c = {kind = kind, label = ARGV[a + 1], limit = tonumber(ARGV[a + 2]), key = KEYS[k], amounts = KEYS[k + 1],
+             budgets = {}, reserved = 0}
         k = k + 2; a = a + 3
+        current = c
     else -- 'B'
-        c.label, c.limit, c.ttl, c.key = ARGV[a + 1], tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), KEYS[k]
+        c = {kind = kind, label = ARGV[a + 1], limit = tonumber(ARGV[a + 2]), ttl = tonumber(ARGV[a + 3]),
+             key = KEYS[k], value = false}
         k = k + 1; a = a + 4
+        if current then current.budgets[#current.budgets + 1] = c end
     end
     checks[#checks + 1] = c
+end
+
+-- Every counter a mode reads, read at once: one MGET instead of a GET per check (each
+-- redis.call costs about as much again as the command itself). c.value: false when missing.
+local function read(wanted)
+    local readable = {}
+    for _, c in ipairs(checks) do
+        if wanted(c) then readable[#readable + 1] = c end
+    end
+    if #readable == 0 then return end
+    local keys = {}
+    for i, c in ipairs(readable) do keys[i] = c.key end
+    local values = redis.call('MGET', unpack(keys))
+    for i, c in ipairs(readable) do c.value = values[i] end
+end
+
+-- A budget counter is given its expiry when it is created (the increment is all it holds), not
+-- on every settlement.
+local function charge(budget, amount, text)
+    if redis.call('INCRBY', budget.key, text or amount) == amount and budget.ttl > 0 then
+        redis.call('EXPIRE', budget.key, budget.ttl)
+    end
 end
 
 -- Leases of crashed holders expire: their reservation is charged in full to the budget
@@ -95,12 +129,12 @@ local function release(lease_check, member)
     return amount
 end
 
-local function reap(lease_check, budget_keys)
+local function reap(lease_check)
     local expired = redis.call('ZRANGEBYSCORE', lease_check.key, '-inf', now)
     for _, member in ipairs(expired) do
         local amount = release(lease_check, member)
         if amount > 0 then
-            for _, b in ipairs(budget_keys) do redis.call('INCRBY', b, amount) end
+            for _, b in ipairs(lease_check.budgets) do charge(b, amount) end
         end
     end
     if #expired > 0 then redis.call('ZREMRANGEBYSCORE', lease_check.key, '-inf', now) end
@@ -110,30 +144,26 @@ local function reserved(lease_check)
     return tonumber(redis.call('HGET', lease_check.amounts, '=') or '0')
 end
 
--- The budget counters that follow each lease check (same scope).
-local scope_budgets = {}
-local current = nil
-for _, c in ipairs(checks) do
-    if c.kind == 'L' then current = c; scope_budgets[c] = {} end
-    if c.kind == 'B' and current then table.insert(scope_budgets[current], c.key) end
-end
-
 if mode == 'settle' then
     local reserved_tokens, used = tonumber(ARGV[4]), tonumber(ARGV[5])
     local refund = reserved_tokens - used
+    read(function(c) return c.kind == 'T' and refund ~= 0 end)
     for _, c in ipairs(checks) do
         if c.kind == 'T' and refund ~= 0 then
             -- Give back what was reserved but not used (or charge an overrun): move the
             -- theoretical arrival time, never into the past.
-            local tat = tonumber(redis.call('GET', c.key) or now)
+            local tat = tonumber(c.value or now)
             local moved = math.max(now, tat - refund * PERIOD / c.limit)
             redis.call('SET', c.key, moved, 'PX', math.max(1, math.ceil(moved - now) + PERIOD))
         elseif c.kind == 'L' then
             redis.call('ZREM', c.key, lease)
-            release(c, lease)
+            -- The reservation is the one this lease made (ARGV[4]), unless the lease expired
+            -- and was reaped: then its entry is gone and the sum no longer holds it.
+            if reserved_tokens > 0 and redis.call('HDEL', c.amounts, lease) == 1 then
+                redis.call('HINCRBY', c.amounts, '=', '-' .. ARGV[4])
+            end
         elseif c.kind == 'B' and used > 0 then
-            redis.call('INCRBY', c.key, used)
-            if c.ttl > 0 then redis.call('EXPIRE', c.key, c.ttl) end
+            charge(c, used, ARGV[5])
         end
     end
     return {1}
@@ -144,23 +174,23 @@ local prompt, requested, default_cap, min_output =
     tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 -- room: the fewest tokens any token limit (TPM or budget) allows right now, and which one
 local room, room_label, room_reason, room_limit = nil, nil, nil, 0
-local scope_reserved = {}
 current = nil
+read(function(c) return c.kind ~= 'L' and not (c.kind == 'B' and c.limit < 0) end)
 for _, c in ipairs(checks) do
     if c.kind == 'E' then
-        if redis.call('EXISTS', c.key) == 0 then return {0, 'rebuild', 1000, ''} end
+        if not c.value then return {0, 'rebuild', 1000, ''} end
     elseif c.kind == 'L' then
-        reap(c, scope_budgets[c])
-        scope_reserved[c] = reserved(c)
+        reap(c)
+        c.reserved = reserved(c)
         current = c
         if c.limit > 0 and redis.call('ZCARD', c.key) >= c.limit then
             local first = redis.call('ZRANGE', c.key, 0, 0, 'WITHSCORES')
             return {0, 'concurrency', math.min(1000, math.max(1, tonumber(first[2]) - now)), c.label}
         end
     elseif c.kind == 'B' and c.limit >= 0 then
-        local used = tonumber(redis.call('GET', c.key) or '0')
+        local used = tonumber(c.value or '0')
         local spent_room = c.limit - used
-        local free = spent_room - (current and scope_reserved[current] or 0)
+        local free = spent_room - (current and current.reserved or 0)
         if room == nil or free < room then
             room, room_label = free, c.label
             -- Spent means only time (the next period) helps; reserved means requests in flight
@@ -168,7 +198,7 @@ for _, c in ipairs(checks) do
             room_reason = (spent_room < prompt + min_output) and 'budget_spent' or 'budget_reserved'
         end
     elseif c.kind == 'T' then
-        local tat = math.max(tonumber(redis.call('GET', c.key) or now), now)
+        local tat = math.max(tonumber(c.value or now), now)
         local free = math.floor((now + PERIOD - tat) * c.limit / PERIOD)
         if room == nil or free < room then room, room_label, room_reason, room_limit = free, c.label, 'tpm', c.limit end
     end
@@ -204,7 +234,7 @@ for _, c in ipairs(checks) do
     if c.kind == 'R' or c.kind == 'T' then
         local cost = (c.kind == 'R') and 1 or reservation
         local interval = PERIOD / c.limit
-        local tat = math.max(tonumber(redis.call('GET', c.key) or now), now)
+        local tat = math.max(tonumber(c.value or now), now)
         local new_tat = tat + cost * interval
         if new_tat - now > PERIOD then
             return {0, (c.kind == 'R') and 'rpm' or 'tpm', math.ceil(new_tat - now - PERIOD), c.label}
@@ -220,18 +250,20 @@ for _, c in ipairs(checks) do
     end
 end
 
--- phase 2: everything passed; commit it all.
+-- phase 2: everything passed; commit it all. (Numbers used more than once are turned into
+-- text once: each redis.call argument that is a number is formatted again.)
 for _, w in ipairs(writes) do
     redis.call('SET', w[1], w[2], 'PX', math.ceil(w[2] - now) + PERIOD)
 end
+local expires, keep, reserve = tostring(now + lease_ttl), tostring(lease_ttl * 2), tostring(reservation)
 for _, c in ipairs(checks) do
     if c.kind == 'L' then
-        redis.call('ZADD', c.key, now + lease_ttl, lease)
-        redis.call('PEXPIRE', c.key, lease_ttl * 2)
+        redis.call('ZADD', c.key, expires, lease)
+        redis.call('PEXPIRE', c.key, keep)
         if reservation > 0 then
-            redis.call('HSET', c.amounts, lease, reservation)
-            redis.call('HINCRBY', c.amounts, '=', reservation)
-            redis.call('PEXPIRE', c.amounts, lease_ttl * 2)
+            redis.call('HSET', c.amounts, lease, reserve)
+            redis.call('HINCRBY', c.amounts, '=', reserve)
+            redis.call('PEXPIRE', c.amounts, keep)
         end
     end
 end

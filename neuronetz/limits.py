@@ -20,6 +20,7 @@ from dataclasses import dataclass, fields
 from importlib import resources
 from typing import Any, NoReturn
 
+import hiredis
 import redis.exceptions
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
@@ -91,6 +92,49 @@ class Admission:
     settled: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class Checks:
+    """What limits.lua is told about one subject's limits: its KEYS, the checks in its ARGV
+    (see limits.lua) and the lease zsets among the KEYS (for renewal). The EVALSHA of every
+    request of the subject starts with the same KEYS and ends with the same checks, only the
+    few arguments in between differ (`Call`); so those two parts are encoded for the wire once,
+    here, and each request encodes only its own arguments (a request's CPU in redis-py and
+    hiredis grows with the number of arguments; tests/bench/bench_limits.py)."""
+
+    keys: list[str]
+    args: list[str | int]
+    leases: list[str]
+    head: bytes  # EVALSHA <sha> <number of keys> KEYS..., RESP bulk strings
+    tail: bytes  # the checks, RESP bulk strings
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One limits.lua call: a subject's checks and this call's own leading ARGV."""
+
+    checks: Checks
+    argv: list[str | int]
+
+    def wire(self) -> bytes:
+        """The EVALSHA as RESP, ready for `send_packed_command`."""
+        count = 3 + len(self.checks.keys) + len(self.argv) + len(self.checks.args)
+        return b"*%d\r\n%b%b%b" % (count, self.checks.head, _bulk(self.argv), self.checks.tail)
+
+    def args(self, sha: str) -> tuple[str | int, ...]:
+        """The same EVALSHA as arguments, for redis-py's cluster pipelines."""
+        return ("EVALSHA", sha, len(self.checks.keys), *self.checks.keys, *self.argv, *self.checks.args)
+
+
+def _bulk(values: list[str | int]) -> bytes:
+    """Values as consecutive RESP bulk strings: hiredis's packing of a command without the
+    array header that counts its parts (the caller writes that header for the whole call)."""
+    if not values:
+        return b""
+    parts: Any = tuple(values)  # (hiredis's stub types the tuple as a single value)
+    packed: bytes = hiredis.pack_command(parts)
+    return packed[packed.index(b"\n") + 1 :]
+
+
 def _duration(ms: int) -> str:
     """OpenAI's reset format: `1s`, `6m0s`, `250ms`."""
     if ms < 1000:
@@ -120,11 +164,11 @@ class Limiter:
         self.clock = clock
         self.script = client.register_script(resources.files("neuronetz").joinpath("limits.lua").read_text())
         self.leases: dict[str, list[str]] = {}  # lease id -> lease zsets, for renewal
-        self.settlements: list[tuple[float, list[str], list[str | int]]] = []  # (queued at, KEYS, ARGV)
+        self.settlements: list[tuple[float, Call]] = []  # (queued at, call)
         self._scheduled = False
-        self._admissions: list[tuple[list[str], list[str | int], asyncio.Future[list[Any]]]] = []
+        self._admissions: list[tuple[Call, asyncio.Future[list[Any]]]] = []
         self._sending: set[asyncio.Task[bool]] = set()
-        self._checks: dict[tuple[Subject, int], tuple[list[str], list[str | int], list[str]]] = {}
+        self._checks: dict[tuple[Subject, int], Checks] = {}
         self.rebuilding: dict[int, asyncio.Task[None]] = {}
         self.tasks = Supervisor()
         self.unenforced = Throttled(log, "limits not enforced: Redis unreachable")
@@ -137,10 +181,10 @@ class Limiter:
     def _tag(self, tenant_id: int) -> str:
         return tag(self.prefix, tenant_id)
 
-    def checks(self, subject: Subject, now: float) -> tuple[list[str], list[str | int], list[str]]:
-        """KEYS and ARGV checks for limits.lua, and the lease zsets among the KEYS; memoised
-        per subject and UTC day (the periods' ids cannot change within a day; their TTLs
-        only need to outlive the period)."""
+    def checks(self, subject: Subject, now: float) -> Checks:
+        """KEYS and ARGV checks for limits.lua, and the lease zsets among the KEYS; memoised,
+        encoded, per subject and UTC day (the periods' ids cannot change within a day; their
+        TTLs only need to outlive the period)."""
         memo = (subject, int(now // 86400))
         found = self._checks.get(memo)
         if found is None:
@@ -149,7 +193,7 @@ class Limiter:
             found = self._checks[memo] = self._build_checks(subject, now)
         return found
 
-    def _build_checks(self, subject: Subject, now: float) -> tuple[list[str], list[str | int], list[str]]:
+    def _build_checks(self, subject: Subject, now: float) -> Checks:
         tag = self._tag(subject.tenant_id)
         keys: list[str] = []
         args: list[str | int] = []
@@ -176,7 +220,14 @@ class Limiter:
                     current = period(name, now)
                     keys.append(f"{tag}used:{sid}:{current.id}")
                     args += ["B", f"{scope}:{name}", -1 if limit is None else limit, current.ttl]
-        return keys, args, leases
+        return self._encoded(keys, args, leases)
+
+    def _encoded(self, keys: list[str], args: list[str | int], leases: list[str]) -> Checks:
+        return Checks(keys, args, leases, _bulk(["EVALSHA", self.script.sha, len(keys), *keys]), _bulk(args))
+
+    def _call(self, keys: list[str], argv: list[str | int]) -> Call:
+        """A call outside the request path, whose arguments are all its own."""
+        return Call(self._encoded(keys, [], []), argv)
 
     # --- admission and settlement ---------------------------------------------------------------
 
@@ -186,16 +237,16 @@ class Limiter:
         if not (subject.key.any or subject.tenant.any):
             return None
         now = self.clock()
-        keys, checks, leases = self.checks(subject, now)
+        checks = self.checks(subject, now)
         lease = os.urandom(9).hex()
-        argv: list[str | int] = [
+        call = Call(checks, [
             "admit", lease, self.lease_ttl_ms, prompt_estimate,
-            -1 if requested_cap is None else requested_cap, self.default_cap, self.min_output, *checks,
-        ]  # fmt: skip
+            -1 if requested_cap is None else requested_cap, self.default_cap, self.min_output,
+        ])  # fmt: skip
         try:
-            reply = await self._admit_together(keys, argv)
+            reply = await self._admit_together(call)
             if int(reply[0]) == 0 and _text(reply[1]) == "rebuild" and await self._build_new(subject.tenant_id):
-                reply = await self._admit_together(keys, argv)
+                reply = await self._admit_together(call)
         except REDIS_ERRORS as exc:
             if subject.budgeted:
                 raise ServiceUnavailable(
@@ -207,8 +258,8 @@ class Limiter:
         if int(reply[0]) == 0:
             self._refuse(subject, _text(reply[1]), int(reply[2]), _text(reply[3]), now)
         cap, reserved = int(reply[1]), int(reply[2])
-        if leases:
-            self.leases[lease] = leases
+        if checks.leases:
+            self.leases[lease] = checks.leases
         return Admission(subject, lease, cap if cap >= 0 else None, reserved, _headers(reply))
 
     def _refuse(self, subject: Subject, reason: str, retry_ms: int, label: str, now: float) -> NoReturn:
@@ -260,10 +311,9 @@ class Limiter:
             return
         admission.settled = True
         self.leases.pop(admission.lease, None)
-        keys, checks, _ = self.checks(subject, self.clock())
         argv: list[str | int] = ["settle", admission.lease, self.lease_ttl_ms, admission.reserved, prompt + completion,
-                                 0, 0, *checks]  # fmt: skip
-        self.settlements.append((time.monotonic(), keys, argv))
+                                 0, 0]  # fmt: skip
+        self.settlements.append((time.monotonic(), Call(self.checks(subject, self.clock()), argv)))
         self._schedule()
 
     # --- one pipeline per loop turn -----------------------------------------------------------------
@@ -273,9 +323,9 @@ class Limiter:
     # but a pipeline of many costs redis-py a quarter of the CPU per command that separate calls
     # do, and settlements ride along with admissions (tests/bench/bench_limits.py).
 
-    async def _admit_together(self, keys: list[str], argv: list[str | int]) -> list[Any]:
+    async def _admit_together(self, call: Call) -> list[Any]:
         future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        self._admissions.append((keys, argv, future))
+        self._admissions.append((call, future))
         self._schedule()
         return await future
 
@@ -294,20 +344,20 @@ class Limiter:
 
     async def _send(
         self,
-        admissions: list[tuple[list[str], list[str | int], asyncio.Future[list[Any]]]],
-        settlements: list[tuple[float, list[str], list[str | int]]],
+        admissions: list[tuple[Call, asyncio.Future[list[Any]]]],
+        settlements: list[tuple[float, Call]],
     ) -> bool:
-        calls = [(keys, argv) for keys, argv, _ in admissions] + [(keys, argv) for _, keys, argv in settlements]
+        calls = [call for call, _ in admissions] + [call for _, call in settlements]
         if not calls:
             return True
         replies = await self._pipelined(calls)
-        for (_, _, future), reply in zip(admissions, replies, strict=False):
+        for (_, future), reply in zip(admissions, replies, strict=False):
             if not future.done():  # the request may have been cancelled meanwhile
                 if isinstance(reply, Exception):
                     future.set_exception(reply)
                 else:
                     future.set_result(reply)
-        unsent: list[tuple[float, list[str], list[str | int]]] = []
+        unsent: list[tuple[float, Call]] = []
         error: BaseException | None = None
         for item, reply in zip(settlements, replies[len(admissions) :], strict=True):
             if _unreachable(reply):
@@ -319,7 +369,7 @@ class Limiter:
             self._keep(unsent, error)
         return error is None
 
-    def _keep(self, settlements: list[tuple[float, list[str], list[str | int]]], exc: BaseException) -> None:
+    def _keep(self, settlements: list[tuple[float, Call]], exc: BaseException) -> None:
         """Hold settlements through a Redis outage until their leases would have expired anyway
         (then the lease charges the full reservation, never less than was used), and retry."""
         horizon = time.monotonic() - self.lease_ttl_ms / 1000
@@ -335,7 +385,7 @@ class Limiter:
         settlements, self.settlements = self.settlements, []
         return await self._send([], settlements)
 
-    async def _pipelined(self, calls: list[tuple[list[str], list[str | int]]]) -> list[Any]:
+    async def _pipelined(self, calls: list[Call]) -> list[Any]:
         """EVALSHA each call; the replies in order, errors in place (a Redis that cannot be
         reached: its error in place of every call it should have answered).
 
@@ -349,8 +399,8 @@ class Limiter:
         groups: dict[str, list[int]] = {}
         try:
             await cluster.initialize()  # a no-op unless the topology is unknown or changed
-            for index, (keys, _) in enumerate(calls):
-                node = cluster.get_node_from_key(keys[0])
+            for index, call in enumerate(calls):
+                node = cluster.get_node_from_key(call.checks.keys[0])
                 groups.setdefault(node.name if node is not None else "", []).append(index)
         except REDIS_ERRORS as exc:  # no node answers, or a slot has no primary
             return [exc] * len(calls)
@@ -363,7 +413,7 @@ class Limiter:
                 replies[index] = reply
         return replies
 
-    async def _on_server(self, calls: list[tuple[list[str], list[str | int]]], node: str | None) -> list[Any]:
+    async def _on_server(self, calls: list[Call], node: str | None) -> list[Any]:
         """One server's pipeline. Sent directly rather than through redis-py's Script, whose
         pipelines ask SCRIPT EXISTS first (a second round trip every time); a server that
         forgot the script (restart, failover) gets it loaded once, then the pipeline again."""
@@ -380,13 +430,27 @@ class Limiter:
             return [exc] * len(calls)
         return replies
 
-    async def _send_pipeline(self, calls: list[tuple[list[str], list[str | int]]]) -> list[Any]:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for keys, argv in calls:
-                # (redis-py's cluster pipelines refuse `evalsha` by name, not the command itself)
-                pipe.execute_command("EVALSHA", self.script.sha, len(keys), *keys, *argv)
-            replies: list[Any] = await pipe.execute(raise_on_error=False)
-        return replies
+    async def _send_pipeline(self, calls: list[Call]) -> list[Any]:
+        if isinstance(self.redis, RedisCluster):
+            # Its pipelines follow slots that moved (MOVED, ASK); they pack in Python.
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for call in calls:
+                    # (redis-py's cluster pipelines refuse `evalsha` by name, not the command itself)
+                    pipe.execute_command(*call.args(self.script.sha))
+                replies: list[Any] = await pipe.execute(raise_on_error=False)
+            return replies
+        # Standalone and Sentinel: the encoded calls on one pooled connection, as redis-py's own
+        # pipelines send them (and retried as they are), without their per-command work.
+        pool = self.redis.connection_pool
+        payload = b"".join([call.wire() for call in calls])
+        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            answers: list[Any] = await connection.retry.call_with_retry(
+                lambda: _exchange(connection, payload, len(calls)), lambda _: connection.disconnect()
+            )
+            return answers
+        finally:
+            await pool.release(connection)
 
     # --- background work ----------------------------------------------------------------------------
 
@@ -394,9 +458,7 @@ class Limiter:
         """Extend the leases of requests still in flight (long streams outlive one lease)."""
         if not self.leases:
             return
-        calls: list[tuple[list[str], list[str | int]]] = [
-            (zsets, ["renew", lease, self.lease_ttl_ms]) for lease, zsets in list(self.leases.items())
-        ]
+        calls = [self._call(zsets, ["renew", lease, self.lease_ttl_ms]) for lease, zsets in list(self.leases.items())]
         for reply in await self._pipelined(calls):
             if isinstance(reply, Exception):
                 self.renew_failed(error=type(reply).__name__)
@@ -432,7 +494,7 @@ class Limiter:
 
     async def _script(self, keys: list[str], argv: list[str | int]) -> list[Any]:
         """One limits.lua call outside the request path, loading the script where missing."""
-        reply = (await self._pipelined([(keys, argv)]))[0]
+        reply = (await self._pipelined([self._call(keys, argv)]))[0]
         if isinstance(reply, Exception):
             raise reply
         result: list[Any] = reply
@@ -543,6 +605,18 @@ def _node_marker(cluster: RedisCluster, prefix: str, node: str) -> str | None:
     while key_slot(f"s{n}".encode()) not in owned:
         n += 1
     return f"{prefix}{{s{n}}}:instance"
+
+
+async def _exchange(connection: Any, payload: bytes, count: int) -> list[Any]:
+    """Send encoded commands at once and read their replies, an error reply in its place."""
+    await connection.send_packed_command(payload)
+    replies: list[Any] = []
+    for _ in range(count):
+        try:
+            replies.append(await connection.read_response())
+        except redis.exceptions.ResponseError as exc:
+            replies.append(exc)
+    return replies
 
 
 def _unreachable(reply: Any) -> bool:

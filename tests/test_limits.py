@@ -17,11 +17,12 @@ import redis.asyncio as aioredis
 import redis.exceptions as redis_exceptions
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from redis.asyncio.connection import Connection
 
 from neuronetz import tenants
 from neuronetz.budgets import Ledger
 from neuronetz.errors import BudgetExceeded, RateLimited
-from neuronetz.limits import Limiter, Limits, Subject
+from neuronetz.limits import Call, Limiter, Limits, Subject
 from tests.asgi import in_process
 from tests.emulator import Emulator
 from tests.support import Admin, GatewayProcess, PrivateRedis, auth
@@ -372,6 +373,49 @@ async def test_a_daily_budget_resets_at_utc_midnight_and_a_total_one_never(
     assert (await limiter.admit(daily, 5, 15)) is not None
     with pytest.raises(BudgetExceeded, match="total token budget of 20 is used up"):
         await limiter.admit(total, 5, 15)
+
+
+async def test_each_days_calls_are_encoded_as_redis_py_would_send_them(limiter_with_clock: Any) -> None:
+    """The EVALSHA of an admission is encoded once per subject and day (KEYS and checks) and
+    finished per request: byte for byte the command redis-py packs from the same arguments,
+    and a new day's calls name the new day's counters."""
+    limiter, clock = limiter_with_clock
+    every = Limits(rpm=10, tpm=1000, max_concurrent=3, daily_tokens=100, monthly_tokens=1000, total_tokens=5000)
+    subject = Subject(7, 8, every, every)
+    packer = Connection()  # redis-py's own packing, in Python
+    days = []
+    for _ in range(2):
+        checks = limiter.checks(subject, clock.now)
+        assert limiter.checks(subject, clock.now) is checks  # encoded once per day
+        call = Call(checks, ["admit", "lease-1", 30000, 12, -1, 100, 1])
+        assert len(call.args(limiter.script.sha)) > 60
+        assert call.wire() == b"".join(packer.pack_command(*call.args(limiter.script.sha)))
+        day = dt.datetime.fromtimestamp(clock.now, dt.UTC).strftime("d%Y%m%d").encode()
+        assert call.wire().count(b":" + day) == 2  # the key's and the tenant's daily counters
+        days.append(day)
+        clock.now += 15  # past midnight: the next day's counters
+    assert days[0] != days[1]
+
+
+async def test_calls_after_redis_forgets_the_script_load_it_and_are_answered_in_order(
+    limiter_with_clock: Any,
+) -> None:
+    limiter, _ = limiter_with_clock
+    tenant_id = secrets.randbelow(10**9) + 3 * 10**9
+    subject = Subject(1, tenant_id, Limits(rpm=5, daily_tokens=100), Limits())
+    await _ready(limiter, tenant_id)
+    await limiter.redis.script_flush()  # what a Redis restart or failover does to loaded scripts
+    # two admissions in one pipeline: both refused for the missing script, sent again, each its own reply
+    first, second = await asyncio.gather(limiter.admit(subject, 5, 10), limiter.admit(subject, 5, 60))
+    assert first is not None
+    assert second is not None
+    assert (first.reserved, second.reserved) == (15, 65)
+    assert first.headers[1] != second.headers[1]  # remaining requests: 4 and 3
+    await limiter.redis.script_flush()
+    limiter.settle(first, subject, 5, 10)
+    assert await limiter.flush_settlements()
+    day = dt.datetime.fromtimestamp(limiter.clock(), dt.UTC).strftime("%Y%m%d")
+    assert await limiter.redis.get(f"{limiter.prefix}{{t{tenant_id}}}:used:k1:d{day}") == b"15"
 
 
 FATES = st.sampled_from(["done", "cancelled", "late"])
