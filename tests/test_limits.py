@@ -412,7 +412,7 @@ async def test_calls_after_redis_forgets_the_script_load_it_and_are_answered_in_
     assert (first.reserved, second.reserved) == (15, 65)
     assert first.headers[1] != second.headers[1]  # remaining requests: 4 and 3
     await limiter.redis.script_flush()
-    limiter.settle(first, subject, 5, 10)
+    limiter.settle(first, subject, 5, 10, model="tiny")
     assert await limiter.flush_settlements()
     day = dt.datetime.fromtimestamp(limiter.clock(), dt.UTC).strftime("%Y%m%d")
     assert await limiter.redis.get(f"{limiter.prefix}{{t{tenant_id}}}:used:k1:d{day}") == b"15"
