@@ -9,12 +9,15 @@ The driver opens a real `Worker` in this process (Postgres, Redis, the emulator 
 a key without limits, as in bench_gateway.py) and calls the ASGI app directly with the scope,
 receive and send Granian would give it, `POST /api/chat` after `POST /api/chat`, one at a
 time, each in a task of its own as Granian runs them. Granian's Rust side is not counted, the
-driver's few lines are (the same for every version). Background work (audit COPY, ledger,
-metrics snapshot) runs on the loop as in the gateway and is counted with the requests.
+driver's few lines are (the same for every version). The periodic background work (metrics
+snapshot, ledger and audit timers, journal heartbeat, health checks) is put off (QUIET): it
+runs by the clock, and under Valgrind's fifty-fold slowdown it would be counted fifty times
+over; what a request queues (its audit row, its journal entry) is still written, by the
+writers' size triggers or at the end, and counted.
 
 The figure: (instructions of a run of --many requests - those of a run of --few) / (many - few),
 so start-up and imports cancel out. `--profile FILE` writes the callgrind output of the larger
-run for callgrind_annotate.
+run for callgrind_annotate. `--against REF` counts git REF's neuronetz/ as well (before/after).
 """
 
 from __future__ import annotations
@@ -47,14 +50,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--redis-prefix", help="internal")
     add("--key", help="internal")
     add("--profile", type=Path, help="keep the larger run's callgrind.out here")
+    add("--against", metavar="REF", help="also count git REF's neuronetz/ (before/after)")
+    add("--source", type=Path, help="internal: the tree whose neuronetz/ the driver runs")
     return parser.parse_args(argv)
 
 
+# Clock-driven background work put off for the count: (module, constant) of each interval.
+QUIET = (("audit", "FLUSH_INTERVAL"), ("budgets", "LEDGER_INTERVAL"), ("journal", "HEARTBEAT_INTERVAL"),
+         ("journal", "REPLAY_INTERVAL"), ("worker", "METRICS_INTERVAL"), ("worker", "ENV_POLL_INTERVAL"))  # fmt: skip
+
+
 async def drive(count: int, backend: str, database_url: str, redis_prefix: str, key: str) -> None:
+    import importlib
+
     from neuronetz import app, config
     from neuronetz.worker import Worker
 
-    environ = loadgen.gateway_env(database_url, redis_prefix, backend)
+    for module, name in QUIET:
+        target = importlib.import_module(f"neuronetz.{module}")
+        if hasattr(target, name):  # an older version may not have it
+            setattr(target, name, 1e6)
+    environ = loadgen.gateway_env(database_url, redis_prefix, backend, GATEWAY_HEALTH_INTERVAL="3600")
     worker = await Worker.open(config.load(None, environ=environ))
     application = app.App()
     application.attach(worker)
@@ -121,9 +137,9 @@ async def drive(count: int, backend: str, database_url: str, redis_prefix: str, 
                   f"{sum(spent) * 1e3:.1f} ms in all, longest {max(spent) * 1e3:.2f} ms")  # fmt: skip
 
 
-def callgrind(args: argparse.Namespace, count: int, out: Path, common: list[str]) -> int:
+def callgrind(args: argparse.Namespace, count: int, out: Path, common: list[str], source: Path | None = None) -> int:
     command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, __file__,
-               "--drive", str(count), *common]  # fmt: skip
+               "--drive", str(count), *common, *(["--source", str(source)] if source else [])]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     found = re.search(r"Collected : (\d+)", result.stderr)
     if result.returncode != 0 or found is None:
@@ -140,14 +156,22 @@ async def run(args: argparse.Namespace) -> int:
             common = ["--backend", emulator.url, "--database-url", store.database_url,
                       "--redis-prefix", store.redis_prefix, "--key", key]  # fmt: skip
             with tempfile.TemporaryDirectory(prefix="nzbench-count-") as scratch:
-                began = time.monotonic()
-                few = callgrind(args, args.few, Path(scratch) / "few.out", common)
-                many_out = args.profile or Path(scratch) / "many.out"
-                many = callgrind(args, args.many, many_out, common)
-    per_request = (many - few) / (args.many - args.few)
-    print(f"instructions per proxied request (in-process ASGI driver, callgrind): {per_request:,.0f}")
-    print(f"  runs: {args.few} requests {few:,} instructions, {args.many} requests {many:,}; "
-          f"{time.monotonic() - began:.0f} s under Valgrind; load average {os.getloadavg()[0]:.1f}")  # fmt: skip
+                versions: list[tuple[str, Path | None]] = [("this tree", None)]
+                if args.against:
+                    tree = Path(scratch) / "against"
+                    tree.mkdir()
+                    versions.insert(0, (args.against, loadgen.export_tree(args.against, tree)))
+                for name, source in versions:
+                    began = time.monotonic()
+                    few = callgrind(args, args.few, Path(scratch) / "few.out", common, source)
+                    many_out = args.profile if args.profile and source is None else Path(scratch) / "many.out"
+                    many = callgrind(args, args.many, many_out, common, source)
+                    per_request = (many - few) / (args.many - args.few)
+                    print(f"{name}: instructions per proxied request (in-process ASGI driver, callgrind): "
+                          f"{per_request:,.0f}")  # fmt: skip
+                    print(f"  runs: {args.few} requests {few:,} instructions, {args.many} requests {many:,}; "
+                          f"{time.monotonic() - began:.0f} s under Valgrind; load average {os.getloadavg()[0]:.1f}",
+                          flush=True)  # fmt: skip
     return 0
 
 
@@ -159,6 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _drive(args: argparse.Namespace) -> int:
+    if args.source is not None:  # that tree's neuronetz/, imported from here on (drive imports it)
+        sys.path.insert(0, str(args.source))
     await drive(args.drive, args.backend, args.database_url, args.redis_prefix, args.key)
     return 0
 
