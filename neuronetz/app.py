@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import gc
 import hmac
 import ipaddress
@@ -628,7 +629,10 @@ def _text_only(message: dict[str, Any]) -> dict[str, Any]:
     return kept
 
 
+@functools.lru_cache(maxsize=4096)
 def _inet(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The client's address for the audit row's `inet` column. Memoised: the same clients come
+    back, and `ipaddress` parses in Python (about 2 % of a proxied request's CPU)."""
     try:
         return ipaddress.ip_address(address)
     except ValueError:
