@@ -14,9 +14,9 @@ Figures, each next to its target:
   1. added latency p50/p99 at c=1: gateway minus direct, interleaved rounds;
   2. requests/s at c=32 and c=256, gateway and direct (the direct figure is the rig's ceiling);
   3. time to first token of streams, gateway minus direct, at c=1 (interleaved) and c=64;
-  4. RSS of the gateway's process tree per concurrent slow stream (1,000 streams of 10 s);
-  5. worker scaling: req/s at c=32 with `--workers 2` on both CPUs (sharing CPU 0 with the
-     emulator and the load generator) next to one worker on CPU 1.
+  4. worker scaling: req/s at c=32 with `--workers 2` on both CPUs (sharing CPU 0 with the
+     emulator and the load generator) next to one worker on CPU 1;
+  5. RSS of the gateway's process tree per concurrent slow stream (1,000 streams of 10 s).
 
 `--against REF` adds a gateway built from git REF (e.g. `--against HEAD` while trying an
 uncommitted change, or the previous release) to figures 1-3, interleaved with the others:
@@ -512,7 +512,7 @@ async def run(args: argparse.Namespace) -> int:
                 before.stop()
                 started.remove(before)
 
-            # 5. worker scaling
+            # 4. worker scaling
             if not args.no_scaling:
                 print("  c=32 with 2 workers", file=sys.stderr, flush=True)
                 both = f"{loadgen.LOADGEN_CPU},{loadgen.GATEWAY_CPU}"
@@ -525,7 +525,7 @@ async def run(args: argparse.Namespace) -> int:
                 runs = await throughput([through, two], 32, args.seconds, args.repeat)
                 one_run, two_run = median_run(runs["gateway"]), median_run(runs[two.name])
                 out("")
-                out("## 5. Worker scaling (non-streaming /api/chat, c=32)")
+                out("## 4. Worker scaling (non-streaming /api/chat, c=32)")
                 out(
                     "method: as in 2; `--workers 2` may run on both CPUs, so its workers share CPU 0 with the "
                     "emulator and the load generator; interleaved with the 1-worker gateway on CPU 1; "
@@ -545,14 +545,14 @@ async def run(args: argparse.Namespace) -> int:
                 pair.stop()
                 started.remove(pair)
 
-            # 4. memory
+            # 5. memory
             gateway.stop()
             started.remove(gateway)
             if not args.no_memory:
                 print(f"  memory: {args.streams} streams of {args.stream_seconds:g} s", file=sys.stderr, flush=True)
                 mem = await memory(emulator, env, key, args.streams, args.stream_seconds)
                 out("")
-                out(f"## 4. Memory per concurrent stream ({mem.streams} streams)")
+                out(f"## 5. Memory per concurrent stream ({mem.streams} streams)")
                 out(
                     f"method: a fresh gateway (GATEWAY_BACKEND_MAX_CONNECTIONS={max(4096, 2 * args.streams)}), "
                     "warmed with 2,000 requests and 64 streams; "
