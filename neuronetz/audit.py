@@ -1,4 +1,5 @@
 """The audit log: request metadata always, prompts and answers only for keys that opted in.
+
 Records leave the request path through bounded in-memory queues and are written in batches
 (COPY into a staging table, then INSERT … ON CONFLICT DO NOTHING, so a retried batch never
 duplicates a row) at least every second, and in short batches as soon as enough are queued. If
