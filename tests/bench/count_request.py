@@ -16,8 +16,9 @@ over; what a request queues (its audit row, its journal entry) is still written,
 writers' size triggers or at the end, and counted.
 
 The figure: (instructions of a run of --many requests - those of a run of --few) / (many - few),
-so start-up and imports cancel out. `--profile FILE` writes the callgrind output of the larger
-run for callgrind_annotate. `--against REF` counts git REF's neuronetz/ as well (before/after).
+so start-up and imports cancel out; the garbage collector is off while counting. `--profile
+FILE` writes the callgrind output of the larger run for callgrind_annotate. `--against REF`
+counts git REF's neuronetz/ as well (before/after).
 """
 
 from __future__ import annotations
@@ -81,6 +82,11 @@ async def drive(count: int, backend: str, database_url: str, redis_prefix: str, 
     freeze = getattr(app, "freeze_startup_objects", None)
     if freeze is not None and not os.environ.get("NZBENCH_NO_FREEZE"):
         freeze()
+    # Off while counting: a full collection (hundreds of millions of instructions in a process
+    # that has not frozen its start-up objects) lands in one run or the other by chance. Its
+    # pauses are measured without Valgrind (`--drive`, gc lines).
+    if os.environ.get("NZBENCH_COUNTING"):
+        gc.disable()
     length = str(len(loadgen.CHAT_BODY)).encode()
     headers = [(b"host", b"gateway"), (b"content-type", b"application/json"),
                (b"authorization", f"Bearer {key}".encode()), (b"content-length", length)]  # fmt: skip
@@ -149,7 +155,8 @@ def compile_tree(tree: Path) -> None:
 def callgrind(args: argparse.Namespace, count: int, out: Path, common: list[str], source: Path | None = None) -> int:
     command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, __file__,
                "--drive", str(count), *common, *(["--source", str(source)] if source else [])]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    env = {**os.environ, "NZBENCH_COUNTING": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     found = re.search(r"Collected : (\d+)", result.stderr)
     if result.returncode != 0 or found is None:
         raise SystemExit(f"valgrind failed ({result.returncode}):\n{result.stderr[-3000:]}")
