@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
+import gc
 import hmac
 import ipaddress
 import logging
@@ -138,6 +140,7 @@ class App:
             await send({"type": "lifespan.startup.failed", "message": f"neuronetz could not start: {exc}"})
             return
         self.attach(worker)
+        freeze_startup_objects()
         log.info("worker started", extra={"fields": {"backends": list(worker.backends.urls)}})
         await send({"type": "lifespan.startup.complete"})
         await receive()  # lifespan.shutdown: Granian sends it once its connections are closed
@@ -518,6 +521,17 @@ class App:
         return name if worker.backends.known(name) else "other"
 
 
+def freeze_startup_objects() -> None:
+    """Move everything alive after start-up (modules, classes, pools, caches: a few hundred
+    thousand objects) out of the garbage collector's sight. A full collection otherwise walks
+    them all, a pause of tens of milliseconds every few thousand requests that lands on
+    whichever request is running; frozen, they are never walked again, and a full collection
+    only sees what was made since. They all live as long as the worker anyway. The collection
+    first keeps start-up garbage from being frozen with them (`gc.freeze`'s documentation)."""
+    gc.collect()
+    gc.freeze()
+
+
 def _body_limit(settings: config.Settings, endpoint: Endpoint) -> int:
     if endpoint.images:
         return settings.max_body_bytes
@@ -575,7 +589,10 @@ def _text_only(message: dict[str, Any]) -> dict[str, Any]:
     return kept
 
 
+@functools.lru_cache(maxsize=4096)
 def _inet(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The client's address for the audit row's `inet` column. Memoised: the same clients come
+    back, and `ipaddress` parses in Python (about 2 % of a proxied request's CPU)."""
     try:
         return ipaddress.ip_address(address)
     except ValueError:

@@ -2,15 +2,15 @@
 
 Records leave the request path through bounded in-memory queues and are written in batches
 (COPY into a staging table, then INSERT … ON CONFLICT DO NOTHING, so a retried batch never
-duplicates a row) at least every second. If Postgres is unavailable, the batch waits and is
-retried with backoff while new records keep queueing. When a queue is full the newest
-record is dropped and counted — prompt bodies first: a full metadata queue sheds prompts
-before it sheds metadata. A batch Postgres refuses for its content (a NUL in a string, a
-number out of a column's range) is split until the offending rows are found: each is written
-repaired (NULs removed, numbers clamped) or, failing that, dropped and counted, with one
-error line naming its request id; the rest of the batch is written as usual. Budgets never
-depend on this path: their ledger is budgets.py's.
-On shutdown everything queued is written before the worker exits.
+duplicates a row) at least every second, and in short batches as soon as enough are queued. If
+Postgres is unavailable, the batch waits and is retried with backoff while new records keep
+queueing. When a queue is full the newest record is dropped and counted — prompt bodies first:
+a full metadata queue sheds prompts before it sheds metadata. A batch Postgres refuses for its
+content (a NUL in a string, a number out of a column's range) is split until the offending rows
+are found: each is written repaired (NULs removed, numbers clamped) or, failing that, dropped
+and counted, with one error line naming its request id; the rest of the batch is written as
+usual. Budgets never depend on this path: their ledger is budgets.py's. On shutdown everything
+queued is written before the worker exits.
 
 Growth: `request_log` is partitioned by month; the gateway keeps the next months'
 partitions created and drops those older than GATEWAY_AUDIT_RETENTION_DAYS. Expired prompt
@@ -67,7 +67,11 @@ class Record(NamedTuple):
 
 COLUMNS = Record._fields
 FLUSH_INTERVAL = 1.0
-BATCH = 2000
+# Records per COPY, and how many queued records start one without waiting for the timer.
+# asyncpg encodes a whole batch in one go on the event loop, which stalls every request of
+# the worker meanwhile: a second's worth at c=1 (about 1,000 records) held it 10-40 ms on the
+# shared 2-core bench machine, 256 a quarter of that (README, Benchmarks).
+BATCH = 256
 MAINTENANCE_INTERVAL = 600.0
 PARTITIONS_AHEAD = 2
 MAINTENANCE_LOCK = 0x6E7A2D6175646974  # "nz-audit"

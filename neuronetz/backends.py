@@ -6,11 +6,12 @@ takes the one with the fewest requests in flight; ties go round-robin so equal b
 share the load. A model nobody is known to have triggers one refresh of every model list
 before the answer is 404; a model whose holders are all down is 503.
 
-Active checks run every GATEWAY_HEALTH_INTERVAL seconds (`GET /api/version`, cheap, with a
-short timeout) and refresh each backend's `/api/tags`. Passive checks: a connection failure
-or a 5xx answer benches a backend for GATEWAY_BACKEND_COOLDOWN seconds, or until an active
-check finds it answering again. Reconfiguring (a changed OLLAMA_BACKENDS) keeps the state of
-unchanged backends; requests in flight on a removed backend finish where they are.
+Active checks run every GATEWAY_HEALTH_INTERVAL seconds, less up to a quarter at random
+(`GET /api/version`, cheap, with a short timeout) and refresh each backend's `/api/tags`.
+Passive checks: a connection failure or a 5xx answer benches a backend for
+GATEWAY_BACKEND_COOLDOWN seconds, or until an active check finds it answering again.
+Reconfiguring (a changed OLLAMA_BACKENDS) keeps the state of unchanged backends; requests in
+flight on a removed backend finish where they are.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import random
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -52,6 +54,9 @@ SERVER_ERRORS_TO_BENCH = 3
 # One slow answer to a health check (a busy backend, a GC pause) must not take a backend out
 # of rotation; two in a row do. Connection failures of real requests bench it at once.
 CHECK_FAILURES_TO_MARK_DOWN = 2
+# Each pause between checks is GATEWAY_HEALTH_INTERVAL shortened by up to this fraction, at
+# random: never longer, so a dead backend is still marked down within two intervals.
+CHECK_JITTER = 0.25
 
 
 @dataclass(eq=False)
@@ -273,9 +278,13 @@ class BackendPool:
         await asyncio.gather(*(self.check(b) for b in self.backends))
 
     async def run(self) -> None:
+        """Check every backend now and then again and again, each pause a little shorter than
+        the interval at random. Workers started together, and every one's once-a-second
+        writers, otherwise check in the same instant every time: their answers' parsing and
+        the writers' batches would land on the same requests, adding to the same tail."""
         while True:
             await self.refresh()
-            await asyncio.sleep(self.interval)
+            await asyncio.sleep(self.interval * (1 - CHECK_JITTER * random.random()))  # noqa: S311  # nosec B311
 
     def readiness(self) -> dict[str, Any]:
         if not self.backends:

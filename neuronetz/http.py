@@ -351,8 +351,8 @@ async def send_chunk(send: Send, chunk: bytes) -> None:
     await send({"type": "http.response.body", "body": chunk, "more_body": True})
 
 
-async def finish(send: Send) -> None:
-    await send({"type": "http.response.body", "body": b"", "more_body": False})
+async def finish(send: Send, last: bytes = b"") -> None:
+    await send({"type": "http.response.body", "body": last, "more_body": False})
 
 
 async def send_bytes(

@@ -89,6 +89,7 @@ class Exchange:
     error_code: str | None = None
     stream: bool = False
     started: bool = False  # the response head went to the client
+    ended: bool = False  # the answer's last body message went to the client
     forwarded_at: float | None = None  # time the request went to the backend
     backend_head_at: float | None = None  # time the backend's response head arrived
     first_byte_at: float | None = None  # time the first body byte went to the client
@@ -111,6 +112,15 @@ def backend_error(exc: BaseException, backend: str) -> GatewayError | BackendUnr
     if isinstance(exc, httpx.TimeoutException | TimeoutError):
         return GatewayTimeout("The backend did not answer in time.")
     return BadGateway("The backend failed while answering.")
+
+
+@functools.lru_cache(maxsize=1024)
+def backend_url(backend: str, path: str) -> httpx.URL:
+    """The URL of `path` on `backend`, parsed once: httpx parses a URL given as text on every
+    request (about 4 % of a proxied request's CPU, tests/bench/profile_gateway.py), while a URL
+    object passes through as it is. Paths are the routes' canonical ones (plus a
+    model name on /v1/models/{model}), so few distinct pairs ever come by."""
+    return httpx.URL(backend + path)
 
 
 def backend_headers(request: Request, backend_host: str) -> list[tuple[bytes, bytes]]:
@@ -230,12 +240,14 @@ async def forward(
     exchange.backend = backend
     # An httpx.Request handed straight to the transport: AsyncClient.send and build_request
     # would add cookies, auth, redirects, event hooks and default headers the gateway never
-    # uses, for about a fifth of a proxied request's CPU (tests/bench/bench_gateway.py).
+    # uses, for about a fifth of a proxied request's CPU (tests/bench/bench_gateway.py). The body
+    # goes as a ready stream: `content=` would have httpx look through the headers again to add
+    # Content-Length, which our transport adds itself (transport.py).
     outgoing = httpx.Request(
         request.method,
-        backend + path,
+        backend_url(backend, path),
         headers=backend_headers(request, backend_host),
-        content=body,
+        stream=httpx.ByteStream(body or b""),
         extensions={"timeout": timeouts.extension, "first_byte_timeout": timeouts.first_byte},
     )
     try:
@@ -270,7 +282,7 @@ async def _exchange(
             # Ollama's "server busy" (queue full) comes before any work: another backend may
             # take it (docs/ollama.md §9.10). The caller decides; nothing was sent yet.
             raise BackendUnreachable(backend, "busy (503)")
-        content_type = _content_type(response)
+        content_type, length = _head(response)
         exchange.status = status
         outcome = exchange.outcome
         outcome.refused = status >= 400
@@ -289,15 +301,16 @@ async def _exchange(
         else:
             relay = BodyRelay(outcome, request.openai, max_record)
         extra: list[tuple[bytes, bytes]] = []
-        length = response.headers.get("content-length")
+        whole: int | None = None  # the length of a whole answer that declared it
         if not exchange.stream and length is not None and length.isascii() and length.isdigit():
-            extra.append((b"content-length", length.encode()))
+            extra.append((b"content-length", length))
+            whole = int(length)
         await _start(send, request, exchange, status, content_type, extra)
         try:
             async for chunk in cast(httpx.AsyncByteStream, response.stream):
                 forwarded = relay.feed(chunk)
                 if forwarded:
-                    await _body(send, exchange, forwarded)
+                    await _body(send, exchange, forwarded, whole)
                 if cap is not None and exchange.stream and outcome.usage.completion_tokens > cap + CAP_SLACK:
                     message = "The answer reached the output token limit and was cut off."
                     await end_with_error(send, request, exchange, message, "max_tokens_reached")
@@ -331,7 +344,8 @@ async def _exchange(
             # The backend's own error record, passed on, or an answer that cannot be trusted:
             # audited as a backend error.
             exchange.error_code = "backend_error"
-        await http.finish(send)
+        if not exchange.ended:
+            await http.finish(send)
     finally:
         await response.aclose()
 
@@ -342,16 +356,26 @@ def _distrust(request: Request, reason: str) -> None:
     log.warning("backend answer not trusted", extra={"fields": {"request_id": request.request_id, "reason": reason}})
 
 
-def _content_type(response: httpx.Response) -> bytes:
-    """The backend's Content-Type as sent (the first, if several), or application/json when it
-    sent none; one that could not go back to a client unchanged is refused before the answer
-    starts, so the client gets a 502 in its dialect rather than a broken head."""
+def _head(response: httpx.Response) -> tuple[bytes, bytes | None]:
+    """The backend's Content-Type and Content-Length as sent, in one pass over the raw
+    headers (httpx's `headers.get` decodes every header to find one).
+
+    The Content-Type is the first one sent, or application/json when there is none; one that
+    could not go back to a client unchanged is refused before the answer starts, so the
+    client gets a 502 in its dialect rather than a broken head. The Content-Length values are
+    joined as httpx's `get` joins them: several are then not a plain number, which the caller
+    does not pass on."""
+    content_type: bytes | None = None
+    lengths: list[bytes] = []
     for name, value in response.headers.raw:
-        if name.lower() == b"content-type":
+        lowered = name.lower()
+        if lowered == b"content-type" and content_type is None:
             if not value or not CONTENT_TYPE_BYTES.issuperset(value):
                 raise BadGateway("The backend answered with an invalid Content-Type.")
-            return value
-    return DEFAULT_CONTENT_TYPE
+            content_type = value
+        elif lowered == b"content-length":
+            lengths.append(value)
+    return content_type or DEFAULT_CONTENT_TYPE, b", ".join(lengths) if lengths else None
 
 
 async def _start(
@@ -364,18 +388,24 @@ async def _start(
     exchange.started = True
 
 
-async def _body(send: Send, exchange: Exchange, chunk: bytes) -> None:
+async def _body(send: Send, exchange: Exchange, chunk: bytes, whole: int | None = None) -> None:
     if exchange.first_byte_at is None:
         exchange.first_byte_at = time.perf_counter()
     exchange.bytes_out += len(chunk)
-    await http.send_chunk(send, chunk)
+    if exchange.bytes_out == whole:
+        # The last bytes of an answer of declared length end it as well: one ASGI send, and
+        # one wake-up of Granian's runtime thread, fewer per request than a separate end.
+        exchange.ended = True
+        await http.finish(send, chunk)
+    else:
+        await http.send_chunk(send, chunk)
 
 
 async def end_with_error(send: Send, request: Request, exchange: Exchange, message: str, code: str) -> None:
     """End a started answer with an error record (or, when the head has not gone out yet
     because the answer is whole, nothing more can be said than the status)."""
     exchange.error_code = code
-    if not exchange.started:
+    if not exchange.started or exchange.ended:
         return
     if exchange.stream:
         dialect = request.dialect

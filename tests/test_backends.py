@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import subprocess
@@ -17,7 +18,18 @@ import pytest
 
 from neuronetz.backends import plan_backends_change
 from tests.emulator import Emulator, ModelSpec
-from tests.support import METRICS_TOKEN, ROOT, Admin, GatewayProcess, auth, env_file, forwarded, free_port, wait_until
+from tests.support import (
+    METRICS_TOKEN,
+    ROOT,
+    Admin,
+    GatewayProcess,
+    auth,
+    env_file,
+    forwarded,
+    free_port,
+    metric,
+    wait_until,
+)
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stream": False}
 
@@ -45,6 +57,35 @@ async def post_many(url: str, key: str, count: int, body: dict[str, object] = CH
     async with httpx.AsyncClient(timeout=30) as client:
         return list(await asyncio.gather(*(client.post(url + "/api/chat", json=body, headers=auth(key))
                                            for _ in range(count))))  # fmt: skip
+
+
+async def test_health_checks_come_at_uneven_pauses_within_the_interval_and_find_a_dead_backend_in_two(
+    gateway_env: dict[str, str], emulator: Emulator
+) -> None:
+    """Checks are spread (each pause the interval less up to a quarter, at random), never
+    later than the interval: a dead backend is still marked down by its second check."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    env = {**gateway_env, "OLLAMA_BACKENDS": f"{emulator.url},{dead}", "GATEWAY_HEALTH_INTERVAL": "0.5"}
+    emulator.clear_requests()
+    with GatewayProcess(env) as process:
+        async with httpx.AsyncClient(timeout=10) as client:
+
+            async def dead_is_down() -> bool:
+                scrape = {"Authorization": f"Bearer {METRICS_TOKEN}"}
+                answer = await client.get(process.url + "/metrics", headers=scrape)
+                return metric(answer.text, "neuronetz_backend_up", backend=dead) == 0.0
+
+            await wait_until(lambda: bool(emulator.requests("/api/version")), 10, "the first health check")
+            # Down after the second failed check: at most one interval (+ scheduling) after the first.
+            deadline = emulator.requests("/api/version")[0].monotonic + 0.5 + 1.0
+            while not await dead_is_down():
+                assert time.monotonic() < deadline, "the dead backend was not marked down within two checks"
+                await asyncio.sleep(0.02)
+            await wait_until(lambda: len(emulator.requests("/api/version")) >= 9, 15, "nine health checks")
+    arrivals = [r.monotonic for r in emulator.requests("/api/version")][:9]
+    pauses = [b - a for a, b in itertools.pairwise(arrivals)]
+    assert max(pauses) < 0.5 + 0.3, pauses  # never (much) later than the interval
+    assert min(pauses) < 0.47, pauses  # some came early: not every pause is the whole interval
 
 
 async def test_requests_go_only_where_the_model_is(

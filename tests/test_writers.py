@@ -78,6 +78,41 @@ async def test_poisoned_audit_rows_are_repaired_or_dropped_and_the_rest_written(
     assert dropped[0].__dict__["fields"]["request_id"] == f"{run}-bad-date"
 
 
+async def test_a_burst_of_audit_records_is_written_at_once_in_short_batches(
+    pool: asyncpg.Pool[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Encoding a batch for COPY holds the event loop: a burst goes out in batches of at most
+    BATCH records, each as soon as it is queued, not in one big batch when the timer fires."""
+    monkeypatch.setattr(audit, "FLUSH_INTERVAL", 60.0)  # only the queue's length can start a write
+    sizes: list[int] = []
+    copy = audit.AuditWriter._write_records
+
+    async def counted(connection: Any, records: Any) -> None:
+        sizes.append(len(records))
+        await copy(connection, records)
+
+    monkeypatch.setattr(audit.AuditWriter, "_write_records", staticmethod(counted))
+    run = secrets.token_hex(4)
+    burst = 600  # a bit over half a second of requests at c=1
+    writer = audit.AuditWriter(pool, capacity=10_000, prompt_capacity=100, retention_days=30)
+    writer.start()
+    try:
+        for i in range(burst):
+            writer.submit(record(f"{run}-{i}"))
+            if i % 50 == 0:
+                await asyncio.sleep(0)  # requests come one loop turn after another
+        deadline = time.monotonic() + 20
+        while writer.written < burst - burst % audit.BATCH:  # the rest waits for the timer
+            assert time.monotonic() < deadline, f"written {writer.written} of {burst}: {sizes}"
+            await asyncio.sleep(0.02)
+    finally:
+        await writer.stop()
+    assert writer.written == burst
+    assert max(sizes) <= audit.BATCH <= 300, sizes
+    count = await pool.fetchval("SELECT count(*) FROM request_log WHERE request_id LIKE $1", f"{run}-%")
+    assert count == burst
+
+
 async def test_a_poisoned_ledger_row_is_dropped_and_everyone_elses_usage_written(
     pool: asyncpg.Pool[Any], admin: Admin
 ) -> None:

@@ -14,9 +14,13 @@ Figures, each next to its target:
   1. added latency p50/p99 at c=1: gateway minus direct, interleaved rounds;
   2. requests/s at c=32 and c=256, gateway and direct (the direct figure is the rig's ceiling);
   3. time to first token of streams, gateway minus direct, at c=1 (interleaved) and c=64;
-  4. RSS of the gateway's process tree per concurrent slow stream (1,000 streams of 10 s);
-  5. what-if: proxy.py calling Transport directly instead of AsyncClient.send (and
-     a one-message body), through tests/bench/noop_app.py; never by editing neuronetz/.
+  4. worker scaling: req/s at c=32 with `--workers 2` on both CPUs (sharing CPU 0 with the
+     emulator and the load generator) next to one worker on CPU 1;
+  5. RSS of the gateway's process tree per concurrent slow stream (1,000 streams of 10 s).
+
+`--against REF` adds a gateway built from git REF (e.g. `--against HEAD` while trying an
+uncommitted change, or the previous release) to figures 1-3, interleaved with the others:
+before/after figures from one run, under the same load.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import json
 import math
 import statistics
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Sequence
@@ -38,9 +43,9 @@ from tests.bench import loadgen
 from tests.bench.loadgen import Run, Service
 
 TARGET_P50_MS = 1.0
-TARGET_P99_MS = 3.0
-TARGET_RATIO = 0.30
-TARGET_TTFT_MS = 2.0
+TARGET_P99_MS = 2.0
+TARGET_RATIO = 0.40
+TARGET_TTFT_MS = 1.5
 TARGET_STREAM_KB = 300.0
 
 
@@ -56,6 +61,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--stream-seconds", type=float, default=10.0, help="length of each slow stream (default 10)")
     add("--no-memory", action="store_true", help="skip the memory figure")
     add("--no-info-log", action="store_true", help="skip the second gateway with GATEWAY_LOG_LEVEL=info")
+    add("--no-scaling", action="store_true", help="skip the 2-worker figure")
+    add("--against", metavar="REF", help="also measure a gateway built from git REF, interleaved (before/after)")
     return parser.parse_args(argv)
 
 
@@ -177,13 +184,12 @@ async def rig_ceilings(direct: Target) -> tuple[Run, float]:
 
 
 async def ttft(
-    emulator: Service, direct: Target, gateway: Target, rounds: int = 5, per_round: int = 8
+    emulator: Service, targets: Sequence[Target], rounds: int = 5, per_round: int = 8
 ) -> dict[str, dict[int, list[loadgen.Stream]]]:
     """Streams of 5 tokens, first token after 20 ms, then one every 20 ms: c=1 interleaved
     rounds, then c=64 (three streams per connection, staggered), each target in turn, twice."""
     configure_emulator(emulator, tokens=5, first_token_delay_ms=20, token_delay_ms=20)
-    results: dict[str, dict[int, list[loadgen.Stream]]] = {direct.name: {}, gateway.name: {}}
-    targets = (direct, gateway)
+    results: dict[str, dict[int, list[loadgen.Stream]]] = {t.name: {} for t in targets}
     try:
         singles = {t.name: await loadgen.connect(t.port, 1) for t in targets}
         for target in targets:  # warm-up
@@ -306,6 +312,13 @@ async def run(args: argparse.Namespace) -> int:
             env = loadgen.gateway_env(store.database_url, store.redis_prefix, emulator.url)
             gateway = loadgen.start_gateway(env)
             started.append(gateway)
+            before: Service | None = None
+            if args.against:
+                # Removed at exit with the object (weakref.finalize), also when the run fails.
+                scratch = tempfile.TemporaryDirectory(prefix="nzbench-against-")
+                source = loadgen.export_tree(args.against, Path(scratch.name))
+                before = loadgen.start_gateway(env, name="gateway-against", source=source)
+                started.append(before)
             info: Service | None = None
             if not args.no_info_log:
                 info = loadgen.start_gateway({**env, "GATEWAY_LOG_LEVEL": "info"}, name="gateway-info")
@@ -322,6 +335,9 @@ async def run(args: argparse.Namespace) -> int:
             direct = target("direct", emulator.port, None)
             through = target("gateway", gateway.port, gateway)
             targets = [direct, through]
+            against = f"gateway ({args.against})"
+            if before is not None:
+                targets.append(target(against, before.port, before))
             if info is not None:
                 targets.append(target("gateway (log info)", info.port, info))
             for one in targets[1:]:  # first request: Argon2 once, pools opened
@@ -384,6 +400,10 @@ async def run(args: argparse.Namespace) -> int:
                             loadgen.verdict(added_p50 * 1000 <= TARGET_P50_MS)])  # fmt: skip
             summary.append(["added latency p99, c=1", delta_ms(added_p99), f"<= {TARGET_P99_MS:g} ms",
                             loadgen.verdict(added_p99 * 1000 <= TARGET_P99_MS)])  # fmt: skip
+            if before is not None:
+                was_p50, was_p99 = round_stats(samples[against])
+                summary.append([f"  before: {against}", f"{delta_ms(was_p50 - direct_p50)} / "
+                                f"{delta_ms(was_p99 - direct_p99)}", "(p50 / p99)", "(before)"])  # fmt: skip
             if info is not None:
                 info_p50, info_p99 = round_stats(samples["gateway (log info)"])
                 summary.append(["  same, GATEWAY_LOG_LEVEL=info", f"{delta_ms(info_p50 - direct_p50)} / "
@@ -400,7 +420,7 @@ async def run(args: argparse.Namespace) -> int:
             )
             for concurrency in (32, 256):
                 print(f"  c={concurrency}", file=sys.stderr, flush=True)
-                chosen = targets if concurrency == 32 else targets[:2]
+                chosen = targets if concurrency == 32 else [t for t in targets if t.name != "gateway (log info)"]
                 runs = await throughput(chosen, concurrency, args.seconds, args.repeat)
                 best = {name: median_run(group) for name, group in runs.items()}
                 rows = []
@@ -428,15 +448,26 @@ async def run(args: argparse.Namespace) -> int:
                     f">= {TARGET_RATIO:.0%}" if concurrency == 32 else "(none)",
                     loadgen.verdict(ratio_value >= TARGET_RATIO) if concurrency == 32 else "n/a",
                 ])  # fmt: skip
+                if before is not None:
+                    was = best[against]
+                    summary.append([f"  before: {against}", f"{was.rps:,.0f} = {was.rps / direct_run.rps:.1%}",
+                                    "(before)", "(before)"])  # fmt: skip
+                summary.append([f"gateway CPU per proxied request, c={concurrency}",
+                                f"{cpu_us_per_request(gateway_run, 'gateway'):.0f} us", "(report)", "n/a"])  # fmt: skip
+                if before is not None:
+                    summary.append([f"  before: {against}", f"{cpu_us_per_request(best[against], 'gateway'):.0f} us",
+                                    "(before)", "(before)"])  # fmt: skip
+                if concurrency == 32:
+                    direct_c32 = direct_run
             if info is not None:
                 info.stop()
                 started.remove(info)
 
             # 3. TTFT
             print("  streams: time to first token", file=sys.stderr, flush=True)
-            stream_direct = Target("direct", direct.port, _stream_request(direct.port, key), {})
-            stream_gateway = Target("gateway", gateway.port, _stream_request(gateway.port, key), {})
-            streams = await ttft(emulator, stream_direct, stream_gateway)
+            stream_targets = [Target(t.name, t.port, _stream_request(t.port, key), {}) for t in targets
+                              if t.name != "gateway (log info)"]  # fmt: skip
+            streams = await ttft(emulator, stream_targets)
             out("")
             out("## 3. Time to first token (NDJSON /api/chat, stream:true)")
             out(
@@ -447,18 +478,22 @@ async def run(args: argparse.Namespace) -> int:
             )
             rows = []
             ttft_delta: dict[int, float] = {}
+            ttft_before: dict[int, float] = {}
             for concurrency in (1, 64):
                 base = streams["direct"][concurrency]
-                for name in ("direct", "gateway"):
+                for name in streams:
                     streamed = streams[name][concurrency]
                     bad = sum(1 for s in streamed if s.status != 200)
                     first = [s.ttft for s in streamed]
                     gaps = [g for s in streamed for g in s.gaps]
                     delta = ""
-                    if name == "gateway":
+                    if name != "direct":
                         d50 = loadgen.median(first) - loadgen.median([s.ttft for s in base])
                         d99 = loadgen.percentile(first, 99) - loadgen.percentile([s.ttft for s in base], 99)
-                        ttft_delta[concurrency] = d50
+                        if name == "gateway":
+                            ttft_delta[concurrency] = d50
+                        else:
+                            ttft_before[concurrency] = d50
                         delta = f"{delta_ms(d50)} / {delta_ms(d99)}"
                     rows.append([
                         f"c={concurrency} {name}", str(len(streamed)), str(bad), fmt_ms(loadgen.median(first)),
@@ -469,17 +504,55 @@ async def run(args: argparse.Namespace) -> int:
                                "gap p50", "gap p99", "total p50"], rows))  # fmt: skip
             summary.append(["TTFT overhead p50, c=1", delta_ms(ttft_delta[1]), f"<= {TARGET_TTFT_MS:g} ms",
                             loadgen.verdict(ttft_delta[1] * 1000 <= TARGET_TTFT_MS)])  # fmt: skip
+            if ttft_before:
+                summary.append([f"  before: {against}", delta_ms(ttft_before[1]), "(before)", "(before)"])
             summary.append(["  same at c=64", delta_ms(ttft_delta[64]), f"(<= {TARGET_TTFT_MS:g} ms)",
                             loadgen.verdict(ttft_delta[64] * 1000 <= TARGET_TTFT_MS)])  # fmt: skip
+            if before is not None:
+                before.stop()
+                started.remove(before)
 
-            # 4. memory
+            # 4. worker scaling
+            if not args.no_scaling:
+                print("  c=32 with 2 workers", file=sys.stderr, flush=True)
+                both = f"{loadgen.LOADGEN_CPU},{loadgen.GATEWAY_CPU}"
+                pair = loadgen.start_gateway(env, name="gateway-2-workers", workers=2, cpu=both)
+                started.append(pair)
+                two = target("gateway, 2 workers", pair.port, pair)
+                warm = await loadgen.connect(two.port, 8)
+                await loadgen.closed_loop(warm, two.request, 0, requests=1000)
+                loadgen.close_all(warm)
+                runs = await throughput([through, two], 32, args.seconds, args.repeat)
+                one_run, two_run = median_run(runs["gateway"]), median_run(runs[two.name])
+                out("")
+                out("## 4. Worker scaling (non-streaming /api/chat, c=32)")
+                out(
+                    "method: as in 2; `--workers 2` may run on both CPUs, so its workers share CPU 0 with the "
+                    "emulator and the load generator; interleaved with the 1-worker gateway on CPU 1; "
+                    f"'of direct' against section 2's direct run ({direct_c32.rps:,.0f} req/s)"
+                )
+                rows = []
+                for name, got in (("1 worker (CPU 1)", one_run), ("2 workers (CPUs 0-1)", two_run)):
+                    assert got.cpu is not None
+                    rows.append([name, f"{got.rps:,.0f}", f"{got.rps / direct_c32.rps:.1%}",
+                                 fmt_ms(loadgen.median(got.latencies)), fmt_ms(loadgen.percentile(got.latencies, 99)),
+                                 f"{got.errors}/{got.lost}", got.cpu.describe()])  # fmt: skip
+                out(loadgen.table(["gateway", "req/s", "of direct", "p50", "p99", "errors/lost",
+                                   "CPU (share of one core)"], rows))  # fmt: skip
+                summary.append(["req/s c=32, 2 workers on 2 cores / direct",
+                                f"{two_run.rps:,.0f} = {two_run.rps / direct_c32.rps:.1%} "
+                                f"({two_run.rps / one_run.rps:.2f} x 1 worker)", "(report)", "n/a"])  # fmt: skip
+                pair.stop()
+                started.remove(pair)
+
+            # 5. memory
             gateway.stop()
             started.remove(gateway)
             if not args.no_memory:
                 print(f"  memory: {args.streams} streams of {args.stream_seconds:g} s", file=sys.stderr, flush=True)
                 mem = await memory(emulator, env, key, args.streams, args.stream_seconds)
                 out("")
-                out(f"## 4. Memory per concurrent stream ({mem.streams} streams)")
+                out(f"## 5. Memory per concurrent stream ({mem.streams} streams)")
                 out(
                     f"method: a fresh gateway (GATEWAY_BACKEND_MAX_CONNECTIONS={max(4096, 2 * args.streams)}), "
                     "warmed with 2,000 requests and 64 streams; "

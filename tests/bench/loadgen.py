@@ -59,7 +59,8 @@ def pin_self(cpu: int) -> None:
         os.sched_setaffinity(0, {cpu})
 
 
-def pinned(cpu: int, command: list[str]) -> list[str]:
+def pinned(cpu: int | str, command: list[str]) -> list[str]:
+    """`command` run on `cpu` (a number, or a taskset list such as "0,1")."""
     return ["taskset", "-c", str(cpu), *command] if can_pin() else command
 
 
@@ -145,12 +146,18 @@ def start_emulator(*options: str, cpu: int = LOADGEN_CPU) -> Service:
 
 
 def start_server(
-    name: str, command: list[str], env: dict[str, str], port: int, cpu: int = GATEWAY_CPU, timeout: float = 60.0
+    name: str,
+    command: list[str],
+    env: dict[str, str],
+    port: int,
+    cpu: int | str = GATEWAY_CPU,
+    timeout: float = 60.0,
+    cwd: Path = ROOT,
 ) -> Service:
     """A server process pinned to `cpu`, ready once its /healthz answers 200."""
     log = _logfile(name)
     with log.open("ab") as sink:
-        process = subprocess.Popen(pinned(cpu, command), cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(pinned(cpu, command), cwd=cwd, env=env, stdout=sink, stderr=subprocess.STDOUT)
     service = Service(name, process, f"http://127.0.0.1:{port}", port, log)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -186,11 +193,24 @@ def gateway_env(database_url: str, redis_prefix: str, backend: str, **extra: str
     return env
 
 
-def start_gateway(env: dict[str, str], name: str = "gateway") -> Service:
-    """`python -m neuronetz serve`, one Granian worker, as shipped."""
+def start_gateway(
+    env: dict[str, str], name: str = "gateway", workers: int = 1, cpu: int | str = GATEWAY_CPU, source: Path = ROOT
+) -> Service:
+    """`python -m neuronetz serve`, one Granian worker, as shipped; `source` is the tree whose
+    neuronetz/ runs (another checkout, e.g. an earlier commit's, for before/after figures)."""
     port = free_port()
-    command = [PYTHON, "-m", "neuronetz", "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    return start_server(name, command, env, port)
+    command = [PYTHON, "-m", "neuronetz", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--workers", str(workers)]
+    if source != ROOT:  # `-m` finds the package in the working directory first; forked workers inherit it
+        env = {**env, "PYTHONPATH": str(source)}
+    return start_server(name, command, env, port, cpu=cpu, cwd=source)
+
+
+def export_tree(ref: str, directory: Path) -> Path:
+    """The files of git `ref` (a commit, branch or tag of this repository) written to `directory`."""
+    archive = subprocess.run(["git", "archive", ref], cwd=ROOT, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(directory)], input=archive, check=True)
+    return directory
 
 
 def start_granian_app(target: str, env: dict[str, str], name: str) -> Service:
