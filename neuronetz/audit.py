@@ -307,11 +307,7 @@ async def maintenance(pool: asyncpg.Pool[Any], retention_days: int, today: dt.da
                 start, end = _month(today, offset), _month(today, offset + 1)
                 name = f"request_log_{start:%Y_%m}"
                 if not await connection.fetchval("SELECT to_regclass($1) IS NOT NULL", name):
-                    # Identifiers and bounds come from dates formatted here, never from input.
-                    await connection.execute(
-                        f"CREATE TABLE {name} PARTITION OF request_log "
-                        f"FOR VALUES FROM ('{start.isoformat()}') TO ('{end.isoformat()}')"
-                    )
+                    await _create_partition(connection, name, start, end)
                     done["created"] += 1
             cutoff = today - dt.timedelta(days=retention_days)
             rows = await connection.fetch(
@@ -331,6 +327,29 @@ async def maintenance(pool: asyncpg.Pool[Any], retention_days: int, today: dt.da
         finally:
             await connection.execute("SELECT pg_advisory_unlock($1)", MAINTENANCE_LOCK)
     return done
+
+
+async def _create_partition(connection: Connection, name: str, start: dt.date, end: dt.date) -> None:
+    """The month's partition. Rows of that month already in the default partition (written
+    while maintenance could not run) make a plain CREATE ... PARTITION OF fail, every time:
+    then, in one transaction (writers wait for it), the default partition is detached, the
+    month's created, its rows moved through the parent into it, and the default put back.
+    Identifiers and bounds come from dates formatted here, never from input."""
+    create = f"CREATE TABLE {name} PARTITION OF request_log FOR VALUES FROM ('{start}') TO ('{end}')"
+    try:
+        await connection.execute(create)
+    except asyncpg.CheckViolationError:
+        async with connection.transaction():
+            await connection.execute("ALTER TABLE request_log DETACH PARTITION request_log_default")
+            await connection.execute(create)
+            moved = await connection.execute(
+                "WITH moved AS (DELETE FROM request_log_default WHERE created_at >= $1 AND created_at < $2 "
+                "RETURNING *) INSERT INTO request_log SELECT * FROM moved",
+                start, end,
+            )  # fmt: skip
+            await connection.execute("ALTER TABLE request_log ATTACH PARTITION request_log_default DEFAULT")
+        log.warning("audit rows moved out of the default partition", extra={"fields": {"partition": name,
+                    "rows": int(moved.split()[-1])}})  # fmt: skip
 
 
 async def purge_prompts(connection: asyncpg.Connection[Any] | asyncpg.pool.PoolConnectionProxy[Any]) -> int:

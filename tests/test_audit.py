@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -131,6 +132,26 @@ async def test_partitions_are_made_ahead_and_dropped_past_retention(admin: Admin
     assert {"request_log_2026_11", "request_log_2026_12", "request_log_2027_01"} <= names
     assert "request_log_2020_01" not in names
     assert done["dropped"] >= 1
+
+
+async def test_a_month_whose_rows_went_to_the_default_partition_still_gets_its_partition(admin: Admin) -> None:
+    """Rows written while maintenance could not run land in the default partition; creating
+    their month's partition must move them, not fail at every maintenance run."""
+    stray = f"stray-{secrets.token_hex(4)}"
+    await admin.pool.execute(
+        "INSERT INTO request_log (created_at, request_id, method, route, status, duration_ms) "
+        "VALUES ($1, $2, 'POST', '/api/chat', 200, 1)",
+        dt.datetime(2031, 5, 15, tzinfo=dt.UTC), stray,
+    )  # fmt: skip
+    assert await admin.pool.fetchval("SELECT count(*) FROM request_log_default WHERE request_id = $1", stray) == 1
+    done = await audit.maintenance(admin.pool, retention_days=36500, today=dt.date(2031, 5, 10))
+    assert done["created"] >= 1
+    assert await admin.pool.fetchval("SELECT count(*) FROM request_log_2031_05 WHERE request_id = $1", stray) == 1
+    assert await admin.pool.fetchval("SELECT count(*) FROM request_log_default WHERE request_id = $1", stray) == 0
+    default = await admin.pool.fetchval(
+        "SELECT pg_get_expr(c.relpartbound, c.oid) FROM pg_class c WHERE c.relname = 'request_log_default'"
+    )
+    assert default == "DEFAULT"  # attached again
 
 
 async def test_a_full_queue_drops_prompts_before_metadata_and_counts_both() -> None:
