@@ -266,7 +266,9 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("GATEWAY_BODY_TIMEOUT", "body_timeout", "60", _seconds(1, 3600),
              "Seconds a client has to send its whole request body; 408 after it."),
     Variable("GATEWAY_MAX_BODY_READERS", "max_body_readers", "256", _integer(1, 100_000),
-             "Request bodies one worker receives at once; beyond it new ones get 503 at once."),
+             "Request bodies one worker receives in pieces at once (uploads that do not arrive in one "
+             "go); beyond it further ones get 503 at once. Bodies that arrive whole are never refused "
+             "for this."),
     Variable("GATEWAY_READY_TIMEOUT", "ready_timeout", "1.0", _seconds(0.05, 30),
              "Seconds each `/readyz` check (Postgres, Redis, backends) may take before it counts as "
              "failed."),

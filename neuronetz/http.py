@@ -83,9 +83,12 @@ class Principal(Protocol):
 
 
 class BodyReaders:
-    """How many requests of this worker are receiving a body right now, bounded: a slow
-    upload holds a connection, a task and a growing buffer, and counts toward no limit of its
-    key until it has arrived, so past `limit` further bodies are refused (503) at once."""
+    """How many requests of this worker are receiving a body in pieces right now, bounded: a
+    slow upload holds a connection, a task and a growing buffer, and counts toward no limit of
+    its key until it has arrived, so past `limit` further such bodies are refused (503) at
+    once. A body that arrives in one piece (a chat request, almost always) is never refused
+    for this: it holds nothing while it waits, and a burst of a thousand of them is no attack,
+    while refusing them would let a few hundred trickling uploads shut everyone out."""
 
     def __init__(self, limit: int, timeout: float) -> None:
         self.limit = limit
@@ -147,25 +150,21 @@ class Request:
         A declared Content-Length over the limit is refused before a byte is read; a
         chunked body is counted as it arrives and refused as soon as it crosses the limit.
         With `readers`, the body must arrive within its timeout (408) and at most its limit
-        of bodies are read at once in this worker (503 beyond).
+        of bodies arriving in pieces are read at once in this worker (503 beyond).
         """
         if readers is None:
-            return await self._read(limit)
-        if readers.active >= readers.limit:
-            raise ServiceUnavailable("The gateway is receiving too many request bodies; retry shortly.", retry_after=1)
-        readers.active += 1
+            return await self._read(limit, None)
         try:
             async with asyncio.timeout(readers.timeout):
-                return await self._read(limit)
+                return await self._read(limit, readers)
         except TimeoutError:
             raise RequestTimeout(
                 f"The request body did not arrive within {readers.timeout:g} seconds; send it faster or in full."
             ) from None
-        finally:
-            readers.active -= 1
 
-    async def _read(self, limit: int) -> bytes:
+    async def _read(self, limit: int, readers: BodyReaders | None) -> bytes:
         declared = self.headers.get(b"content-length")
+        length: int | None = None  # chunked: unknown until its end
         if declared is not None:
             try:
                 length = int(declared)
@@ -174,25 +173,41 @@ class Request:
             if length > limit:
                 if length - limit <= DRAIN_LIMIT:  # nothing read yet: the whole body is the remainder
                     await self._drain({"more_body": True}, length)
-                raise PayloadTooLarge(f"The request body is larger than the {limit} bytes this gateway accepts.")
+                raise _too_large(limit)
         parts: list[bytes] = []
         size = 0
-        while True:
-            message = await self.receive()
-            if message["type"] == "http.disconnect":
-                # Granian reports a malformed chunked body exactly like a client that hung up
-                # mid-upload. Either way the body is incomplete: a 400 reaches the client that
-                # is still there, and costs nothing when it is gone.
-                raise BadRequest("The request body ended before it was complete (or its chunked framing is malformed).")
-            chunk: bytes = message.get("body", b"")
-            if chunk:
-                size += len(chunk)
-                if size > limit:
-                    await self._drain(message)
-                    raise PayloadTooLarge(f"The request body is larger than the {limit} bytes this gateway accepts.")
-                parts.append(chunk)
-            if not message.get("more_body", False):
-                break
+        counted: BodyReaders | None = None  # the bound this body counts against, once in pieces
+        try:
+            while True:
+                message = await self.receive()
+                if message["type"] == "http.disconnect":
+                    # Granian reports a malformed chunked body exactly like a client that hung up
+                    # mid-upload. Either way the body is incomplete: a 400 reaches the client that
+                    # is still there, and costs nothing when it is gone.
+                    raise BadRequest(
+                        "The request body ended before it was complete (or its chunked framing is malformed)."
+                    )
+                chunk: bytes = message.get("body", b"")
+                if chunk:
+                    size += len(chunk)
+                    if size > limit:
+                        await self._drain(message)
+                        raise _too_large(limit)
+                    parts.append(chunk)
+                if not message.get("more_body", False):
+                    break
+                # Granian ends every body with an empty message: a body whose declared length
+                # is all here has arrived whole, however many messages close it.
+                if readers is not None and counted is None and (length is None or size < length):
+                    if readers.active >= readers.limit:
+                        raise ServiceUnavailable(
+                            "The gateway is receiving too many request bodies; retry shortly.", retry_after=1
+                        )
+                    readers.active += 1
+                    counted = readers
+        finally:
+            if counted is not None:
+                counted.active -= 1
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def _drain(self, message: Message, budget: int = DRAIN_LIMIT) -> None:
@@ -213,6 +228,10 @@ class Request:
         body (GET routes) is simply drained on the way to the disconnect message."""
         while (await self.receive())["type"] != "http.disconnect":
             pass
+
+
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"The request body is larger than the {limit} bytes this gateway accepts.")
 
 
 class DisconnectWatch:

@@ -137,7 +137,9 @@ async def test_a_body_that_does_not_arrive_in_time_gets_408_in_the_callers_diale
     assert time.monotonic() - started < 6
 
 
-async def test_past_the_body_reader_bound_new_bodies_get_503_at_once(narrow: GatewayProcess, admin: Admin) -> None:
+async def test_past_the_body_reader_bound_trickling_bodies_get_503_and_whole_ones_are_served(
+    narrow: GatewayProcess, admin: Admin
+) -> None:
     key = await admin.key()
     async with httpx.AsyncClient() as client:  # the key is verified and cached first
         assert (await client.post(narrow.url + "/api/chat", json=CHAT, headers=auth(key))).status_code == 200
@@ -148,21 +150,26 @@ async def test_past_the_body_reader_bound_new_bodies_get_503_at_once(narrow: Gat
     slow = [socket.create_connection((host, int(port))) for _ in range(2)]
     try:
         for sock in slow:
-            sock.sendall(head)
-        deadline = time.monotonic() + 20  # until both are being read (they would be for 60 s)
-        refused = None
-        async with httpx.AsyncClient() as client:
-            while time.monotonic() < deadline:
-                response = await client.post(narrow.url + "/api/chat", json=CHAT, headers=auth(key))
-                if response.status_code == 503:
-                    refused = response
-                    break
-        assert refused is not None, "no request was refused while two bodies trickled in"
-        assert "too many request bodies" in refused.json()["error"]
-        assert refused.headers["retry-after"] == "1"
+            sock.sendall(head)  # one byte of a hundred: both are read in pieces, for 60 s
+        deadline = time.monotonic() + 20  # until both count against the bound
+        while status_of(refused := await asyncio.to_thread(raw_exchange, narrow.url, head, timeout=10)) != 503:
+            assert time.monotonic() < deadline, f"a third trickling body was not refused: {refused!r}"
+        assert b"too many request bodies" in refused
+        assert b"retry-after: 1" in refused.lower()
+        async with httpx.AsyncClient() as client:  # a body that arrives whole holds nothing: served
+            assert (await client.post(narrow.url + "/api/chat", json=CHAT, headers=auth(key))).status_code == 200
     finally:
         for sock in slow:
             sock.close()
+
+
+async def test_a_burst_of_whole_bodies_beyond_the_reader_bound_is_served(narrow: GatewayProcess, admin: Admin) -> None:
+    key = await admin.key()
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=64)) as client:
+        answers = await asyncio.gather(
+            *(client.post(narrow.url + "/api/chat", json=CHAT, headers=auth(key)) for _ in range(64))
+        )
+    assert [a.status_code for a in answers] == [200] * 64
 
 
 # --- 12.9 and 12.11: credentials, framing and request ids ------------------------------------
