@@ -442,37 +442,10 @@ class App:
             return
         duration = time.perf_counter() - exchange.started_at
         status = exchange.status or (499 if exchange.disconnected else 500)
-        usage = exchange.outcome.usage
-        model_label = self._model_label(worker, exchange.model)
-        registry = worker.metrics
-        registry.inc(
-            "neuronetz_requests_total", key=metrics.labels(route=route.path, status=str(status), model=model_label)
-        )
-        registry.observe("neuronetz_request_duration_seconds", duration, metrics.labels(route=route.path))
-        if exchange.forwarded_at is not None:
-            waited = (exchange.queue_wait_ms or 0.0) / 1000  # waiting for a slot is not overhead
-            registry.observe("neuronetz_gateway_overhead_seconds", exchange.forwarded_at - exchange.started_at - waited)
-            if exchange.backend_head_at is not None:
-                registry.observe(
-                    "neuronetz_backend_first_byte_seconds", exchange.backend_head_at - exchange.forwarded_at
-                )
         key = request.key if isinstance(request.key, KeyRecord) else None
-        if usage.prompt_tokens or usage.completion_tokens:
-            registry.inc(
-                "neuronetz_tokens_total", usage.prompt_tokens, metrics.labels(direction="prompt", model=model_label)
-            )
-            registry.inc("neuronetz_tokens_total", usage.completion_tokens, metrics.labels(direction="completion",
-                         model=model_label))  # fmt: skip
-            if key is not None:
-                tenant = key.tenant
-                registry.inc("neuronetz_tenant_tokens_total", usage.prompt_tokens,
-                             metrics.labels(direction="prompt", tenant=tenant))  # fmt: skip
-                registry.inc("neuronetz_tenant_tokens_total", usage.completion_tokens,
-                             metrics.labels(direction="completion", tenant=tenant))  # fmt: skip
-        if exchange.error_code in ("rate_limit_exceeded", "budget_exceeded", "queue_full", "queue_timeout"):
-            registry.inc("neuronetz_refusals_total", key=metrics.labels(reason=exchange.error_code))
         ttfb = (exchange.first_byte_at - exchange.started_at) * 1000 if exchange.first_byte_at is not None else None
-        created = dt.datetime.fromtimestamp(time.time() - duration, dt.UTC)
+        self._observe(worker, route, exchange, key, status, duration)
+        usage = exchange.outcome.usage
         logs.request_line(
             {
                 "request_id": request.request_id,
@@ -493,6 +466,7 @@ class App:
                 "queue_wait_ms": round(exchange.queue_wait_ms, 1) if exchange.queue_wait_ms is not None else None,
             }
         )
+        created = dt.datetime.fromtimestamp(time.time() - duration, dt.UTC)
         record = audit.Record(
             created_at=created, request_id=request.request_id, tenant_id=key.tenant_id if key else None,
             key_prefix=key.prefix if key else None, client_addr=_inet(request.client), method=request.method,
@@ -510,6 +484,35 @@ class App:
                 "".join(exchange.outcome.text or []),
             )  # fmt: skip
         worker.audit.submit(record, prompt)
+
+    def _observe(
+        self, worker: Worker, route: Route, exchange: Exchange, key: KeyRecord | None, status: int, duration: float
+    ) -> None:
+        """The request in the metrics: its count and times, its tokens (by model, and by tenant),
+        and why it was refused, if a limit refused it."""
+        registry = worker.metrics
+        model_label = self._model_label(worker, exchange.model)
+        registry.inc(
+            "neuronetz_requests_total", key=metrics.labels(route=route.path, status=str(status), model=model_label)
+        )
+        registry.observe("neuronetz_request_duration_seconds", duration, metrics.labels(route=route.path))
+        if exchange.forwarded_at is not None:
+            waited = (exchange.queue_wait_ms or 0.0) / 1000  # waiting for a slot is not overhead
+            registry.observe("neuronetz_gateway_overhead_seconds", exchange.forwarded_at - exchange.started_at - waited)
+            if exchange.backend_head_at is not None:
+                registry.observe(
+                    "neuronetz_backend_first_byte_seconds", exchange.backend_head_at - exchange.forwarded_at
+                )
+        usage = exchange.outcome.usage
+        if usage.prompt_tokens or usage.completion_tokens:
+            for direction, count in (("prompt", usage.prompt_tokens), ("completion", usage.completion_tokens)):
+                registry.inc("neuronetz_tokens_total", count, metrics.labels(direction=direction, model=model_label))
+                if key is not None:
+                    registry.inc(
+                        "neuronetz_tenant_tokens_total", count, metrics.labels(direction=direction, tenant=key.tenant)
+                    )
+        if exchange.error_code in ("rate_limit_exceeded", "budget_exceeded", "queue_full", "queue_timeout"):
+            registry.inc("neuronetz_refusals_total", key=metrics.labels(reason=exchange.error_code))
 
     @staticmethod
     def _model_label(worker: Worker, model: str | None) -> str:
