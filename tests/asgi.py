@@ -16,16 +16,18 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import unquote
 
 import httpx
+import pytest
 
 from neuronetz import config
 from neuronetz.app import App
 from neuronetz.worker import Worker
+from tests.support import wait_until
 
 
 @asynccontextmanager
@@ -53,6 +55,47 @@ async def in_process(environ: Mapping[str, str]) -> AsyncIterator[httpx.AsyncCli
         transport = ASGITransport(application)
         async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
             yield client
+
+
+class Lifespan:
+    """An App driven through its lifespan as Granian drives it: the startup, requests, and
+    the shutdown when the test says so (`stop`, which may come while requests still run)."""
+
+    def __init__(self) -> None:
+        self.app = App()
+        self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.sent: list[MutableMapping[str, Any]] = []  # what the lifespan answered
+        self.task: asyncio.Task[None] | None = None
+        self.stopping = False
+
+    async def _send(self, message: MutableMapping[str, Any]) -> None:
+        self.sent.append(message)
+
+    async def start(self, within: float = 30.0) -> None:
+        await self.events.put({"type": "lifespan.startup"})
+        task = self.task = asyncio.create_task(self.app({"type": "lifespan"}, self.events.get, self._send))
+        await wait_until(lambda: bool(self.sent) or task.done(), within, "the lifespan's startup")
+
+    async def stop(self, within: float = 30.0) -> None:
+        if not self.stopping:
+            self.stopping = True
+            await self.events.put({"type": "lifespan.shutdown"})
+        if self.task is not None:
+            await asyncio.wait_for(self.task, within)
+
+
+@asynccontextmanager
+async def lifespan(environ: Mapping[str, str], monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Lifespan]:
+    """An App started through its lifespan with `environ` as its environment (a worker reads
+    its settings from there), stopped at the end if the test did not stop it."""
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    span = Lifespan()
+    try:
+        await span.start()
+        yield span
+    finally:
+        await span.stop()
 
 
 class ASGITransport(httpx.AsyncBaseTransport):

@@ -7,8 +7,6 @@ import asyncio
 import gc
 import time
 import weakref
-from collections.abc import MutableMapping
-from typing import Any
 
 import httpx
 import orjson
@@ -16,10 +14,9 @@ import pytest
 from redis.asyncio import Redis
 
 from neuronetz import llm_tokens, relay
-from neuronetz.app import App
-from tests.asgi import ASGITransport, in_process, open_worker
+from tests.asgi import ASGITransport, in_process, lifespan, open_worker
 from tests.emulator import Emulator
-from tests.support import METRICS_TOKEN, Admin, GatewayProcess, PrivateRedis, auth, free_port, wait_until
+from tests.support import METRICS_TOKEN, Admin, GatewayProcess, PrivateRedis, auth, free_port
 
 DETAIL = auth(METRICS_TOKEN)  # /readyz shows its detail only to the holder of the metrics token
 
@@ -204,29 +201,16 @@ async def test_a_started_worker_keeps_its_startup_objects_out_of_the_collector_a
     """The lifespan freezes what start-up made (no full collection walks it again); requests
     are served, and cycles made afterwards are still collected."""
     key = await admin.key()
-    for name, value in gateway_env.items():
-        monkeypatch.setenv(name, value)
-    application = App()
-    events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-    sent: list[MutableMapping[str, Any]] = []
-
-    async def send(message: MutableMapping[str, Any]) -> None:
-        sent.append(message)
-
-    await events.put({"type": "lifespan.startup"})
-    lifespan = asyncio.create_task(application({"type": "lifespan"}, events.get, send))
     try:
-        await wait_until(lambda: bool(sent) or lifespan.done(), 30, "the startup")
-        assert sent == [{"type": "lifespan.startup.complete"}]
-        assert gc.get_freeze_count() > 10_000  # modules, classes, the worker's pools
-        async with httpx.AsyncClient(transport=ASGITransport(application), base_url="http://gateway") as client:
-            body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stream": False}
-            assert (await client.post("/api/chat", json=body, headers=auth(key))).status_code == 200
-        garbage = weakref.ref(_Cycle())
-        gc.collect()
-        assert garbage() is None
+        async with lifespan(gateway_env, monkeypatch) as span:
+            assert span.sent == [{"type": "lifespan.startup.complete"}]
+            assert gc.get_freeze_count() > 10_000  # modules, classes, the worker's pools
+            async with httpx.AsyncClient(transport=ASGITransport(span.app), base_url="http://gateway") as client:
+                body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stream": False}
+                assert (await client.post("/api/chat", json=body, headers=auth(key))).status_code == 200
+            garbage = weakref.ref(_Cycle())
+            gc.collect()
+            assert garbage() is None
     finally:
-        await events.put({"type": "lifespan.shutdown"})
-        await asyncio.wait_for(lifespan, 30)
         gc.unfreeze()  # the rest of the test session collects as usual
-    assert sent[-1] == {"type": "lifespan.shutdown.complete"}
+    assert span.sent[-1] == {"type": "lifespan.shutdown.complete"}

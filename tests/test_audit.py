@@ -9,7 +9,6 @@ import secrets
 import subprocess
 import sys
 import time
-from collections.abc import MutableMapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -18,8 +17,7 @@ import orjson
 import pytest
 
 from neuronetz import audit
-from neuronetz.app import App
-from tests.asgi import ASGITransport
+from tests.asgi import ASGITransport, lifespan
 from tests.emulator import Emulator
 from tests.support import METRICS_TOKEN, ROOT, Admin, GatewayProcess, TcpProxy, auth, metric, wait_until
 
@@ -198,31 +196,15 @@ async def test_a_stop_signalled_while_a_request_runs_still_gets_its_record(
     before a request's coroutine has handed over its record; here it comes even earlier."""
     emulator.configure(token_delay_ms=100, tokens=5)
     key = await admin.key()
-    for name, value in gateway_env.items():
-        monkeypatch.setenv(name, value)
-    application = App()
-    events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-    sent: list[MutableMapping[str, Any]] = []
-
-    async def send(message: MutableMapping[str, Any]) -> None:
-        sent.append(message)
-
-    await events.put({"type": "lifespan.startup"})
-    lifespan = asyncio.create_task(application({"type": "lifespan"}, events.get, send))
-    try:
-        await wait_until(lambda: application.worker is not None or lifespan.done(), 30, "the startup")
-        assert application.worker is not None, sent
-        async with httpx.AsyncClient(transport=ASGITransport(application), base_url="http://gateway") as client:
+    async with lifespan(gateway_env, monkeypatch) as span:
+        assert span.app.worker is not None, span.sent
+        async with httpx.AsyncClient(transport=ASGITransport(span.app), base_url="http://gateway") as client:
             answer = asyncio.create_task(client.post("/api/chat", json=CHAT, headers=auth(key)))
             await wait_until(lambda: emulator.stats().in_flight == 1, 30, "the request at the backend")
-            await events.put({"type": "lifespan.shutdown"})
+            stopping = asyncio.create_task(span.stop())
             assert (await answer).status_code == 200
-            await asyncio.wait_for(lifespan, 30)
-    finally:
-        if not lifespan.done():
-            await events.put({"type": "lifespan.shutdown"})
-            await asyncio.wait_for(lifespan, 30)
-    assert sent[-1] == {"type": "lifespan.shutdown.complete"}
+            await stopping
+    assert span.sent[-1] == {"type": "lifespan.shutdown.complete"}
     rows = await rows_for(admin, "key_prefix", key[:11], 1, wait=0)
     assert [r["completion_tokens"] for r in rows] == [5]
 
