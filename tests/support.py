@@ -52,6 +52,18 @@ def http_status(url: str, timeout: float = 2.0) -> int | None:
         return None
 
 
+def run_cli(
+    *args: str, env: Mapping[str, str] | None = None, unset: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    """`python -m neuronetz ARGS` from the checkout, with `env` over this process's environment
+    less the variables in `unset`; NO_COLOR so that tables compare as plain text."""
+    environ = {name: value for name, value in os.environ.items() if name not in unset}
+    return subprocess.run(
+        [sys.executable, "-m", "neuronetz", *args], cwd=ROOT, capture_output=True, text=True, timeout=60,
+        env={**environ, "NO_COLOR": "1", **(env or {})},
+    )  # fmt: skip
+
+
 async def wait_until(condition: Callable[[], bool], within: float, what: str = "the condition") -> None:
     """Poll `condition` until it holds; fail after `within` seconds (a deadline, never a fixed sleep)."""
     deadline = time.monotonic() + within

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import os
 import secrets
-import subprocess
-import sys
 import time
 from typing import Any
 from urllib.parse import urlsplit
@@ -19,7 +16,7 @@ import pytest
 from neuronetz import audit
 from tests.asgi import ASGITransport, lifespan
 from tests.emulator import Emulator
-from tests.support import METRICS_TOKEN, ROOT, Admin, GatewayProcess, TcpProxy, auth, metric, wait_until
+from tests.support import METRICS_TOKEN, Admin, GatewayProcess, TcpProxy, auth, metric, run_cli, wait_until
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "a secret recipe"}], "stream": False}
 
@@ -31,13 +28,6 @@ async def rows_for(admin: Admin, column: str, value: Any, count: int, wait: floa
         if len(rows) >= count or time.monotonic() > deadline:
             return [dict(row) for row in rows]
         await asyncio.sleep(0.2)
-
-
-def cli(*args: str, database_url: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "neuronetz", *args], cwd=ROOT, capture_output=True, text=True, timeout=60,
-        env={**os.environ, "DATABASE_URL": database_url},
-    )  # fmt: skip
 
 
 async def test_every_authenticated_request_leaves_a_complete_row(gateway: GatewayProcess, admin: Admin) -> None:
@@ -110,7 +100,7 @@ async def test_expired_prompts_disappear(gateway: GatewayProcess, admin: Admin, 
         "($1, 'fresh-1', 1, 'nz_00000000', 'tiny', $3, '{}', 'y')",
         past - dt.timedelta(days=8), past, past + dt.timedelta(days=1),
     )  # fmt: skip
-    result = await asyncio.to_thread(cli, "purge-prompts", database_url=database_url)
+    result = await asyncio.to_thread(run_cli, "purge-prompts", env={"DATABASE_URL": database_url})
     assert result.returncode == 0
     assert result.stdout.startswith("deleted ")
     left = {r["request_id"] for r in await admin.pool.fetch("SELECT request_id FROM prompt_log")}
@@ -297,7 +287,7 @@ async def test_the_audit_command_shows_recent_records(
             await client.post(gateway.url + "/api/chat", json=CHAT, headers={**auth(key), "X-Request-ID": f"cli-{i}"})
     await rows_for(admin, "key_prefix", key[:11], 3)
     args = ["audit", "--tenant", tenant, "--since", "10m", "--limit", "2", *(["--json"] if as_json else [])]
-    result = await asyncio.to_thread(cli, *args, database_url=database_url)
+    result = await asyncio.to_thread(run_cli, *args, env={"DATABASE_URL": database_url})
     assert result.returncode == 0, result.stderr
     if as_json:
         records = orjson.loads(result.stdout)
@@ -308,6 +298,6 @@ async def test_the_audit_command_shows_recent_records(
         assert lines[0].split()[:3] == ["TIME", "REQUEST", "ID"]
         assert len(lines) == 3
         assert "cli-2" in lines[1]
-    wrong = await asyncio.to_thread(cli, "audit", "--since", "yesterday-ish", database_url=database_url)
+    wrong = await asyncio.to_thread(run_cli, "audit", "--since", "yesterday-ish", env={"DATABASE_URL": database_url})
     assert wrong.returncode == 1
     assert "--since takes an ISO 8601 time" in wrong.stderr

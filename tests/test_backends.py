@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +18,6 @@ from neuronetz.backends import plan_backends_change
 from tests.emulator import Emulator, ModelSpec
 from tests.support import (
     METRICS_TOKEN,
-    ROOT,
     Admin,
     GatewayProcess,
     auth,
@@ -28,6 +25,7 @@ from tests.support import (
     forwarded,
     free_port,
     metric,
+    run_cli,
     wait_until,
 )
 
@@ -258,10 +256,9 @@ async def test_an_edited_env_file_is_applied_live_without_dropping_requests(
             assert path.read_text() == f"# backends\nOLLAMA_BACKENDS={second.url}\n"
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "OLLAMA_BACKENDS"}
-    return subprocess.run([sys.executable, "-m", "neuronetz", *args], cwd=ROOT, capture_output=True, text=True,
-                          env=env, timeout=60)  # fmt: skip
+def backends_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """The CLI without this environment's OLLAMA_BACKENDS: the commands read the file given."""
+    return run_cli(*args, unset=("OLLAMA_BACKENDS",))
 
 
 # --- add-backend / remove-backend against real files --------------------------------------------------
@@ -279,7 +276,7 @@ def test_adding_keeps_every_other_line_and_the_file_mode(tmp_path: Path) -> None
     path = tmp_path / ".env"
     path.write_text(ENV_TEXT)
     path.chmod(0o640)
-    result = run_cli("add-backend", "http://ollama-b:11434/", "--env-file", str(path))
+    result = backends_cli("add-backend", "http://ollama-b:11434/", "--env-file", str(path))
     assert result.returncode == 0, result.stderr
     assert result.stdout == "OLLAMA_BACKENDS=http://ollama-a:11434,http://ollama-b:11434\n"
     assert path.read_text() == ENV_TEXT.replace(
@@ -292,8 +289,8 @@ def test_adding_keeps_every_other_line_and_the_file_mode(tmp_path: Path) -> None
 def test_adding_twice_and_removing_what_is_absent_change_nothing(tmp_path: Path) -> None:
     path = tmp_path / ".env"
     path.write_text(ENV_TEXT)
-    again = run_cli("add-backend", "http://ollama-a:11434", "--env-file", str(path))
-    absent = run_cli("remove-backend", "http://nowhere:1", "--env-file", str(path))
+    again = backends_cli("add-backend", "http://ollama-a:11434", "--env-file", str(path))
+    absent = backends_cli("remove-backend", "http://nowhere:1", "--env-file", str(path))
     assert again.returncode == absent.returncode == 0
     assert "already configured" in again.stderr
     assert "is not configured" in absent.stderr
@@ -303,10 +300,10 @@ def test_adding_twice_and_removing_what_is_absent_change_nothing(tmp_path: Path)
 def test_a_missing_variable_or_file_is_created(tmp_path: Path) -> None:
     without = tmp_path / "without.env"
     without.write_text("FOO=1")  # no final newline either
-    assert run_cli("add-backend", "http://a:1", "--env-file", str(without)).returncode == 0
+    assert backends_cli("add-backend", "http://a:1", "--env-file", str(without)).returncode == 0
     assert without.read_text() == "FOO=1\nOLLAMA_BACKENDS=http://a:1\n"
     missing = tmp_path / "missing.env"
-    result = run_cli("add-backend", "http://a:1", "--env-file", str(missing))
+    result = backends_cli("add-backend", "http://a:1", "--env-file", str(missing))
     assert result.returncode == 0
     assert missing.read_text() == "OLLAMA_BACKENDS=http://a:1\n"
     assert missing.stat().st_mode & 0o777 == 0o600
@@ -315,7 +312,7 @@ def test_a_missing_variable_or_file_is_created(tmp_path: Path) -> None:
 def test_removing_the_last_backend_leaves_an_empty_list(tmp_path: Path) -> None:
     path = tmp_path / ".env"
     path.write_text("OLLAMA_BACKENDS=http://a:1\n")
-    assert run_cli("remove-backend", "http://a:1/", "--env-file", str(path)).returncode == 0
+    assert backends_cli("remove-backend", "http://a:1/", "--env-file", str(path)).returncode == 0
     assert path.read_text() == "OLLAMA_BACKENDS=\n"
 
 
@@ -323,7 +320,7 @@ def test_removing_the_last_backend_leaves_an_empty_list(tmp_path: Path) -> None:
 def test_a_bad_url_is_one_line_and_exit_1(tmp_path: Path, url: str) -> None:
     path = tmp_path / ".env"
     path.write_text(ENV_TEXT)
-    result = run_cli("add-backend", url, "--env-file", str(path))
+    result = backends_cli("add-backend", url, "--env-file", str(path))
     assert result.returncode == 1
     assert result.stderr.startswith("error: The URL")
     assert "Traceback" not in result.stderr
@@ -344,7 +341,7 @@ def test_list_backends_probes_each_backend(emulator: Emulator, tmp_path: Path) -
     path = tmp_path / ".env"
     down = f"http://127.0.0.1:{free_port()}"
     path.write_text(f"OLLAMA_BACKENDS={emulator.url},{down}\nGATEWAY_PORT={free_port()}\n")
-    result = run_cli("list-backends", "--check", "--json", "--env-file", str(path))
+    result = backends_cli("list-backends", "--check", "--json", "--env-file", str(path))
     assert result.returncode == 0, result.stderr
     rows = {row["url"]: row["state"] for row in orjson.loads(result.stdout)}
     assert rows[emulator.url]["ok"] is True

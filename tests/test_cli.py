@@ -8,18 +8,7 @@ import sys
 
 import pytest
 
-from tests.support import ROOT, free_port
-
-
-def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "neuronetz", *args],
-        cwd=ROOT,
-        env={**os.environ, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+from tests.support import ROOT, free_port, run_cli
 
 
 def assert_tidy_failure(result: subprocess.CompletedProcess[str], message: str) -> None:
@@ -106,7 +95,7 @@ def test_out_of_range_flag_is_one_line_and_exit_1() -> None:
 )
 def test_out_of_range_and_malformed_values_are_one_line_and_exit_1(args: list[str], message: str) -> None:
     # Exit 1, like every other expected failure: scripts test one code for "the command refused".
-    assert_tidy_failure(run_cli(*args, env={"NO_COLOR": "1"}), message)
+    assert_tidy_failure(run_cli(*args), message)
 
 
 def test_an_argument_that_is_not_utf8_is_one_line_and_exit_1() -> None:

@@ -441,7 +441,9 @@ def test_production_compose_gateway_runs_as_10001_read_only_with_backends_from_i
     assert services["caddy"]["depends_on"]["gateway"]["condition"] == "service_healthy"
     for name in ("caddy", "postgres", "redis", "ollama"):
         assert services[name]["healthcheck"]["test"][0] == "CMD", f"{name} needs a healthcheck"
-    # Data lives in named volumes, never in a container.
+    # Data lives in named volumes, never in a container: mounted where each image keeps it, as
+    # the images document it (PGDATA on hub.docker.com/_/postgres, /data on hub.docker.com/_/redis,
+    # the models directory in Ollama's docs/docker.md).
     for name, path in (("postgres", "/var/lib/postgresql/data"), ("redis", "/data"), ("ollama", "/root/.ollama")):
         assert mounts(services[name])[path] in production["volumes"], f"{name}: {path} must be a named volume"
     assert {"/data", "/config"} <= set(mounts(services["caddy"])), "Caddy keeps its certificates"
@@ -660,11 +662,14 @@ def build_stage_command(root: Path, workdir: str, env: dict[str, str], script: s
     BuildKit cache mount, and the host's CA bundle for pip (these machines reach PyPI through
     a TLS-inspecting proxy whose CA only the host trusts)."""
     quoted = shlex.quote(str(root))
+    # pip's cache for root inside the build root (pip's documentation, "Caching": ~/.cache/pip),
+    # kept between runs so that emulating the Dockerfile's pip install does not download again.
+    cache = shlex.quote(str(root / "root" / ".cache" / "pip"))
     setup = [
         "set -e",
         f"mount -t proc proc {quoted}/proc",
         f"mount -t tmpfs -o nosuid,nodev,mode=1777 shm {quoted}/dev/shm",
-        f"mkdir -p {quoted}/root/.cache/pip && mount --bind {shlex.quote(str(pip_cache))} {quoted}/root/.cache/pip",
+        f"mkdir -p {cache} && mount --bind {shlex.quote(str(pip_cache))} {cache}",
     ]
     extra = {}
     host_ca = Path("/etc/ssl/certs/ca-certificates.crt")

@@ -15,19 +15,23 @@ OUTSIDE = re.compile(
         [
             r"\.\./" + "shared",
             *(re.escape(name + ".md") for name in ("DESIGN", "STYLE", "services", "measurements", "ollama-api")),
-            *(re.escape(name + ".md") for name in ("performance-anchors", "gateway-anchors")),
+            *("performance" + "-anchors", "gateway" + "-anchors"),
             "reference" + "/",
             "/" + "work/",
             "/" + "root/",
         ]
     )
 )
+# Applied migrations cannot change (migrate.py records their checksums), so an old comment
+# stays: the README (Database schema) says what it pointed to: invalidation by trigger.
+FROZEN = {"migrations/0001_tenants_and_keys.sql:71"}
 # Paths inside the container images and the test rootfs, which are the repository's own.
 CONTAINER_PATHS = re.compile("/" + r"root/\.(ollama|cache)\b")
 
 
 def test_nothing_cites_documents_outside_the_repository() -> None:
-    where = ["neuronetz", "tests", "build.py", "README.md", "docs"]
+    where = ["neuronetz", "tests", "build.py", "README.md", "docs", "ops", "migrations", "pyproject.toml", "Dockerfile",
+             "docker-compose.yml", "docker-compose.dev.yml"]  # fmt: skip
     listed = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard", *where],
         cwd=ROOT,
@@ -45,6 +49,6 @@ def test_nothing_cites_documents_outside_the_repository() -> None:
         except UnicodeDecodeError:
             continue
         for number, line in enumerate(text.splitlines(), 1):
-            if OUTSIDE.search(CONTAINER_PATHS.sub("", line)):
+            if OUTSIDE.search(CONTAINER_PATHS.sub("", line)) and f"{name}:{number}" not in FROZEN:
                 found.append(f"{name}:{number}: {line.strip()}")
     assert not found, "cite docs/, Ollama's sources or an RFC instead:\n" + "\n".join(found)

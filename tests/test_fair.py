@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import secrets
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -29,7 +27,7 @@ from neuronetz.auth import KeyRecord
 from neuronetz.limits import Limits, Subject
 from neuronetz.slots import Scheduler
 from tests.emulator import Emulator
-from tests.support import METRICS_TOKEN, ROOT, Admin, GatewayProcess, auth, forwarded, free_port, metric
+from tests.support import METRICS_TOKEN, Admin, GatewayProcess, auth, forwarded, free_port, metric, run_cli
 
 SCRIPT = (Path(__file__).resolve().parent.parent / "neuronetz" / "slots.lua").read_text()
 CHANNEL = "test-grants"
@@ -88,10 +86,7 @@ async def test_weight_is_stored_with_the_tenant(admin: Admin) -> None:
 
 def test_weight_on_the_command_line(database_url: str) -> None:
     def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "neuronetz", *args], cwd=ROOT, capture_output=True, text=True, timeout=60,
-            env={**os.environ, "DATABASE_URL": database_url, "NO_COLOR": "1"},
-        )  # fmt: skip
+        return run_cli(*args, env={"DATABASE_URL": database_url})
 
     name = f"t-{secrets.token_hex(4)}"
     created = run("create-tenant", "--name", name, "--weight", "3")

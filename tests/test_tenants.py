@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import os
 import re
 import secrets
 import subprocess
-import sys
 from collections.abc import Callable
 
 import httpx
@@ -17,7 +15,7 @@ import pytest
 
 from neuronetz import keys, tenants
 from neuronetz.limits import Limits
-from tests.support import ROOT, Admin, GatewayProcess, auth
+from tests.support import Admin, GatewayProcess, auth, run_cli
 
 Runner = Callable[..., subprocess.CompletedProcess[str]]
 
@@ -25,10 +23,7 @@ Runner = Callable[..., subprocess.CompletedProcess[str]]
 @pytest.fixture(scope="module")
 def run(database_url: str) -> Runner:
     def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "neuronetz", *args], cwd=ROOT, capture_output=True, text=True, timeout=60,
-            env={**os.environ, "DATABASE_URL": database_url, "NO_COLOR": "1"},
-        )  # fmt: skip
+        return run_cli(*args, env={"DATABASE_URL": database_url})
 
     return run
 

@@ -150,11 +150,7 @@ async def run(args: argparse.Namespace) -> int:
     async with loadgen.bench_store("agents") as store:
         key = await loadgen.make_key(store, "bench")
         with loadgen.services() as started:
-            emulator = loadgen.start_emulator()
-            started.append(emulator)
-            env = loadgen.gateway_env(store.database_url, store.redis_prefix, emulator.url)
-            gateway = loadgen.start_gateway(env)
-            started.append(gateway)
+            emulator, gateway = loadgen.start_rig(started, store.database_url, store.redis_prefix)
             shared = shared_services()
             plain: list[Target] = []
             streaming: list[Target] = []

@@ -5,7 +5,7 @@
 What it starts, all on 127.0.0.1: a bench database and Redis key prefix of its own (both
 removed at the end), the emulator (`python -m tests.emulator`) and `python -m neuronetz serve
 --workers 1` with a key that has no limits (authentication on, no Redis round trip per
-request, audit rows written in batches). Placement (performance-anchors §8): the emulator and
+request, audit rows written in batches). Placement (README, Benchmarks, "The rig"): the emulator and
 this process, which is the load generator (tests/bench/loadgen.py: raw asyncio protocols on
 uvloop, keep-alive, prebuilt request bytes, closed loop), on CPU 0; the gateway on CPU 1;
 Redis and Postgres are shared and float.
@@ -309,7 +309,9 @@ async def run(args: argparse.Namespace) -> int:
         with loadgen.services() as started:
             emulator = loadgen.start_emulator()
             started.append(emulator)
-            env = loadgen.gateway_env(store.database_url, store.redis_prefix, emulator.url)
+            env = loadgen.gateway_env(
+                store.database_url, store.redis_prefix, emulator.url
+            )  # also for the variants below
             gateway = loadgen.start_gateway(env)
             started.append(gateway)
             before: Service | None = None

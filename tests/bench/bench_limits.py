@@ -188,33 +188,11 @@ async def in_process(
 # --- B. through the gateway -----------------------------------------------------------------
 
 
-async def warm(port: int, request: bytes, seconds: float = 20.0) -> None:
-    """Send until the gateway answers 200 (a budgeted tenant's first requests get 503 while
-    its counters are rebuilt from the ledger), then 1,000 more."""
-    connections = await loadgen.connect(port, 1)
-    deadline = time.monotonic() + seconds
-    try:
-        while True:
-            got = await loadgen.closed_loop(connections, request, 0, requests=1)
-            if got.errors == 0 and got.lost == 0:
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the gateway still refuses after {seconds} s: {got.statuses}")
-            await asyncio.sleep(0.3)
-        await loadgen.closed_loop(connections, request, 0, requests=1000)
-    finally:
-        loadgen.close_all(connections)
-
-
 async def through_gateway(
     store: loadgen.BenchStore, keys: dict[str, str], args: argparse.Namespace, redis_pid: int
 ) -> tuple[list[str], float]:
     with loadgen.services() as started:
-        emulator = loadgen.start_emulator()
-        started.append(emulator)
-        env = loadgen.gateway_env(store.database_url, store.redis_prefix, emulator.url)
-        gateway = loadgen.start_gateway(env)
-        started.append(gateway)
+        emulator, gateway = loadgen.start_rig(started, store.database_url, store.redis_prefix)
         sample: dict[str, Service | list[int]] = {
             "gateway": gateway, "emulator": emulator, "redis": [redis_pid],
             "postgres": loadgen.pids_named("postgres"),
@@ -224,7 +202,7 @@ async def through_gateway(
             for label, key in keys.items()
         }
         for request in requests.values():
-            await warm(gateway.port, request)
+            await loadgen.warm_until_served(gateway.port, request, then=1000)
         runs: dict[str, list[Run]] = {label: [] for label in requests}
         for index in range(args.repeat):
             for label, request in list(requests.items())[:: 1 if index % 2 == 0 else -1]:

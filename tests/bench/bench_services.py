@@ -265,14 +265,10 @@ async def run(args: argparse.Namespace) -> int:
                 await tenants.create_tenant(pg, tenant, Limits(**limits))
                 keys[label] = (await tenants.create_key(pg, tenant, "bench", limits=Limits(**limits)))[1]
             with loadgen.services() as started:
-                emulator = loadgen.start_emulator()
-                started.append(emulator)
-                env = loadgen.gateway_env(database_url, "nzbench:services:", emulator.url, REDIS_URL=redis_url)
-                gateway = loadgen.start_gateway(env)
-                started.append(gateway)
+                _, gateway = loadgen.start_rig(started, database_url, "nzbench:services:", REDIS_URL=redis_url)
                 for label, key in keys.items():
                     request = loadgen.http_request("POST", gateway.port, "/api/chat", loadgen.CHAT_BODY, key)
-                    await warm(gateway.port, request)
+                    await loadgen.warm_until_served(gateway.port, request, then=500)
                     for concurrency in (1, 16):
                         print(f"  {label}, c={concurrency}", file=sys.stderr, flush=True)
                         results[label, concurrency] = await measure(
@@ -284,21 +280,6 @@ async def run(args: argparse.Namespace) -> int:
         del redis_process
     report(results, args)
     return 0
-
-
-async def warm(port: int, request: bytes) -> None:
-    """Until the gateway answers 200 (a budgeted tenant's first requests meet a counter
-    rebuild), then 500 more."""
-    connections = await loadgen.connect(port, 1)
-    deadline = time.monotonic() + 20
-    try:
-        while (got := await loadgen.closed_loop(connections, request, 0, requests=1)).errors or got.lost:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the gateway still refuses after 20 s: {got.statuses}")
-            await asyncio.sleep(0.3)
-        await loadgen.closed_loop(connections, request, 0, requests=500)
-    finally:
-        loadgen.close_all(connections)
 
 
 def report(results: dict[tuple[str, int], dict[str, Any]], args: argparse.Namespace) -> None:

@@ -1,8 +1,8 @@
 """The rig shared by the gateway benchmarks: processes, pinning, a bench database, the load
 generator and CPU/RSS sampling. Not a benchmark itself (no `bench_` prefix).
 
-The load generator is deliberately cheaper than the thing it measures (performance-anchors
-§8): raw asyncio protocols on uvloop, one keep-alive HTTP/1.1 connection per concurrent
+The load generator is deliberately cheaper than the thing it measures (README, Benchmarks,
+"The rig"): raw asyncio protocols on uvloop, one keep-alive HTTP/1.1 connection per concurrent
 client, request bytes built once, and a parser that reads only the status line,
 Content-Length or chunked framing, and where the first body line ends (the first token of
 an NDJSON stream). Closed loop: each connection sends its next request from the callback
@@ -191,6 +191,15 @@ def gateway_env(database_url: str, redis_prefix: str, backend: str, **extra: str
     )
     env.update(extra)
     return env
+
+
+def start_rig(started: list[Service], database_url: str, redis_prefix: str, **extra: str) -> tuple[Service, Service]:
+    """The emulator and one gateway in front of it, both added to `started` (see `services`)."""
+    emulator = start_emulator()
+    started.append(emulator)
+    gateway = start_gateway(gateway_env(database_url, redis_prefix, emulator.url, **extra))
+    started.append(gateway)
+    return emulator, gateway
 
 
 def start_gateway(
@@ -553,6 +562,21 @@ async def connect(port: int, count: int, batch: int = 200) -> list[Connection]:
 def close_all(connections: Sequence[Connection]) -> None:
     for connection in connections:
         connection.close()
+
+
+async def warm_until_served(port: int, request: bytes, then: int, seconds: float = 20.0) -> None:
+    """Send `request` until the gateway answers 200 (a budgeted tenant's first requests get
+    503 while its counters are rebuilt from the ledger), then `then` more."""
+    connections = await connect(port, 1)
+    deadline = time.monotonic() + seconds
+    try:
+        while (got := await closed_loop(connections, request, 0, requests=1)).errors or got.lost:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the gateway still refuses after {seconds:g} s: {got.statuses}")
+            await asyncio.sleep(0.3)
+        await closed_loop(connections, request, 0, requests=then)
+    finally:
+        close_all(connections)
 
 
 # --- driving load ---------------------------------------------------------------------------

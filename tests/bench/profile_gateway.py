@@ -140,10 +140,7 @@ async def run(args: argparse.Namespace) -> int:
     async with loadgen.bench_store("prof") as store:
         key = await loadgen.make_key(store, "bench")
         with loadgen.services() as started:
-            emulator = loadgen.start_emulator()
-            started.append(emulator)
-            gateway = loadgen.start_gateway(loadgen.gateway_env(store.database_url, store.redis_prefix, emulator.url))
-            started.append(gateway)
+            _, gateway = loadgen.start_rig(started, store.database_url, store.redis_prefix)
             worker = gateway.tree()[1]
             request = loadgen.http_request("POST", gateway.port, "/api/chat", loadgen.CHAT_BODY, key)
             connections = await loadgen.connect(gateway.port, args.concurrency)
