@@ -347,11 +347,14 @@ class Limiter:
         admissions: list[tuple[Call, asyncio.Future[list[Any]]]],
         settlements: list[tuple[float, Call]],
     ) -> bool:
-        calls = [call for call, _ in admissions] + [call for _, call in settlements]
+        # Settlements first: a request whose answer has ended gives back its slot before the
+        # admissions that came up with it are counted (a client that sends its next request as
+        # soon as the last one ended must not meet its own finished request in flight).
+        calls = [call for _, call in settlements] + [call for call, _ in admissions]
         if not calls:
             return True
         replies = await self._pipelined(calls)
-        for (_, future), reply in zip(admissions, replies, strict=False):
+        for (_, future), reply in zip(admissions, replies[len(settlements) :], strict=True):
             if not future.done():  # the request may have been cancelled meanwhile
                 if isinstance(reply, Exception):
                     future.set_exception(reply)
@@ -359,7 +362,7 @@ class Limiter:
                     future.set_result(reply)
         unsent: list[tuple[float, Call]] = []
         error: BaseException | None = None
-        for item, reply in zip(settlements, replies[len(admissions) :], strict=True):
+        for item, reply in zip(settlements, replies, strict=False):
             if _unreachable(reply):
                 unsent.append(item)
                 error = reply

@@ -418,6 +418,19 @@ async def test_calls_after_redis_forgets_the_script_load_it_and_are_answered_in_
     assert await limiter.redis.get(f"{limiter.prefix}{{t{tenant_id}}}:used:k1:d{day}") == b"15"
 
 
+async def test_a_settlement_frees_its_slot_for_an_admission_sent_with_it(limiter_with_clock: Any) -> None:
+    """A client that sends its next request the moment its answer ended: the settlement and
+    the new admission come up in the same loop turn, and the slot is free for it."""
+    limiter, _ = limiter_with_clock
+    tenant_id = secrets.randbelow(10**9) + 4 * 10**9
+    subject = Subject(1, tenant_id, Limits(max_concurrent=1), Limits())
+    first = await limiter.admit(subject, 5, 10)
+    with pytest.raises(RateLimited, match="in flight"):
+        await limiter.admit(subject, 5, 10)
+    limiter.settle(first, subject, 5, 10, model="tiny")
+    assert (await limiter.admit(subject, 5, 10)) is not None  # queued after the settlement, sent with it
+
+
 FATES = st.sampled_from(["done", "cancelled", "late"])
 
 
