@@ -388,7 +388,9 @@ def demo(args: list[str]) -> None:
     python = project_python()
     processes = Processes()
     # SIGTERM and SIGHUP (a closed terminal) stop the demo as Ctrl-C does: through the finally below.
-    for signum in (signal.SIGTERM, signal.SIGHUP):
+    # SIGINT is set too: Python leaves it ignored when it starts ignored, as it does in a job a
+    # non-interactive shell put in the background (a CI script's `&`).
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.default_int_handler)
     env_file = EMBEDDED / "demo.env"
     EMBEDDED.mkdir(exist_ok=True)  # its settings and logs live there even when no server is embedded

@@ -55,8 +55,10 @@ class Demo:
     """`build.py demo` as a child process, its output read line by line as it comes."""
 
     def __init__(self, *args: str, env: dict[str, str]) -> None:
+        # Started with SIGINT ignored, as a CI script's background job (`&`) starts it: Ctrl-C
+        # must stop the demo all the same. `exec` keeps the pid the signal goes to.
         self.process = subprocess.Popen(
-            [sys.executable, "build.py", "demo", *args],
+            ["sh", "-c", "trap '' INT; exec \"$@\"", "sh", sys.executable, "build.py", "demo", *args],
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,
