@@ -148,8 +148,7 @@ async def test_a_killed_replicas_slots_expire_with_their_lease(
     key = await admin.key(max_concurrent=1)
     body = {"model": "tiny", "prompt": "hi"}
     env = {**gateway_env, "GATEWAY_LEASE_TTL": "5"}
-    doomed = GatewayProcess(env).start()
-    with GatewayProcess(env) as survivor:
+    with GatewayProcess(env) as doomed, GatewayProcess(env) as survivor:  # a failure stops both
         async with httpx.AsyncClient(timeout=30) as client:
             async with client.stream("POST", doomed.url + "/api/generate", json=body, headers=auth(key)) as stream:
                 async for _ in stream.aiter_lines():
