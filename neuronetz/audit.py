@@ -69,8 +69,8 @@ COLUMNS = Record._fields
 FLUSH_INTERVAL = 1.0
 # Records per COPY, and how many queued records start one without waiting for the timer.
 # asyncpg encodes a whole batch in one go on the event loop, which stalls every request of
-# the worker meanwhile: a second's worth at c=1 (about 1,000 records) held it 10-40 ms on the
-# shared 2-core bench machine, 256 a quarter of that (README, Benchmarks).
+# the worker meanwhile, for a time that grows with the batch: small batches sent as soon as
+# they fill keep each stall short (measured: README, Benchmarks, what was tried for issue 16).
 BATCH = 256
 MAINTENANCE_INTERVAL = 600.0
 PARTITIONS_AHEAD = 2

@@ -12,7 +12,8 @@ Every worker keeps a heartbeat key alive while it runs. A worker whose heartbeat
 dead: another worker takes its journal, hands the audit records (written idempotently) and the
 usage past the dead worker's `journal_progress` (so none is counted twice) to its own writers,
 and deletes the journal. What a crash still loses: requests in flight, and what was handed to
-the writers within the last turn of the event loop before the kill, or while Redis was down.
+the writers within the last turn of the event loop before the kill (or, while an append awaited
+Redis's answer, since it was sent: the next one waits for it), or while Redis was down.
 """
 
 from __future__ import annotations

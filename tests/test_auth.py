@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 from neuronetz import keys, tenants
 from neuronetz.auth import MAX_REFUSED_KEYS, MAX_TRACKED_CLIENTS, Authenticator
 from neuronetz.errors import Unauthorized
-from tests.support import METRICS_TOKEN, ROOT, Admin, GatewayProcess, TcpProxy, auth, metric
+from tests.support import METRICS_TOKEN, ROOT, Admin, GatewayProcess, TcpProxy, auth, metric, run_cli
 
 UNAUTHORIZED = {"error": "Invalid or missing API key: send `Authorization: Bearer <key>` with an active key."}
 
@@ -153,6 +153,44 @@ async def test_revoking_on_one_replica_is_refused_by_the_other_within_one_second
             await asyncio.sleep(0.02)
     assert len(refused) == 2, refused
     assert max(refused.values()) < 1.0, refused
+
+
+async def test_a_rotated_key_is_refused_on_every_replica_within_a_second_of_its_grace_end(
+    gateway: GatewayProcess, replica: GatewayProcess, admin: Admin, database_url: str
+) -> None:
+    key = await admin.key()
+    async with httpx.AsyncClient() as client:
+        for process in (gateway, replica):  # both cache the key, with no expiry yet
+            assert (await client.get(process.url + "/api/version", headers=auth(key))).status_code == 200
+        rotated = run_cli("rotate-key", "--prefix", key[:11], "--grace", "3s", env={"DATABASE_URL": database_url})
+        assert rotated.returncode == 0, rotated
+        new = rotated.stdout.strip()
+        grace_ends = await admin.pool.fetchval("SELECT expires_at FROM api_keys WHERE prefix = $1", key[:11])
+        for process in (gateway, replica):
+            assert (await client.get(process.url + "/api/version", headers=auth(new))).status_code == 200
+        # Each replica answers the old key 200 until the grace period ends, and 401 to a request
+        # sent within a second after it.
+        accepted: set[str] = set()
+        refused: dict[str, tuple[dt.datetime, dt.datetime]] = {}  # url -> (sent, answered)
+        while len(refused) < 2 and dt.datetime.now(dt.UTC) < grace_ends + dt.timedelta(seconds=3):
+            for process in (gateway, replica):
+                if process.url not in refused:
+                    sent = dt.datetime.now(dt.UTC)
+                    status = (await client.get(process.url + "/api/version", headers=auth(key))).status_code
+                    assert status in (200, 401), status
+                    if status == 200:
+                        accepted.add(process.url)
+                    else:
+                        refused[process.url] = (sent, dt.datetime.now(dt.UTC))
+            await asyncio.sleep(0.02)
+        for process in (gateway, replica):
+            assert process.url in accepted, f"{process.url} refused the old key during its grace period"
+            assert process.url in refused, f"{process.url} still accepted the old key 3 s after its grace period"
+            sent, answered = refused[process.url]
+            assert answered >= grace_ends, (process.url, answered, grace_ends)  # not refused early
+            assert sent < grace_ends + dt.timedelta(seconds=1), (process.url, sent, grace_ends)
+            assert (await client.get(process.url + "/api/version", headers=auth(key))).status_code == 401
+            assert (await client.get(process.url + "/api/version", headers=auth(new))).status_code == 200
 
 
 async def test_a_limit_change_made_with_psql_reaches_every_replica(
