@@ -235,6 +235,23 @@ class Admin:
         return (await tenants.get_key(self.pool, key[:11])).tenant
 
 
+async def ledger(admin: Admin, key: str) -> int:
+    usage = await admin.pool.fetchval(
+        "SELECT coalesce(sum(prompt_tokens + completion_tokens), 0) FROM usage_daily u "
+        "JOIN api_keys k ON k.id = u.key_id WHERE k.prefix = $1",
+        key[:11],
+    )
+    return int(usage)
+
+
+async def ledger_settles(admin: Admin, key: str, expected: int) -> None:
+    """Waits for the ledger (written every second) to reach `expected` tokens for `key`."""
+    deadline = time.monotonic() + 5
+    while (usage := await ledger(admin, key)) != expected:
+        assert time.monotonic() < deadline, f"ledger has {usage} tokens, expected {expected}"
+        await asyncio.sleep(0.1)
+
+
 def auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
