@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import httpx
 
 from neuronetz import tenants
 from neuronetz.limits import Limits
@@ -250,6 +251,17 @@ async def ledger_settles(admin: Admin, key: str, expected: int) -> None:
     while (usage := await ledger(admin, key)) != expected:
         assert time.monotonic() < deadline, f"ledger has {usage} tokens, expected {expected}"
         await asyncio.sleep(0.1)
+
+
+async def ready_budget(client: httpx.AsyncClient, url: str, key: str) -> None:
+    """The first budgeted request of a tenant may meet a counter rebuild (503 for a moment)."""
+    deadline = time.monotonic() + 10
+    while True:
+        body = {"model": "tiny", "prompt": "hi", "stream": False, "options": {"num_predict": 1}}
+        response = await client.post(url + "/api/generate", headers=auth(key), json=body)
+        if response.status_code != 503 or time.monotonic() > deadline:
+            return
+        await asyncio.sleep(0.2)
 
 
 def auth(key: str) -> dict[str, str]:

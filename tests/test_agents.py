@@ -16,7 +16,7 @@ import pytest
 
 from tests.emulator import Emulator
 from tests.emulator.faults import Fault
-from tests.support import Admin, GatewayProcess, auth, forwarded, free_port
+from tests.support import Admin, GatewayProcess, auth, forwarded, free_port, ready_budget
 
 MESSAGE: dict[str, Any] = {"model": "tiny", "max_tokens": 5, "messages": [{"role": "user", "content": "hello there"}]}
 RESPONSE = {"model": "tiny", "input": "hello there", "max_output_tokens": 5}
@@ -71,17 +71,6 @@ def events(body: bytes) -> list[tuple[str, dict[str, Any]]]:
         if "event" in lines:
             parsed.append((lines["event"], orjson.loads(lines["data"])))
     return parsed
-
-
-async def ready_budget(client: httpx.AsyncClient, url: str, key: str) -> None:
-    """The first budgeted request of a tenant may meet a counter rebuild (503 for a moment)."""
-    deadline = time.monotonic() + 10
-    while True:
-        body = {"model": "tiny", "prompt": "hi", "stream": False, "options": {"num_predict": 1}}
-        response = await client.post(url + "/api/generate", headers=auth(key), json=body)
-        if response.status_code != 503 or time.monotonic() > deadline:
-            return
-        await asyncio.sleep(0.2)
 
 
 # --- /v1/responses ------------------------------------------------------------------------------------
