@@ -344,9 +344,9 @@ async def test_an_honest_backend_with_faults_keeps_every_budget_and_the_books_ba
 ) -> None:
     budget = 250
     plain, budgeted = await admin.key(), await admin.key(daily_tokens=budget)
-    async with httpx.AsyncClient() as client:
+    async with httpx.AsyncClient() as warm:
         # A new tenant's counters may wait out a rebuild (2.5 s of 503s), which can outlast the whole run.
-        await ready_budget(client, gateway.url, budgeted)
+        await ready_budget(warm, gateway.url, budgeted)
     emulator.configure(tokens=30)
     run = Run()
     with httpx.Client(timeout=30) as client:
