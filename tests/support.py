@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import httpx
 
 from neuronetz import tenants
 from neuronetz.limits import Limits
@@ -233,6 +234,34 @@ class Admin:
 
     async def tenant_of(self, key: str) -> str:
         return (await tenants.get_key(self.pool, key[:11])).tenant
+
+
+async def ledger(admin: Admin, key: str) -> int:
+    usage = await admin.pool.fetchval(
+        "SELECT coalesce(sum(prompt_tokens + completion_tokens), 0) FROM usage_daily u "
+        "JOIN api_keys k ON k.id = u.key_id WHERE k.prefix = $1",
+        key[:11],
+    )
+    return int(usage)
+
+
+async def ledger_settles(admin: Admin, key: str, expected: int) -> None:
+    """Waits for the ledger (written every second) to reach `expected` tokens for `key`."""
+    deadline = time.monotonic() + 5
+    while (usage := await ledger(admin, key)) != expected:
+        assert time.monotonic() < deadline, f"ledger has {usage} tokens, expected {expected}"
+        await asyncio.sleep(0.1)
+
+
+async def ready_budget(client: httpx.AsyncClient, url: str, key: str) -> None:
+    """The first budgeted request of a tenant may meet a counter rebuild (503 for a moment)."""
+    deadline = time.monotonic() + 10
+    while True:
+        body = {"model": "tiny", "prompt": "hi", "stream": False, "options": {"num_predict": 1}}
+        response = await client.post(url + "/api/generate", headers=auth(key), json=body)
+        if response.status_code != 503 or time.monotonic() > deadline:
+            return
+        await asyncio.sleep(0.2)
 
 
 def auth(key: str) -> dict[str, str]:

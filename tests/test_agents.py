@@ -15,7 +15,8 @@ import orjson
 import pytest
 
 from tests.emulator import Emulator
-from tests.support import Admin, GatewayProcess, auth, forwarded
+from tests.emulator.faults import Fault
+from tests.support import Admin, GatewayProcess, auth, forwarded, free_port, ready_budget
 
 MESSAGE: dict[str, Any] = {"model": "tiny", "max_tokens": 5, "messages": [{"role": "user", "content": "hello there"}]}
 RESPONSE = {"model": "tiny", "input": "hello there", "max_output_tokens": 5}
@@ -70,17 +71,6 @@ def events(body: bytes) -> list[tuple[str, dict[str, Any]]]:
         if "event" in lines:
             parsed.append((lines["event"], orjson.loads(lines["data"])))
     return parsed
-
-
-async def ready_budget(client: httpx.AsyncClient, url: str, key: str) -> None:
-    """The first budgeted request of a tenant may meet a counter rebuild (503 for a moment)."""
-    deadline = time.monotonic() + 10
-    while True:
-        body = {"model": "tiny", "prompt": "hi", "stream": False, "options": {"num_predict": 1}}
-        response = await client.post(url + "/api/generate", headers=auth(key), json=body)
-        if response.status_code != 503 or time.monotonic() > deadline:
-            return
-        await asyncio.sleep(0.2)
 
 
 # --- /v1/responses ------------------------------------------------------------------------------------
@@ -158,6 +148,24 @@ async def test_a_responses_stream_past_the_cap_ends_with_an_error_event_the_sdk_
         await asyncio.to_thread(stream)
 
 
+async def test_stateful_responses_fields_reach_ollama_unchanged_and_its_answer_is_relayed(
+    gateway: GatewayProcess, emulator: Emulator, admin: Admin
+) -> None:
+    key = await admin.key()
+    raw = orjson.dumps({**RESPONSE, "previous_response_id": "resp_abc123", "store": True,
+                        "metadata": {"ticket": "NZ-14"}})  # fmt: skip
+    async with httpx.AsyncClient() as client:
+        response = await client.post(gateway.url + "/v1/responses", content=raw,
+                                     headers={**auth(key), "content-type": "application/json"})  # fmt: skip
+    (sent,) = forwarded(emulator, "/v1/responses")
+    assert sent.body == raw  # the gateway keeps no conversation state and strips none of it
+    assert response.status_code == 200, response.text
+    # Ollama stores nothing: it ignores the fields and says so in its answer, which comes back as is.
+    answer = response.json()
+    assert (answer["previous_response_id"], answer["store"], answer["metadata"]) == (None, False, {})
+    assert answer["output"][0]["content"][0]["text"] == "Lorem ipsum dolor sit amet"
+
+
 async def test_responses_refusals_are_in_the_openai_dialect(gateway: GatewayProcess, admin: Admin) -> None:
     key = await admin.key(models=("llama3.2",))
     async with httpx.AsyncClient() as client:
@@ -213,6 +221,32 @@ async def test_messages_settle_on_message_delta_not_the_message_start_estimate(
     assert (row["prompt_tokens"], row["completion_tokens"]) == (real, 5)
 
 
+async def test_messages_prompts_and_answers_are_logged_only_for_keys_that_opted_in(
+    gateway: GatewayProcess, admin: Admin
+) -> None:
+    silent, logged = await admin.key(), await admin.key(prompt_ttl_days=1)
+    body = {**MESSAGE, "system": "be brief", "messages": [{"role": "user", "content": "a secret recipe"}]}
+    async with httpx.AsyncClient() as client:
+        for key in (silent, logged):
+            for stream in (False, True):
+                headers = {"x-api-key": key, "x-request-id": f"agents-prompt-{key[3:11]}-{stream}"}
+                response = await client.post(gateway.url + "/v1/messages", json={**body, "stream": stream},
+                                              headers=headers)  # fmt: skip
+                assert response.status_code == 200, response.text
+    deadline = time.monotonic() + 10
+    while True:
+        rows = await admin.pool.fetch("SELECT * FROM prompt_log WHERE key_prefix = $1 ORDER BY request_id", logged[:11])
+        if len(rows) == 2 or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.1)
+    assert [r["request_id"] for r in rows] == [f"agents-prompt-{logged[3:11]}-{s}" for s in (False, True)]
+    for row in rows:
+        assert orjson.loads(row["request"]) == {"system": "be brief", "messages": body["messages"]}
+        assert row["response"] == "Lorem ipsum dolor sit amet"  # assembled from the deltas for the stream
+    # The silent key's requests were queued for the audit before these rows: theirs would be written by now.
+    assert await admin.pool.fetchval("SELECT count(*) FROM prompt_log WHERE key_prefix = $1", silent[:11]) == 0
+
+
 async def test_claude_code_request_shape_passes_with_its_headers(
     gateway: GatewayProcess, emulator: Emulator, admin: Admin
 ) -> None:
@@ -265,6 +299,56 @@ async def test_anthropic_sdk_errors_map_to_its_exception_classes(claude: Callabl
         assert error.body["type"] == "error"  # type: ignore[index]
     assert caught[-1].response.headers["retry-after"]
     assert caught[-1].body["error"]["type"] == "rate_limit_error"  # type: ignore[index]
+
+
+async def test_anthropic_sdk_server_errors_map_to_its_exception_classes(
+    gateway_env: dict[str, str], emulator: Emulator, admin: Admin, claude: Callable[..., Any], clients: Clients
+) -> None:
+    key = await admin.key()
+    client = claude(api_key=key)
+    # The gateway's own 500 would be a bug in it (test_properties): a 500 is Ollama's, relayed.
+    emulator.inject(Fault(kind="status", status=500, path="/v1/messages"))
+    with GatewayProcess({**gateway_env, "OLLAMA_BACKENDS": f"http://127.0.0.1:{free_port()}"}) as process:
+        # A backend that was never there is benched: no healthy backend, the gateway is overloaded.
+        unreachable = anthropic.Anthropic(base_url=process.url, api_key=key, max_retries=0)
+        clients.append(unreachable)
+
+        def calls() -> list[anthropic.APIStatusError]:
+            caught: list[anthropic.APIStatusError] = []
+            makers: list[Callable[[], Any]] = [
+                lambda: client.messages.create(**{**MESSAGE, "model": "tiny\x01"}),
+                lambda: client.messages.create(**MESSAGE),
+                lambda: unreachable.messages.create(**MESSAGE),
+            ]
+            for make in makers:
+                try:
+                    make()
+                except anthropic.APIStatusError as exc:
+                    caught.append(exc)
+            deadline = time.monotonic() + 10
+            while caught[-1].status_code != 503 and time.monotonic() < deadline:
+                time.sleep(0.1)  # the first call may be the one that found the backend gone (502)
+                try:
+                    unreachable.messages.create(**MESSAGE)
+                except anthropic.APIStatusError as exc:
+                    caught[-1] = exc
+            return caught
+
+        caught = await asyncio.to_thread(calls)
+    bad, failed, overloaded = caught
+    assert type(bad) is anthropic.BadRequestError
+    assert (bad.body["error"]["type"], bad.body["error"]["message"]) == (  # type: ignore[index]
+        "invalid_request_error", "The field 'model' contains control characters.",
+    )  # fmt: skip
+    assert type(failed) is anthropic.InternalServerError
+    assert failed.body["error"] == {  # type: ignore[index]
+        "type": "api_error", "message": "an error was encountered while running the model",
+    }  # fmt: skip
+    assert type(overloaded) is anthropic.ServiceUnavailableError  # an InternalServerError, which the SDK retries
+    assert overloaded.body["error"] == {  # type: ignore[index]
+        "type": "overloaded_error", "message": "No healthy Ollama backend can serve this request right now.",
+    }  # fmt: skip
+    assert overloaded.response.headers["retry-after"]
 
 
 async def test_two_different_keys_are_refused_and_the_same_key_twice_is_not(

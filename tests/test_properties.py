@@ -27,9 +27,12 @@ from neuronetz.llm_tokens import MAX_TOKENS
 from tests.broken_backend import Answer, BrokenBackend, native_chunk, native_done
 from tests.emulator import Emulator
 from tests.emulator.faults import Fault
-from tests.support import Admin, GatewayProcess, auth
+from tests.support import Admin, GatewayProcess, auth, ready_budget
 
-ROUTES = ("/api/generate", "/api/chat", "/v1/chat/completions", "/v1/completions")
+ROUTES = ("/api/generate", "/api/chat", "/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages")
+# Where each /v1 route takes its output cap.
+CAP_FIELDS = {"/v1/chat/completions": "max_tokens", "/v1/completions": "max_tokens",
+              "/v1/responses": "max_output_tokens", "/v1/messages": "max_tokens"}  # fmt: skip
 # What an authenticated model request may be answered with. 500 only when the backend said so (and
 # the gateway forwards its words): the gateway's own 500 is a bug in it.
 STATUSES = {200, 400, 403, 404, 413, 422, 429, 502, 503, 504}
@@ -76,18 +79,22 @@ def bodies(draw: st.DrawFn, route: str) -> bytes:
 
     cap = caps if hostile else valid_caps
     body: dict[str, Any] = {"model": draw(value(st.just("tiny")))}
-    if route.endswith("chat") or route == "/v1/chat/completions":
+    if route in ("/api/chat", "/v1/chat/completions", "/v1/messages"):
         message = st.fixed_dictionaries({"role": value(st.sampled_from(["user", "system", "assistant"])),
                                          "content": value(text)})  # fmt: skip
         body["messages"] = draw(value(st.lists(message, min_size=1, max_size=3)))
+    elif route == "/v1/responses":
+        body["input"] = draw(value(text))
     else:
         body["prompt"] = draw(value(text))
+    if route in ("/v1/responses", "/v1/messages") and draw(st.booleans()):
+        body["instructions" if route == "/v1/responses" else "system"] = draw(value(text))
     stream = draw(value(st.booleans()) | st.just("absent"))
     if stream != "absent":
         body["stream"] = stream
     if route.startswith("/v1"):
         if draw(st.booleans()):
-            body["max_tokens"] = draw(cap)
+            body[CAP_FIELDS[route]] = draw(cap)
         if route == "/v1/chat/completions" and draw(st.booleans()):
             body["stream_options"] = draw(value(st.just({"include_usage": True})))
         if route == "/v1/chat/completions" and draw(st.integers(min_value=0, max_value=3)) == 0:
@@ -100,6 +107,11 @@ def bodies(draw: st.DrawFn, route: str) -> bytes:
     return json.dumps(body).encode()
 
 
+def event(name: str, data: dict[str, Any]) -> bytes:
+    """One typed SSE event; stdlib json, which writes counters of any size."""
+    return b"event: " + name.encode() + b"\ndata: " + json.dumps({"type": name, **data}).encode() + b"\n\n"
+
+
 @st.composite
 def hostile_answers(draw: st.DrawFn, route: str) -> Answer:
     """What a broken backend sends back: the route's format or another, with counters that make
@@ -109,9 +121,15 @@ def hostile_answers(draw: st.DrawFn, route: str) -> Answer:
     if status != 200:
         message = draw(text)
         error: Any = {"message": message, "type": "api_error", "param": None, "code": None} if openai else message
-        return Answer(status=status, chunks=[json.dumps({"error": error}).encode()])
+        refusal = {"error": error}
+        if route == "/v1/messages":  # Anthropic's shape
+            refusal = {"type": "error", "error": {"type": "api_error", "message": message}}
+        return Answer(status=status, chunks=[json.dumps(refusal).encode()])
     prompt_count, eval_count = draw(counters), draw(counters)
-    shape = draw(st.sampled_from(["ndjson", "native", "sse", "openai", "error record"]))
+    shape = draw(st.sampled_from(["ndjson", "native", "sse", "openai", "events", "agent", "error record"]))
+    # The agent shapes in the route's own dialect, and either one on the other routes.
+    anthropic = route == "/v1/messages" if route in ("/v1/responses", "/v1/messages") else draw(st.booleans())
+    agent_usage = {"input_tokens": prompt_count, "output_tokens": eval_count}
     if shape == "ndjson":
         pieces = [native_chunk() + b"\n" for _ in range(draw(st.integers(min_value=0, max_value=6)))]
         data, content_type = b"".join(pieces) + native_done(eval_count, prompt_count) + b"\n", b"application/x-ndjson"
@@ -128,6 +146,20 @@ def hostile_answers(draw: st.DrawFn, route: str) -> Answer:
         usage_record = {"prompt_tokens": prompt_count, "completion_tokens": eval_count}
         data = json.dumps({"id": "x", "object": "chat.completion", "choices": [choice], "usage": usage_record}).encode()
         content_type = b"application/json"
+    elif shape == "events":  # typed events, the usage in the final ones
+        count = draw(st.integers(min_value=0, max_value=6))
+        if anthropic:
+            delta = event("content_block_delta", {"delta": {"type": "text_delta", "text": "hi"}})
+            data = delta * count + event("message_delta", {"usage": agent_usage}) + event("message_stop", {})
+        else:
+            delta = event("response.output_text.delta", {"delta": "hi"})
+            data = delta * count + event("response.completed", {"response": {"usage": agent_usage}})
+        content_type = b"text/event-stream"
+    elif shape == "agent":
+        output: dict[str, Any] = {"content": [{"type": "text", "text": "hi"}]} if anthropic else (
+            {"output": [{"type": "message", "content": [{"type": "output_text", "text": "hi"}]}]}
+        )  # fmt: skip
+        data, content_type = json.dumps({**output, "usage": agent_usage}).encode(), b"application/json"
     else:
         data = native_chunk() + b"\n" + json.dumps({"error": draw(text)}).encode() + b"\n"
         content_type = b"application/x-ndjson"
@@ -312,6 +344,9 @@ async def test_an_honest_backend_with_faults_keeps_every_budget_and_the_books_ba
 ) -> None:
     budget = 250
     plain, budgeted = await admin.key(), await admin.key(daily_tokens=budget)
+    async with httpx.AsyncClient() as warm:
+        # A new tenant's counters may wait out a rebuild (2.5 s of 503s), which can outlast the whole run.
+        await ready_budget(warm, gateway.url, budgeted)
     emulator.configure(tokens=30)
     run = Run()
     with httpx.Client(timeout=30) as client:

@@ -18,11 +18,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from neuronetz import tenants
+from neuronetz import dialects, tenants
+from neuronetz.errors import dialect_of
 from neuronetz.limits import Limits
 from neuronetz.llm_tokens import estimate_prompt
 from tests.emulator import Emulator, count_prompt_tokens
-from tests.support import Admin, GatewayProcess, auth, forwarded, free_port
+from tests.support import Admin, GatewayProcess, auth, forwarded, free_port, ledger_settles
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "why is the sky blue"}]}
 
@@ -464,19 +465,29 @@ async def test_malformed_bodies_are_400(asgi: httpx.AsyncClient, admin: Admin, b
 # --- disconnects ----------------------------------------------------------------------------------------
 
 
+# Each route's stream and the line that opens each token's record in it.
+LEFT_STREAMS = [
+    ("/api/chat", CHAT, "{"),
+    ("/v1/responses", {"model": "tiny", "input": "why is the sky blue", "stream": True},
+     "event: response.output_text.delta"),
+    ("/v1/messages", {**CHAT, "max_tokens": 100, "stream": True}, "event: content_block_delta"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("path", "body", "token_line"), LEFT_STREAMS)
 async def test_a_client_leaving_mid_stream_cancels_the_backend_at_once(
-    gateway: GatewayProcess, emulator: Emulator, admin: Admin
+    gateway: GatewayProcess, emulator: Emulator, admin: Admin, path: str, body: dict[str, Any], token_line: str
 ) -> None:
     emulator.configure(token_delay_ms=50, tokens=40)
-    key = await admin.key()
+    key = await admin.key(max_concurrent=1)
     request_id, headers = traced(key)
     async with (
         httpx.AsyncClient() as client,
-        client.stream("POST", gateway.url + "/api/chat", json=CHAT, headers=headers) as response,
+        client.stream("POST", gateway.url + path, json=body, headers=headers) as response,
     ):
         seen = 0
         async for line in response.aiter_lines():
-            seen += bool(line)
+            seen += line.startswith(token_line)
             if seen == 5:
                 break
         left = time.monotonic()
@@ -486,6 +497,14 @@ async def test_a_client_leaving_mid_stream_cancels_the_backend_at_once(
     row = await audit_row(admin, request_id)
     assert row["disconnected"] is True
     assert 5 <= row["completion_tokens"] <= cancelled.tokens_sent  # the tokens produced so far are accounted
+    # No usage arrived: the prompt is charged at the gateway's estimate, in the route's dialect.
+    dialect = dialect_of(path)
+    estimate = dialects.estimate_prompt(body, dialect) if dialect else estimate_prompt(body)
+    assert row["prompt_tokens"] == estimate
+    await ledger_settles(admin, key, estimate + row["completion_tokens"])
+    async with httpx.AsyncClient() as client:  # the key's one concurrency slot is free again
+        again = await client.post(gateway.url + path, json={**body, "stream": False}, headers=auth(key))
+    assert again.status_code == 200, again.text
 
 
 async def test_a_client_leaving_before_the_first_byte_cancels_the_backend(

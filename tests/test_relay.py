@@ -23,7 +23,7 @@ from neuronetz.llm_tokens import MAX_TOKENS
 from neuronetz.relay import BodyRelay, NdjsonRelay, Outcome, RecordTooLong, SseRelay
 from tests.broken_backend import Answer, BrokenBackend, default_tags, native_chunk, native_done
 from tests.emulator import Emulator
-from tests.support import METRICS_TOKEN, Admin, GatewayProcess, auth
+from tests.support import METRICS_TOKEN, Admin, GatewayProcess, auth, ledger, ledger_settles
 from tests.test_proxy import audit_row, traced
 
 NDJSON = b"application/x-ndjson"
@@ -57,23 +57,6 @@ def script(backend: BrokenBackend, *answers: Answer) -> None:
     """The next model requests get these answers, in order; later ones a plain final record."""
     queue = list(answers)
     backend.answer = lambda path, body: queue.pop(0) if queue else Answer(chunks=[native_done()])
-
-
-async def ledger(admin: Admin, key: str) -> int:
-    usage = await admin.pool.fetchval(
-        "SELECT coalesce(sum(prompt_tokens + completion_tokens), 0) FROM usage_daily u "
-        "JOIN api_keys k ON k.id = u.key_id WHERE k.prefix = $1",
-        key[:11],
-    )
-    return int(usage)
-
-
-async def ledger_settles(admin: Admin, key: str, expected: int) -> None:
-    """Waits for the ledger (written every second) to reach `expected` tokens for `key`."""
-    deadline = time.monotonic() + 5
-    while (usage := await ledger(admin, key)) != expected:
-        assert time.monotonic() < deadline, f"ledger has {usage} tokens, expected {expected}"
-        await asyncio.sleep(0.1)
 
 
 async def budgeted_key(admin: Admin, client: httpx.AsyncClient, url: str, backend: BrokenBackend, daily: int) -> str:

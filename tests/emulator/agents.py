@@ -10,7 +10,9 @@ core here; only the framing differs. The frames below were recorded from Ollama 
   ``response.output_text.done``, ``response.content_part.done``,
   ``response.output_item.done``, ``response.completed`` (usage inside ``response``), each
   with a running ``sequence_number``; no ``[DONE]``. ``status`` is ``completed`` even when
-  ``max_output_tokens`` cut the answer. Errors use the OpenAI shape.
+  ``max_output_tokens`` cut the answer. Errors use the OpenAI shape. Ollama keeps no state:
+  its ``ResponsesRequest`` has no ``previous_response_id``, ``store`` or ``metadata`` (Go's
+  decoder drops them) and every answer says ``null``, ``false``, ``{}`` (openai/responses.go).
 * Messages, streaming: ``message_start`` (usage ``input_tokens`` is only an *estimate*),
   ``content_block_start``, one ``content_block_delta`` per token, ``content_block_stop``,
   ``message_delta`` (``stop_reason`` and the real usage), ``message_stop``. Errors are
