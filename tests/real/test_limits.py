@@ -40,8 +40,8 @@ AGENT_CAPS: dict[str, list[tuple[str, int | None]]] = {
 }
 DIALECTS = {"/v1/responses": RESPONSES, "/v1/messages": ANTHROPIC}
 # Default sampling: with seed and temperature 0 the tiny model falls into repeating one token,
-# and Ollama cuts such a loop short, so that answer is not endless and would let a one-token
-# request through beside it.
+# and a one-token request is then answered beside that stream within 0.1 s (observed on
+# v0.24.0), so a runner that went on generating would go unnoticed.
 ENDLESS = {"model": "tiny", "prompt": "Go on forever.", "options": {"num_predict": -1}}
 # A one-token request takes 7-45 ms on a busy machine once the model is loaded; an abandoned
 # endless generation would hold the model until the client's timeout.
