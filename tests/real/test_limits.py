@@ -9,7 +9,7 @@ leaves, failover between two real servers, and the listings through the gateway.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from neuronetz.errors import ANTHROPIC, RESPONSES
 from tests.real.conftest import KeyMaker, gateway_settings
 from tests.real.exchange import SAMPLING, comparable
 from tests.real.ollama import OllamaServer, register_models
-from tests.support import Admin, GatewayProcess, auth
+from tests.support import Admin, GatewayProcess, auth, wait_until
 
 BUDGET = 40
 # A streamed answer the gateway cuts may run this many tokens past its cap (proxy.CAP_SLACK).
@@ -39,6 +39,13 @@ AGENT_CAPS: dict[str, list[tuple[str, int | None]]] = {
     "/v1/messages": [("20", 20), ("huge", 10**6)],
 }
 DIALECTS = {"/v1/responses": RESPONSES, "/v1/messages": ANTHROPIC}
+# Default sampling: with seed and temperature 0 the tiny model falls into repeating one token,
+# and a one-token request is then answered beside that stream within 0.1 s (observed on
+# v0.24.0), so a runner that went on generating would go unnoticed.
+ENDLESS = {"model": "tiny", "prompt": "Go on forever.", "options": {"num_predict": -1}}
+# A one-token request takes 7-45 ms on a busy machine once the model is loaded; an abandoned
+# endless generation would hold the model until the client's timeout.
+RUNNER_STOPPED = 2.0
 
 
 def request_body(surface: str, cap: int | None, stream: bool) -> dict[str, Any]:
@@ -195,51 +202,133 @@ async def test_a_zero_max_tokens_on_messages_is_ollamas_400_in_anthropics_dialec
     assert error["error"]["message"] == direct.json()["error"]["message"]
 
 
+# Each output cap field the gateway shortens to what a key's limit allows, and the route it rides:
+# `max_completion_tokens` is OpenAI's newer name, which Ollama ignores, so there the `max_tokens`
+# the gateway writes in is all that holds the output.
+CAP_FIELDS = [
+    ("/api/chat", "options.num_predict"),
+    ("/api/generate", "options.num_predict"),
+    ("/v1/chat/completions", "max_tokens"),
+    ("/v1/chat/completions", "max_completion_tokens"),
+    ("/v1/completions", "max_tokens"),
+    ("/v1/responses", "max_output_tokens"),
+    ("/v1/messages", "max_tokens"),
+]
+TPM = 60
+# Far more than a 60-token TPM leaves; `tiny` would fill it.
+CLIENT_CAP = 500
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+@pytest.mark.parametrize(("surface", "field"), CAP_FIELDS, ids=[f"{s}-{f}" for s, f in CAP_FIELDS])
+async def test_a_cap_above_what_the_tpm_allows_is_shortened_and_the_real_ollama_keeps_to_it(
+    surface: str, field: str, stream: bool, real_gateway: GatewayProcess, admin: Admin, client: httpx.AsyncClient
+) -> None:
+    """One request whose cap the key's TPM cannot cover: the gateway sends Ollama the cap that
+    fits (at most the TPM less the prompt estimate), and Ollama generates no more than that —
+    no slack, as Ollama honours the cap it is sent exactly."""
+    key = await admin.key(tpm=TPM)
+    body = request_body(surface, None, stream)
+    if field == "options.num_predict":
+        body["options"]["num_predict"] = CLIENT_CAP
+    else:
+        body[field] = CLIENT_CAP
+    dialect = DIALECTS.get(surface)
+    estimate = dialects.estimate_prompt(body, dialect) if dialect else llm_tokens.estimate_prompt(body)
+    try:
+        found = await answer(client, real_gateway.url, surface, body, key)
+    except httpx.TimeoutException:
+        pytest.fail(f"no end within {ANSWER_DEADLINE} s: the answer was not capped")
+    assert found, "an empty answer"
+    assert isinstance(found[0], dict), found
+    prompt, output = served(surface, found)
+    assert prompt is not None, f"an answer without its counts: {found[-1]}"
+    assert 0 < output <= TPM - estimate, f"{output} tokens served under a {TPM}-token TPM (prompt estimate {estimate})"
+
+
+RATE_LIMITED: dict[str, Callable[[Any], bool]] = {
+    "/api/generate": lambda error: isinstance(error["error"], str),
+    "/v1/chat/completions": lambda error: error["error"]["code"] == "rate_limit_exceeded",
+    "/v1/responses": lambda error: error["error"]["code"] == "rate_limit_exceeded",
+    "/v1/messages": lambda error: error["type"] == "error" and error["error"]["type"] == "rate_limit_error",
+}
+
+
+async def test_the_rpm_refuses_the_next_request_in_the_callers_dialect(
+    real_gateway: GatewayProcess, admin: Admin, client: httpx.AsyncClient
+) -> None:
+    for surface, refused_in_dialect in RATE_LIMITED.items():
+        key = await admin.key(rpm=1)
+        body = request_body(surface, 5, False)
+        first = await answer(client, real_gateway.url, surface, body, key)
+        assert isinstance(first[0], dict), (surface, first)
+        second = await client.post(real_gateway.url + surface, json=body, headers=auth(key))
+        assert second.status_code == 429, (surface, second.text)
+        assert int(second.headers["retry-after"]) > 0, surface
+        assert refused_in_dialect(second.json()), (surface, second.text)
+
+
+async def test_max_concurrent_holds_while_a_real_stream_is_open_and_frees_when_it_ends(
+    real_gateway: GatewayProcess, admin: Admin, client: httpx.AsyncClient
+) -> None:
+    key = await admin.key(max_concurrent=1)
+    short = request_body("/api/generate", 5, True)
+
+    def one_more() -> int:
+        return httpx.post(real_gateway.url + "/api/generate", json=short, headers=auth(key), timeout=30).status_code
+
+    async with client.stream("POST", real_gateway.url + "/api/generate", json=ENDLESS, headers=auth(key)) as held:
+        assert held.status_code == 200
+        async for _ in held.aiter_lines():
+            break
+        assert one_more() == 429
+    await wait_until(lambda: one_more() == 200, within=5, what="the slot of the stream its client left")
+    # A stream read to its end frees its slot by the time the client has its last line.
+    async with client.stream("POST", real_gateway.url + "/api/generate", json=short, headers=auth(key)) as ending:
+        async for _ in ending.aiter_lines():
+            pass
+    assert one_more() == 200
+
+
+async def one_token_wait(client: httpx.AsyncClient, ollama_url: str) -> float:
+    """Seconds a one-token request straight to Ollama takes, sent the moment this is called."""
+    one = {"model": "tiny", "prompt": "x", "stream": False, "options": {"num_predict": 1}}
+    sent = time.monotonic()
+    answered = await client.post(ollama_url + "/api/generate", json=one)
+    assert answered.status_code == 200, answered.text
+    return time.monotonic() - sent
+
+
 async def test_a_streaming_client_that_leaves_stops_the_runner(
     real_gateway: GatewayProcess, ollama_url: str, admin: Admin
 ) -> None:
     """The client reads a few chunks of an endless answer and leaves; a one-token request
     straight to Ollama right after must not wait behind the abandoned generation (requests to
-    one model run one at a time)."""
+    one model run one at a time), so its wait bounds how long the runner went on."""
     key = await admin.key()
-    endless = {"model": "tiny", "prompt": "Go on forever.", "options": {**SAMPLING, "num_predict": -1}}
-    one = {"model": "tiny", "prompt": "x", "stream": False, "options": {"num_predict": 1}}
     async with httpx.AsyncClient(timeout=30) as client:
-        baseline_started = time.monotonic()
-        assert (await client.post(ollama_url + "/api/generate", json=one)).status_code == 200
-        baseline = time.monotonic() - baseline_started
-        async with client.stream("POST", real_gateway.url + "/api/generate", json=endless, headers=auth(key)) as r:
+        async with client.stream("POST", real_gateway.url + "/api/generate", json=ENDLESS, headers=auth(key)) as r:
             chunks = 0
             async for _ in r.aiter_lines():
                 chunks += 1
                 if chunks == 20:
                     break
-        left = time.monotonic()
-        after = await client.post(ollama_url + "/api/generate", json=one)
-        waited = time.monotonic() - left
-    assert after.status_code == 200
-    print(f"one-token request: {baseline * 1000:.0f} ms before, {waited * 1000:.0f} ms right after the client left")
-    # An abandoned endless generation would hold the model for good; a few seconds is a busy machine.
-    assert waited < baseline + 5
+        waited = await one_token_wait(client, ollama_url)
+    print(f"one-token request right after a streaming client left: {waited * 1000:.0f} ms")
+    assert waited < RUNNER_STOPPED
 
 
 async def test_a_waiting_client_that_leaves_stops_the_runner(
     real_gateway: GatewayProcess, ollama_url: str, admin: Admin
 ) -> None:
     key = await admin.key()
-    # Default sampling: with seed and temperature 0 the tiny model falls into repeating one token,
-    # and Ollama cuts such a loop short (a whole answer with done: false), which is not endless.
-    endless = {"model": "tiny", "prompt": "Go on.", "stream": False, "options": {"num_predict": -1}}
-    one = {"model": "tiny", "prompt": "x", "stream": False, "options": {"num_predict": 1}}
     async with httpx.AsyncClient(timeout=30) as client:
+        body = {**ENDLESS, "stream": False}
         with pytest.raises(httpx.ReadTimeout):
-            await client.post(real_gateway.url + "/api/generate", json=endless, headers=auth(key), timeout=1.0)
-        left = time.monotonic()
-        after = await client.post(ollama_url + "/api/generate", json=one)
-        waited = time.monotonic() - left
-    assert after.status_code == 200
+            await client.post(real_gateway.url + "/api/generate", json=body, headers=auth(key), timeout=1.0)
+        waited = await one_token_wait(client, ollama_url)
     print(f"one-token request right after a non-streaming client left: {waited * 1000:.0f} ms")
-    assert waited < 5
+    assert waited < RUNNER_STOPPED
 
 
 @pytest.fixture
