@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -42,6 +42,7 @@ log = logging.getLogger("neuronetz.worker")
 ENV_POLL_INTERVAL = 2.0
 METRICS_INTERVAL = 1.0
 BUDGET_GAUGES_TIMEOUT = 1.0  # a scrape waits this long at most for Postgres and Redis
+STOP_PATIENCE = 15.0  # per part of a stopping worker (see `Worker.close`)
 
 
 class Worker:
@@ -139,17 +140,25 @@ class Worker:
         self.tasks.start("worker.metrics", self._publish_metrics)
         self._hook_signals()
 
-    async def close(self) -> None:
-        await self.tasks.stop()
-        await self.slots.stop()
-        await self.limiter.stop()
-        await self.ledger.stop()
-        await self.audit.stop()
-        await self.journal.stop()
-        await self.auth.stop()
-        await self.http.aclose()
-        await self.redis.aclose()
-        await self.db.close()
+    async def close(self, patience: float = STOP_PATIENCE) -> None:
+        """Stop every part, writers after what feeds them and connections last. Each part has
+        `patience` seconds (the writers retry for less): one that does not stop in time is
+        named in an error line and left behind, so a stop never hangs on one part, and the
+        database pool, which waits for every connection to come back, is terminated."""
+        parts: list[tuple[str, Callable[[], Awaitable[None]]]] = [
+            ("background tasks", self.tasks.stop), ("fair queue", self.slots.stop), ("limiter", self.limiter.stop),
+            ("ledger", self.ledger.stop), ("audit", self.audit.stop), ("journal", self.journal.stop),
+            ("authentication", self.auth.stop), ("backend client", self.http.aclose), ("redis", self.redis.aclose),
+            ("database pool", self.db.close),
+        ]  # fmt: skip
+        for name, stop in parts:
+            try:
+                async with asyncio.timeout(patience):
+                    await stop()
+            except TimeoutError:
+                log.error("a part of the worker did not stop in time", extra={"fields": {"part": name}})
+                if stop == self.db.close:
+                    self.db.terminate()
         self.shared_metrics.remove()
 
     # --- shutdown -------------------------------------------------------------------------------

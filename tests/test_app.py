@@ -144,6 +144,27 @@ async def test_closing_the_gateway_closes_its_redis_connections(gateway_env: dic
     assert not any(connection.is_connected for connection in connections)
 
 
+async def test_a_part_that_does_not_stop_is_named_and_the_rest_still_closes(
+    gateway_env: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    async with open_worker(gateway_env) as worker:
+        await worker.redis.ping()
+        journal_stop = worker.journal.stop
+
+        async def never() -> None:
+            await asyncio.Event().wait()
+
+        worker.journal.stop = never  # type: ignore[method-assign]
+        started = time.monotonic()
+        await worker.close(patience=2)
+        assert time.monotonic() - started < 2 * 10  # ten parts, none waited for longer
+        worker.journal.stop = journal_stop  # type: ignore[method-assign]
+        stuck = [r.__dict__["fields"]["part"] for r in caplog.records if "did not stop in time" in r.getMessage()]
+        assert "journal" in stuck  # (on a busy machine another part may be slow too)
+        assert worker.db.is_closing()  # the parts after it were stopped all the same
+        assert not any(c.is_connected for c in worker.redis.connection_pool._available_connections)  # type: ignore[union-attr]
+
+
 async def _audited(admin: Admin, request_id: str) -> dict[str, object]:
     deadline = time.monotonic() + 10
     while (row := await admin.pool.fetchrow("SELECT * FROM request_log WHERE request_id = $1", request_id)) is None:
