@@ -384,6 +384,67 @@ async def test_a_waiter_that_leaves_holds_nothing(fair: GatewayProcess, emulator
         await client_redis.aclose()
 
 
+async def audited(admin: Admin, request_id: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 10
+    while (row := await admin.pool.fetchrow("SELECT * FROM request_log WHERE request_id = $1", request_id)) is None:
+        assert time.monotonic() < deadline, "no audit row"
+        await asyncio.sleep(0.05)
+    return dict(row)
+
+
+async def test_a_wait_is_in_the_audit_row_and_the_metrics(
+    fair: GatewayProcess, gateway: GatewayProcess, emulator: Emulator, admin: Admin
+) -> None:
+    emulator.configure(tokens=10_000, token_delay_ms=20)
+    holder_key = await admin.key()
+    tenant = await admin.tenant()
+    key = await admin.key(tenant)
+    slots = {"backend": emulator.url, "model": models.normalize("tiny")}
+
+    async def scrape() -> str:
+        return (await client.get(fair.url + "/metrics", headers=auth(METRICS_TOKEN))).text
+
+    async with httpx.AsyncClient(timeout=30) as client:
+        async with Holder(client, fair.url, holder_key) as one, Holder(client, fair.url, holder_key) as two:
+            await one.started.wait()
+            await two.started.wait()
+            assert metric(await scrape(), "neuronetz_backend_slots_in_use", **slots) == 2
+            emulator.configure(tokens=2, token_delay_ms=0)  # for the waiter, once it has its slot
+            waiter = asyncio.create_task(
+                client.post(fair.url + "/api/generate", json={**STREAM, "stream": False}, headers=auth(key))
+            )
+
+            async def waiting() -> bool:
+                return metric(await scrape(), "neuronetz_queue_waiting", tenant=tenant) == 1
+
+            await until(waiting, "the gauge counts the waiting request")
+        answer = await waiter  # the holders are gone: it gets a slot
+        assert answer.status_code == 200
+        wait_ms = int(answer.headers["x-queue-wait-ms"])
+        assert wait_ms > 0
+
+        async def settled() -> bool:
+            text = await scrape()
+            return (
+                metric(text, "neuronetz_queue_waiting", tenant=tenant) == 0
+                and metric(text, "neuronetz_backend_slots_in_use", **slots) == 0
+            )
+
+        await until(settled, "nothing waits and no slot is held")
+        text = await scrape()
+        assert metric(text, "neuronetz_queue_wait_seconds_count", tenant=tenant) == 1
+        assert metric(text, "neuronetz_queue_wait_seconds_sum", tenant=tenant) == pytest.approx(
+            wait_ms / 1000, abs=0.002
+        )
+        row = await audited(admin, answer.headers["x-request-id"])
+        assert row["queue_wait_ms"] == pytest.approx(wait_ms, abs=1)
+        # Without slots there is no queue: nothing to record.
+        direct = await client.post(gateway.url + "/api/generate", json={**STREAM, "stream": False}, headers=auth(key))
+        assert direct.status_code == 200
+        assert "x-queue-wait-ms" not in direct.headers
+        assert (await audited(admin, direct.headers["x-request-id"]))["queue_wait_ms"] is None
+
+
 async def test_waiting_is_bounded_in_the_callers_dialect(
     fair: GatewayProcess, impatient: GatewayProcess, emulator: Emulator, admin: Admin, redis_url: str,
     redis_prefix: str
