@@ -95,6 +95,14 @@ def test_weight_on_the_command_line(database_url: str) -> None:
     assert changed.stdout == f"tenant {name}: unlimited\n", changed
     listed = orjson.loads(run("list-tenants", "--json").stdout)
     assert next(t for t in listed if t["name"] == name)["weight"] == 1
+
+    def weight_column() -> tuple[str, str]:
+        header, *rows = run("list-tenants").stdout.splitlines()
+        return header.split()[-1], next(row for row in rows if row.startswith(name + " ")).split()[-1]
+
+    assert weight_column() == ("WEIGHT", "1")
+    assert run("set-limits", "--tenant", name, "--weight", "7").returncode == 0
+    assert weight_column() == ("WEIGHT", "7")
     for bad in ("0", "1001", "x"):
         refused = run("create-tenant", "--name", name + "b", "--weight", bad)
         assert refused.returncode == 1
