@@ -453,6 +453,39 @@ async def test_a_wait_is_in_the_audit_row_and_the_metrics(
         assert (await audited(admin, direct.headers["x-request-id"]))["queue_wait_ms"] is None
 
 
+async def test_list_backends_shows_the_slots_in_use_and_the_loaded_models(
+    fair: GatewayProcess, fair_env: dict[str, str], emulator: Emulator, admin: Admin
+) -> None:
+    emulator.configure(tokens=10_000, token_delay_ms=20)
+    key = await admin.key()
+
+    async def listed() -> list[str]:
+        # As an operator runs it next to the gateway: the same settings, the gateway's port.
+        result = await asyncio.to_thread(run_cli, "list-backends", env={**fair_env, "GATEWAY_PORT": str(fair.port)})
+        assert result.returncode == 0, result.stderr
+        header, row = result.stdout.splitlines()
+        assert header.split()[3:5] == ["IN", "USE/SLOTS"]
+        return row.split()
+
+    async with (
+        httpx.AsyncClient(timeout=30) as client,
+        Holder(client, fair.url, key) as one,
+        Holder(client, fair.url, key) as two,
+    ):
+        await one.started.wait()
+        await two.started.wait()
+        url, health, _, in_use, loaded, _ = await listed()
+        assert (url, health, in_use, loaded) == (emulator.url, "up", "2/2", "tiny:latest")
+    row: list[str] = []
+
+    async def released() -> bool:
+        row[:] = await listed()
+        return row[3] == "0/2"
+
+    await until(released, "list-backends shows the slots free again")
+    assert row[4] == "tiny:latest"
+
+
 async def test_waiting_is_bounded_in_the_callers_dialect(
     fair: GatewayProcess, impatient: GatewayProcess, emulator: Emulator, admin: Admin, redis_url: str,
     redis_prefix: str
