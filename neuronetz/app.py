@@ -474,14 +474,14 @@ class App:
             error_code=exchange.error_code, stream=exchange.stream, prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens, bytes_in=exchange.bytes_in, bytes_out=exchange.bytes_out,
             ttfb_ms=ttfb, duration_ms=duration * 1000, disconnected=exchange.disconnected,
-            removed_tools=exchange.removed_tools,
+            removed_tools=exchange.removed_tools, queue_wait_ms=exchange.queue_wait_ms,
         )  # fmt: skip
         prompt = None
         if key is not None and key.log_prompts and key.prompt_ttl_days and exchange.prompt is not None:
-            prompt = (
-                created, request.request_id, key.tenant_id, key.prefix, exchange.model,
-                created + dt.timedelta(days=key.prompt_ttl_days), orjson.dumps(exchange.prompt).decode(),
-                "".join(exchange.outcome.text or []),
+            prompt = audit.Prompt(
+                created_at=created, request_id=request.request_id, tenant_id=key.tenant_id, key_prefix=key.prefix,
+                model=exchange.model, expires_at=created + dt.timedelta(days=key.prompt_ttl_days),
+                request=orjson.dumps(exchange.prompt).decode(), response="".join(exchange.outcome.text or []),
             )  # fmt: skip
         worker.audit.submit(record, prompt)
 

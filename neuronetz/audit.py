@@ -63,9 +63,30 @@ class Record(NamedTuple):
     duration_ms: float
     disconnected: bool
     removed_tools: str | None  # server-side tools taken out of the request, comma-separated
+    # Time spent waiting for a backend slot (slots.py); None if the request did not wait. Its
+    # default fills it in for a record an older worker left in its journal (journal.py).
+    queue_wait_ms: float | None = None
+
+
+class Prompt(NamedTuple):
+    """One row of `prompt_log`, fields in the order of INSERT_PROMPTS's columns: it is built by
+    name in one place, as Record is."""
+
+    created_at: dt.datetime
+    request_id: str
+    tenant_id: int
+    key_prefix: str
+    model: str | None
+    expires_at: dt.datetime
+    request: str  # JSON
+    response: str
 
 
 COLUMNS = Record._fields
+INSERT_PROMPTS = (  # Prompt's fields, in order
+    "INSERT INTO prompt_log (created_at, request_id, tenant_id, key_prefix, model, expires_at, request, response) "
+    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING"
+)
 FLUSH_INTERVAL = 1.0
 # Records per COPY, and how many queued records start one without waiting for the timer.
 # asyncpg encodes a whole batch in one go on the event loop, which stalls every request of
@@ -81,7 +102,7 @@ INT8 = 2**63 - 1
 BOUNDS = {COLUMNS.index(name): bound for name, bound in (
     ("status", 32767), ("prompt_tokens", INT4), ("completion_tokens", INT4), ("bytes_in", INT8), ("bytes_out", INT8),
 )}  # fmt: skip
-REAL_MAX = 1e38  # ttfb_ms and duration_ms are `real`
+REAL_MAX = 1e38  # ttfb_ms, duration_ms and queue_wait_ms are `real`
 
 
 class AuditWriter:
@@ -207,11 +228,7 @@ class AuditWriter:
 
     @staticmethod
     async def _write_prompts(connection: Connection, prompts: Sequence[tuple[Any, ...]]) -> None:
-        await connection.executemany(
-            "INSERT INTO prompt_log (created_at, request_id, tenant_id, key_prefix, model, expires_at, "
-            "request, response) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
-            prompts,
-        )
+        await connection.executemany(INSERT_PROMPTS, prompts)
 
     async def run(self) -> None:
         failures = 0

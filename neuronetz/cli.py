@@ -347,9 +347,16 @@ def cmd_list_tenants(args: argparse.Namespace) -> int:
         )  # fmt: skip
     else:
         print_table(
-            ["TENANT", "KEYS", "CREATED", "LIMITS", "CLOUD"],
+            ["TENANT", "KEYS", "CREATED", "LIMITS", "CLOUD", "WEIGHT"],
             [
-                [t.name, str(t.keys), when(t.created_at), describe_limits(t.limits, "unlimited"), cloud(t.allow_cloud)]
+                [
+                    t.name,
+                    str(t.keys),
+                    when(t.created_at),
+                    describe_limits(t.limits, "unlimited"),
+                    cloud(t.allow_cloud),
+                    str(t.weight),
+                ]
                 for t in found
             ],
         )

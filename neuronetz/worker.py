@@ -29,7 +29,7 @@ from redis.backoff import NoBackoff
 from redis.maint_notifications import MaintNotificationsConfig
 
 from neuronetz import config, db, envfile, limits, metrics, proxy, tasks, tenants
-from neuronetz.audit import AuditWriter
+from neuronetz.audit import AuditWriter, Record
 from neuronetz.auth import Authenticator
 from neuronetz.backends import BackendPool, failure_reason
 from neuronetz.budgets import PERIODS, Ledger
@@ -133,7 +133,7 @@ class Worker:
             lambda key, tenant, day, prompt, completion, model: self.ledger.record(
                 key, tenant, prompt, completion, day, model=model
             ),
-            self.audit.submit,
+            lambda record: self.audit.submit(Record(*record)),  # an older worker's record lacks the newest fields
         )
         self.tasks.start("backends.health", self.backends.run)
         self.tasks.start("worker.env_file", self._watch_env_file)

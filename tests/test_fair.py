@@ -95,6 +95,14 @@ def test_weight_on_the_command_line(database_url: str) -> None:
     assert changed.stdout == f"tenant {name}: unlimited\n", changed
     listed = orjson.loads(run("list-tenants", "--json").stdout)
     assert next(t for t in listed if t["name"] == name)["weight"] == 1
+
+    def weight_column() -> tuple[str, str]:
+        header, *rows = run("list-tenants").stdout.splitlines()
+        return header.split()[-1], next(row for row in rows if row.startswith(name + " ")).split()[-1]
+
+    assert weight_column() == ("WEIGHT", "1")
+    assert run("set-limits", "--tenant", name, "--weight", "7").returncode == 0
+    assert weight_column() == ("WEIGHT", "7")
     for bad in ("0", "1001", "x"):
         refused = run("create-tenant", "--name", name + "b", "--weight", bad)
         assert refused.returncode == 1
@@ -382,6 +390,100 @@ async def test_a_waiter_that_leaves_holds_nothing(fair: GatewayProcess, emulator
             assert answer.status_code == 200
     finally:
         await client_redis.aclose()
+
+
+async def audited(admin: Admin, request_id: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 10
+    while (row := await admin.pool.fetchrow("SELECT * FROM request_log WHERE request_id = $1", request_id)) is None:
+        assert time.monotonic() < deadline, "no audit row"
+        await asyncio.sleep(0.05)
+    return dict(row)
+
+
+async def test_a_wait_is_in_the_audit_row_and_the_metrics(
+    fair: GatewayProcess, gateway: GatewayProcess, emulator: Emulator, admin: Admin
+) -> None:
+    emulator.configure(tokens=10_000, token_delay_ms=20)
+    holder_key = await admin.key()
+    tenant = await admin.tenant()
+    key = await admin.key(tenant)
+    slots = {"backend": emulator.url, "model": models.normalize("tiny")}
+
+    async def scrape() -> str:
+        return (await client.get(fair.url + "/metrics", headers=auth(METRICS_TOKEN))).text
+
+    async with httpx.AsyncClient(timeout=30) as client:
+        async with Holder(client, fair.url, holder_key) as one, Holder(client, fair.url, holder_key) as two:
+            await one.started.wait()
+            await two.started.wait()
+            assert metric(await scrape(), "neuronetz_backend_slots_in_use", **slots) == 2
+            emulator.configure(tokens=2, token_delay_ms=0)  # for the waiter, once it has its slot
+            waiter = asyncio.create_task(
+                client.post(fair.url + "/api/generate", json={**STREAM, "stream": False}, headers=auth(key))
+            )
+
+            async def waiting() -> bool:
+                return metric(await scrape(), "neuronetz_queue_waiting", tenant=tenant) == 1
+
+            await until(waiting, "the gauge counts the waiting request")
+        answer = await waiter  # the holders are gone: it gets a slot
+        assert answer.status_code == 200
+        wait_ms = int(answer.headers["x-queue-wait-ms"])
+        assert wait_ms > 0
+
+        async def settled() -> bool:
+            text = await scrape()
+            return (
+                metric(text, "neuronetz_queue_waiting", tenant=tenant) == 0
+                and metric(text, "neuronetz_backend_slots_in_use", **slots) == 0
+            )
+
+        await until(settled, "nothing waits and no slot is held")
+        text = await scrape()
+        assert metric(text, "neuronetz_queue_wait_seconds_count", tenant=tenant) == 1
+        assert metric(text, "neuronetz_queue_wait_seconds_sum", tenant=tenant) == pytest.approx(
+            wait_ms / 1000, abs=0.002
+        )
+        row = await audited(admin, answer.headers["x-request-id"])
+        assert row["queue_wait_ms"] == pytest.approx(wait_ms, abs=1)
+        # Without slots there is no queue: nothing to record.
+        direct = await client.post(gateway.url + "/api/generate", json={**STREAM, "stream": False}, headers=auth(key))
+        assert direct.status_code == 200
+        assert "x-queue-wait-ms" not in direct.headers
+        assert (await audited(admin, direct.headers["x-request-id"]))["queue_wait_ms"] is None
+
+
+async def test_list_backends_shows_the_slots_in_use_and_the_loaded_models(
+    fair: GatewayProcess, fair_env: dict[str, str], emulator: Emulator, admin: Admin
+) -> None:
+    emulator.configure(tokens=10_000, token_delay_ms=20)
+    key = await admin.key()
+
+    async def listed() -> list[str]:
+        # As an operator runs it next to the gateway: the same settings, the gateway's port.
+        result = await asyncio.to_thread(run_cli, "list-backends", env={**fair_env, "GATEWAY_PORT": str(fair.port)})
+        assert result.returncode == 0, result.stderr
+        header, row = result.stdout.splitlines()
+        assert header.split()[3:5] == ["IN", "USE/SLOTS"]
+        return row.split()
+
+    async with (
+        httpx.AsyncClient(timeout=30) as client,
+        Holder(client, fair.url, key) as one,
+        Holder(client, fair.url, key) as two,
+    ):
+        await one.started.wait()
+        await two.started.wait()
+        url, health, _, in_use, loaded, _ = await listed()
+        assert (url, health, in_use, loaded) == (emulator.url, "up", "2/2", "tiny:latest")
+    row: list[str] = []
+
+    async def released() -> bool:
+        row[:] = await listed()
+        return row[3] == "0/2"
+
+    await until(released, "list-backends shows the slots free again")
+    assert row[4] == "tiny:latest"
 
 
 async def test_waiting_is_bounded_in_the_callers_dialect(

@@ -91,23 +91,29 @@ async def test_a_sigkilled_worker_loses_no_finished_request(
     assert (ledger["requests"], ledger["tokens"]) == (61, tokens)
 
 
-async def test_an_older_workers_journal_still_replays_its_usage_under_no_model(
+async def test_an_older_workers_journal_still_replays_its_usage_under_no_model_and_its_audit_records(
     gateway_env: dict[str, str], admin: Admin, redis_url: str, redis_prefix: str
 ) -> None:
     """A worker of a version whose ledger knew no models journals usage as [key, tenant, day,
     prompt, completion]; one of today's workers takes its journal over (an upgrade that
     replaces workers killed mid-flight): that usage lands under model '', the entries with a
-    model under theirs, each once."""
+    model under theirs, each once. Its audit records, without the columns added since, are
+    written with those NULL."""
     key = await admin.key()
     row = await admin.pool.fetchrow("SELECT id, tenant_id FROM api_keys WHERE prefix = $1", key[:11])
     assert row is not None
     key_id, tenant_id = row["id"], row["tenant_id"]
     prefix = f"{redis_prefix}older{secrets.token_hex(2)}:"  # journals of this test only
     dead = "old-host-7-abcdef"
+    audit_record = [
+        "2026-11-30T12:00:00+00:00", f"older-{prefix}", tenant_id, key[:11], "127.0.0.1", "POST", "/api/chat",
+        "tiny:latest", None, 200, None, False, 10, 20, 30, 40, 1.5, 2.5, False, None,
+    ]  # fmt: skip
     entries = [
         [1, "u", [key_id, tenant_id, "2026-11-30", 10, 20]],  # written by the older worker
         [2, "u", [key_id, tenant_id, "2026-11-30", 1, 2, "tiny:latest"]],
         [3, "u", [key_id, tenant_id, "2026-11-30", 100, 200]],
+        [4, "a", audit_record],  # with the columns of its version
     ]
     client = aioredis.Redis.from_url(redis_url)
     try:
@@ -118,10 +124,13 @@ async def test_an_older_workers_journal_still_replays_its_usage_under_no_model(
     async with open_worker({**gateway_env, "REDIS_KEY_PREFIX": prefix}) as worker:
         # As if this worker's own heartbeats had succeeded for long enough to judge others dead.
         worker.journal.connected_since = asyncio.get_running_loop().time() - 60
-        assert await worker.journal.replay_dead() == 3
+        assert await worker.journal.replay_dead() == 4
     rows = await admin.pool.fetch(
         "SELECT day, model, requests, prompt_tokens, completion_tokens FROM usage_daily WHERE key_id = $1 "
         "ORDER BY model", key_id,
     )  # fmt: skip
     day = dt.date(2026, 11, 30)
     assert [tuple(r) for r in rows] == [(day, "", 2, 110, 220), (day, "tiny:latest", 1, 1, 2)]
+    audited = await admin.pool.fetchrow("SELECT * FROM request_log WHERE request_id = $1", f"older-{prefix}")
+    assert audited is not None
+    assert (audited["completion_tokens"], audited["queue_wait_ms"]) == (20, None)

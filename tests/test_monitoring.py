@@ -154,10 +154,16 @@ async def scrape_until(client: httpx.AsyncClient, done: Callable[[str], bool]) -
 
 
 @pytest.fixture(scope="module")
+def gateway_env(gateway_env: dict[str, str]) -> dict[str, str]:
+    """This module's gateway has backend slots, so the fair queue's series are in its /metrics."""
+    return {**gateway_env, "GATEWAY_BACKEND_SLOTS": "2"}
+
+
+@pytest.fixture(scope="module")
 async def scraped(gateway: GatewayProcess, admin: Admin, emulator: Emulator) -> str:
     """/metrics after the traffic every panel shows: answered requests with tokens (one of a
-    tenant with a budget), a request refused by a limit, a refused key and a request for an
-    unknown path."""
+    tenant with a budget), through backend slots, a request refused by a limit, a refused key
+    and a request for an unknown path."""
     key = await admin.key()
     limited = await admin.key(rpm=1)
     budgeted = await admin.key(await admin.tenant(daily_tokens=1_000_000))
@@ -169,7 +175,14 @@ async def scraped(gateway: GatewayProcess, admin: Admin, emulator: Emulator) -> 
         assert (await client.post("/api/chat", json=CHAT, headers=auth("nz_unknown0" + "x" * 43))).status_code == 401
         assert (await client.get("/nowhere", headers=auth(key))).status_code == 404
         await budgeted_chat(client, budgeted)
-        return await scrape_until(client, lambda text: "neuronetz_tenant_budget_used_tokens{" in text)
+        return await scrape_until(
+            client,
+            lambda text: all(
+                f"{name}{{" in text
+                for name in ("neuronetz_tenant_budget_used_tokens", "neuronetz_queue_waiting",
+                             "neuronetz_backend_slots_in_use")
+            ),
+        )  # fmt: skip
 
 
 async def test_tenant_series_show_each_tenants_tokens_and_its_budgets_against_their_limits(
