@@ -236,6 +236,15 @@ class Admin:
         return (await tenants.get_key(self.pool, key[:11])).tenant
 
 
+async def audit_row(admin: Admin, request_id: str, within: float = 10.0) -> dict[str, Any]:
+    """The request's audit row, once the writer (every second) has flushed it."""
+    deadline = time.monotonic() + within
+    while (row := await admin.pool.fetchrow("SELECT * FROM request_log WHERE request_id = $1", request_id)) is None:
+        assert time.monotonic() < deadline, f"no audit row for {request_id}"
+        await asyncio.sleep(0.05)
+    return dict(row)
+
+
 async def ledger(admin: Admin, key: str) -> int:
     usage = await admin.pool.fetchval(
         "SELECT coalesce(sum(prompt_tokens + completion_tokens), 0) FROM usage_daily u "

@@ -16,7 +16,7 @@ import pytest
 
 from tests.emulator import Emulator
 from tests.emulator.faults import Fault
-from tests.support import Admin, GatewayProcess, auth, forwarded, free_port, ready_budget
+from tests.support import Admin, GatewayProcess, audit_row, auth, forwarded, free_port, ready_budget
 
 MESSAGE: dict[str, Any] = {"model": "tiny", "max_tokens": 5, "messages": [{"role": "user", "content": "hello there"}]}
 RESPONSE = {"model": "tiny", "input": "hello there", "max_output_tokens": 5}
@@ -51,16 +51,6 @@ def compatible(gateway: GatewayProcess, clients: Clients) -> Callable[[str], ope
         return client
 
     return make
-
-
-async def audit_row(admin: Admin, request_id: str) -> dict[str, Any]:
-    deadline = time.monotonic() + 10
-    while True:
-        row = await admin.pool.fetchrow("SELECT * FROM request_log WHERE request_id = $1", request_id)
-        if row is not None:
-            return dict(row)
-        assert time.monotonic() < deadline, f"no audit row for {request_id}"
-        await asyncio.sleep(0.1)
 
 
 def events(body: bytes) -> list[tuple[str, dict[str, Any]]]:

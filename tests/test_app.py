@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 from neuronetz import llm_tokens, relay
 from tests.asgi import ASGITransport, in_process, lifespan, open_worker
 from tests.emulator import Emulator
-from tests.support import METRICS_TOKEN, Admin, GatewayProcess, PrivateRedis, auth, free_port
+from tests.support import METRICS_TOKEN, Admin, GatewayProcess, PrivateRedis, audit_row, auth, free_port
 
 DETAIL = auth(METRICS_TOKEN)  # /readyz shows its detail only to the holder of the metrics token
 
@@ -165,14 +165,6 @@ async def test_a_part_that_does_not_stop_is_named_and_the_rest_still_closes(
         assert not any(c.is_connected for c in worker.redis.connection_pool._available_connections)  # type: ignore[union-attr]
 
 
-async def _audited(admin: Admin, request_id: str) -> dict[str, object]:
-    deadline = time.monotonic() + 10
-    while (row := await admin.pool.fetchrow("SELECT * FROM request_log WHERE request_id = $1", request_id)) is None:
-        assert time.monotonic() < deadline, "no audit row"
-        await asyncio.sleep(0.1)
-    return dict(row)
-
-
 async def test_a_bug_before_the_answer_is_a_500_in_the_callers_dialect_logged_and_audited(
     asgi: httpx.AsyncClient, admin: Admin, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -190,7 +182,7 @@ async def test_a_bug_before_the_answer_is_a_500_in_the_callers_dialect_logged_an
     request_id = native.headers["x-request-id"]
     tracebacks = [r for r in caplog.records if r.exc_info and "planted" in str(r.exc_info[1])]
     assert len(tracebacks) == 2  # once per request
-    row = await _audited(admin, request_id)
+    row = await audit_row(admin, request_id)
     assert (row["status"], row["error_code"]) == (500, "internal_error")
 
 
@@ -207,7 +199,7 @@ async def test_a_bug_after_the_answer_started_ends_it_with_an_error_record(
     assert response.status_code == 200  # the head went out before the fault
     records = [orjson.loads(line) for line in response.content.splitlines() if line]
     assert records[-1] == {"error": "The gateway failed unexpectedly; the error is logged under this request id."}
-    row = await _audited(admin, response.headers["x-request-id"])
+    row = await audit_row(admin, response.headers["x-request-id"])
     assert (row["status"], row["error_code"]) == (500, "internal_error")
 
 

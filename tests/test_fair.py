@@ -27,7 +27,7 @@ from neuronetz.auth import KeyRecord
 from neuronetz.limits import Limits, Subject
 from neuronetz.slots import Scheduler
 from tests.emulator import Emulator
-from tests.support import METRICS_TOKEN, Admin, GatewayProcess, auth, forwarded, free_port, metric, run_cli
+from tests.support import METRICS_TOKEN, Admin, GatewayProcess, audit_row, auth, forwarded, free_port, metric, run_cli
 
 SCRIPT = (Path(__file__).resolve().parent.parent / "neuronetz" / "slots.lua").read_text()
 CHANNEL = "test-grants"
@@ -392,14 +392,6 @@ async def test_a_waiter_that_leaves_holds_nothing(fair: GatewayProcess, emulator
         await client_redis.aclose()
 
 
-async def audited(admin: Admin, request_id: str) -> dict[str, Any]:
-    deadline = time.monotonic() + 10
-    while (row := await admin.pool.fetchrow("SELECT * FROM request_log WHERE request_id = $1", request_id)) is None:
-        assert time.monotonic() < deadline, "no audit row"
-        await asyncio.sleep(0.05)
-    return dict(row)
-
-
 async def test_a_wait_is_in_the_audit_row_and_the_metrics(
     fair: GatewayProcess, gateway: GatewayProcess, emulator: Emulator, admin: Admin
 ) -> None:
@@ -444,13 +436,13 @@ async def test_a_wait_is_in_the_audit_row_and_the_metrics(
         assert metric(text, "neuronetz_queue_wait_seconds_sum", tenant=tenant) == pytest.approx(
             wait_ms / 1000, abs=0.002
         )
-        row = await audited(admin, answer.headers["x-request-id"])
+        row = await audit_row(admin, answer.headers["x-request-id"])
         assert row["queue_wait_ms"] == pytest.approx(wait_ms, abs=1)
         # Without slots there is no queue: nothing to record.
         direct = await client.post(gateway.url + "/api/generate", json={**STREAM, "stream": False}, headers=auth(key))
         assert direct.status_code == 200
         assert "x-queue-wait-ms" not in direct.headers
-        assert (await audited(admin, direct.headers["x-request-id"]))["queue_wait_ms"] is None
+        assert (await audit_row(admin, direct.headers["x-request-id"]))["queue_wait_ms"] is None
 
 
 async def test_list_backends_shows_the_slots_in_use_and_the_loaded_models(

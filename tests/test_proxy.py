@@ -23,20 +23,9 @@ from neuronetz.errors import dialect_of
 from neuronetz.limits import Limits
 from neuronetz.llm_tokens import estimate_prompt
 from tests.emulator import Emulator, count_prompt_tokens
-from tests.support import Admin, GatewayProcess, auth, forwarded, free_port, ledger_settles
+from tests.support import Admin, GatewayProcess, audit_row, auth, forwarded, free_port, ledger_settles
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "why is the sky blue"}]}
-
-
-async def audit_row(admin: Admin, request_id: str, wait: float = 5.0) -> dict[str, Any]:
-    """The request's audit row, once the writer (every second) has flushed it."""
-    deadline = time.monotonic() + wait
-    while time.monotonic() < deadline:
-        row = await admin.pool.fetchrow("SELECT * FROM request_log WHERE request_id = $1", request_id)
-        if row is not None:
-            return dict(row)
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"no audit row for {request_id}")
 
 
 def traced(key: str) -> tuple[str, dict[str, str]]:

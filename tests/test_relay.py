@@ -23,8 +23,8 @@ from neuronetz.llm_tokens import MAX_TOKENS
 from neuronetz.relay import BodyRelay, NdjsonRelay, Outcome, RecordTooLong, SseRelay
 from tests.broken_backend import Answer, BrokenBackend, default_tags, native_chunk, native_done
 from tests.emulator import Emulator
-from tests.support import METRICS_TOKEN, Admin, GatewayProcess, auth, ledger, ledger_settles
-from tests.test_proxy import audit_row, traced
+from tests.support import METRICS_TOKEN, Admin, GatewayProcess, audit_row, auth, ledger, ledger_settles
+from tests.test_proxy import traced
 
 NDJSON = b"application/x-ndjson"
 SSE = b"text/event-stream"
