@@ -48,6 +48,7 @@ USAGE = "u"
 AUDIT = "a"
 # Takes a replayed usage entry: key id, tenant id, UTC day, prompt and completion tokens, model.
 UsageSink = Callable[[int, int, dt.date, int, int, str], None]
+AuditSink = Callable[[tuple[Any, ...]], None]
 
 
 class Journal:
@@ -61,7 +62,7 @@ class Journal:
         self.audit_done = 0
         # Where a dead worker's entries go (this worker's ledger and audit writer), from `start`.
         self.replay_usage: UsageSink | None = None
-        self.replay_audit: Callable[[tuple[Any, ...]], None] | None = None
+        self.replay_audit: AuditSink | None = None
         self._buffer: list[tuple[int, str, Any]] = []
         self._sender: asyncio.Task[None] | None = None
         self.connected_since: float | None = None  # loop time of the first heartbeat of an unbroken run
@@ -155,7 +156,8 @@ class Journal:
         return handed
 
     async def _replay(self, worker: str) -> int:
-        if self.replay_usage is None or self.replay_audit is None:
+        usage, audit = self.replay_usage, self.replay_audit
+        if usage is None or audit is None:
             return 0  # not started: nowhere to hand the entries to
         written = await self.pool.fetchval("SELECT seq FROM journal_progress WHERE worker = $1", worker) or 0
         stream = self.stream(worker)
@@ -163,18 +165,13 @@ class Journal:
         while True:
             entries: list[Any] = await self.redis.xrange(stream, min=start, max="+", count=REPLAY_BATCH) or []
             for _, fields in entries:
-                for seq, kind, value in orjson.loads(fields[b"v"]):
-                    if kind == USAGE and seq > written:
-                        key_id, tenant_id, day, prompt, completion, *model = value  # no model: an older worker's
-                        self.replay_usage(
-                            key_id, tenant_id, dt.date.fromisoformat(day), prompt, completion, model[0] if model else ""
-                        )
-                    elif kind == AUDIT:
-                        value[0] = dt.datetime.fromisoformat(value[0])
-                        self.replay_audit(tuple(value))
-                    else:
-                        continue
-                    handed += 1
+                try:
+                    turn = orjson.loads(fields[b"v"])
+                except (KeyError, orjson.JSONDecodeError):
+                    turn = None
+                if not isinstance(turn, list):
+                    turn = [None]  # unreadable as a whole: skipped by _hand_on, with one line
+                handed += sum(_hand_on(worker, entry, written, usage, audit) for entry in turn)
             if len(entries) < REPLAY_BATCH:
                 break
             start = "(" + entries[-1][0].decode()
@@ -185,7 +182,7 @@ class Journal:
         log.warning("took over a dead worker's journal", extra={"fields": {"worker": worker, "entries": handed}})
         return handed
 
-    def start(self, usage: UsageSink, audit: Callable[[tuple[Any, ...]], None]) -> None:
+    def start(self, usage: UsageSink, audit: AuditSink) -> None:
         self.replay_usage, self.replay_audit = usage, audit
         self.tasks.start("journal.heartbeat", self._heartbeat)
         self.tasks.start("journal.replay", self._replay_dead)
@@ -204,3 +201,23 @@ class Journal:
             await self.pool.execute("DELETE FROM journal_progress WHERE worker = $1", self.worker)
         except (*db.REDIS_ERRORS, *db.ERRORS):
             pass  # left for another worker to replay (deduplicated)
+
+
+def _hand_on(worker: str, entry: Any, written: int, usage: UsageSink, audit: AuditSink) -> bool:
+    """Hand one journal entry of a dead worker to this worker's writers (usage only past what
+    it had written). An unreadable entry (another version's shape, a damaged stream) is
+    skipped with one line rather than retried: a retry would hand on again the entries before
+    it."""
+    try:
+        seq, kind, value = entry
+        if kind == USAGE and seq > written:
+            key_id, tenant_id, day, prompt, completion, *model = value  # no model: an older worker's
+            usage(key_id, tenant_id, dt.date.fromisoformat(day), prompt, completion, model[0] if model else "")
+            return True
+        if kind == AUDIT:
+            audit((dt.datetime.fromisoformat(value[0]), *value[1:]))
+            return True
+    except (TypeError, ValueError, IndexError, KeyError) as exc:
+        error = f"{type(exc).__name__}: {exc}"[:200]
+        log.error("unreadable journal entry skipped", extra={"fields": {"worker": worker, "error": error}})
+    return False

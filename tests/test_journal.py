@@ -15,10 +15,11 @@ from urllib.parse import urlsplit
 
 import httpx
 import orjson
+import pytest
 import redis.asyncio as aioredis
 
 from tests.asgi import open_worker
-from tests.support import Admin, GatewayProcess, TcpProxy, auth
+from tests.support import Admin, GatewayProcess, TcpProxy, auth, ledger_settles
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "count to ten"}], "stream": False}
 
@@ -89,6 +90,39 @@ async def test_a_sigkilled_worker_loses_no_finished_request(
     assert audited == 61
     assert ledger is not None
     assert (ledger["requests"], ledger["tokens"]) == (61, tokens)
+
+
+async def test_an_unreadable_journal_entry_is_skipped_and_the_others_handed_on_once(
+    gateway_env: dict[str, str], admin: Admin, redis_url: str, redis_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    key = await admin.key()
+    row = await admin.pool.fetchrow("SELECT id, tenant_id FROM api_keys WHERE prefix = $1", key[:11])
+    assert row is not None
+    key_id, tenant_id = row["id"], row["tenant_id"]
+    prefix = f"{redis_prefix}damaged{secrets.token_hex(2)}:"  # journals of this test only
+    dead = "damaged-host-1-abcdef"
+    turns = [
+        [[1, "u", [key_id, tenant_id, "2026-11-30", 1, 2, "tiny:latest"]], [2, "u", [key_id, "x"]], [3, "a", [7]],
+         [4, "u", [key_id, tenant_id, "not a day", 1, 2, "tiny:latest"]], "junk"],
+        {"not": "a list"},
+        [[5, "u", [key_id, tenant_id, "2026-11-30", 10, 20, "tiny:latest"]]],
+    ]  # fmt: skip
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        for number, turn in enumerate(turns, 1):
+            await client.xadd(f"{prefix}journal:{dead}", {b"v": orjson.dumps(turn)}, id=f"{number}-1")
+        await client.xadd(f"{prefix}journal:{dead}", {b"x": b"no v field"}, id="4-1")
+        await client.sadd(prefix + "journals", dead)
+    finally:
+        await client.aclose()
+    async with open_worker({**gateway_env, "REDIS_KEY_PREFIX": prefix}) as worker:
+        worker.journal.connected_since = asyncio.get_running_loop().time() - 60
+        assert await worker.journal.replay_dead() == 2  # the two good entries, once
+        assert await worker.journal.replay_dead() == 0  # the journal is gone: nothing is handed on twice
+    skipped = [r for r in caplog.records if r.getMessage() == "unreadable journal entry skipped"]
+    assert len(skipped) == 6
+    assert all(r.__dict__["fields"]["worker"] == dead for r in skipped)
+    await ledger_settles(admin, key, 33)
 
 
 async def test_an_older_workers_journal_still_replays_its_usage_under_no_model_and_its_audit_records(
