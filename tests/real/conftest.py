@@ -100,13 +100,14 @@ def gateway_settings(database_url: str, redis_url: str, redis_prefix: str, backe
 
 def redis_held_data_for_a_while(redis_url: str, prefix: str) -> None:
     """Set the instance marker as a Redis that has served the gateway for a minute has it. On a
-    fresh key prefix the gateway cannot tell a new Redis from one that lost its data moments
-    ago, and refuses budgeted requests with 503 while it waits to rebuild (fail closed) — the
-    first tests of a worker would otherwise race that wait."""
+    fresh key prefix (or one another test of this worker just flushed to simulate a loss) the
+    gateway cannot tell a new Redis from one that lost its data moments ago, and refuses
+    budgeted requests with 503 while it waits to rebuild (fail closed) — a test's new tenant
+    would otherwise race that wait."""
     client = redis.Redis.from_url(redis_url)
     try:
         seconds, micros = client.time()
-        client.set(prefix + "instance", seconds * 1000 + micros // 1000 - 60_000, nx=True)
+        client.set(prefix + "instance", seconds * 1000 + micros // 1000 - 60_000)
     finally:
         client.close()
 
@@ -123,11 +124,12 @@ KeyMaker = Callable[..., Awaitable[str]]
 
 
 @pytest.fixture
-def budgeted_key(admin: Admin) -> KeyMaker:
+def budgeted_key(admin: Admin, redis_url: str, redis_prefix: str) -> KeyMaker:
     """`await budgeted_key(daily_tokens=100)`: a key of a new tenant with those limits (a new
     tenant's budgeted requests are served at once: its counters start from its empty ledger)."""
 
     async def make(**limits: int | None) -> str:
+        redis_held_data_for_a_while(redis_url, redis_prefix)
         return await admin.key(await admin.tenant(allow_cloud=False, **limits))
 
     return make
