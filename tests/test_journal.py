@@ -92,13 +92,30 @@ async def test_a_sigkilled_worker_loses_no_finished_request(
     assert (ledger["requests"], ledger["tokens"]) == (61, tokens)
 
 
-async def test_an_unreadable_journal_entry_is_skipped_and_the_others_handed_on_once(
-    gateway_env: dict[str, str], admin: Admin, redis_url: str, redis_prefix: str, caplog: pytest.LogCaptureFixture
-) -> None:
+async def key_and_ids(admin: Admin) -> tuple[str, int, int]:
+    """A new key, its id and its tenant's id."""
     key = await admin.key()
     row = await admin.pool.fetchrow("SELECT id, tenant_id FROM api_keys WHERE prefix = $1", key[:11])
     assert row is not None
-    key_id, tenant_id = row["id"], row["tenant_id"]
+    return key, row["id"], row["tenant_id"]
+
+
+async def plant_dead_journal(redis_url: str, prefix: str, worker: str, turns: list[dict[bytes, bytes]]) -> None:
+    """A journal of `worker` with one stream entry per turn (as written, or damaged), and no
+    heartbeat: the worker is dead."""
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        for number, fields in enumerate(turns, 1):
+            await client.xadd(f"{prefix}journal:{worker}", fields, id=f"{number}-1")  # type: ignore[arg-type]
+        await client.sadd(prefix + "journals", worker)
+    finally:
+        await client.aclose()
+
+
+async def test_an_unreadable_journal_entry_is_skipped_and_the_others_handed_on_once(
+    gateway_env: dict[str, str], admin: Admin, redis_url: str, redis_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    key, key_id, tenant_id = await key_and_ids(admin)
     prefix = f"{redis_prefix}damaged{secrets.token_hex(2)}:"  # journals of this test only
     dead = "damaged-host-1-abcdef"
     turns = [
@@ -107,14 +124,7 @@ async def test_an_unreadable_journal_entry_is_skipped_and_the_others_handed_on_o
         {"not": "a list"},
         [[5, "u", [key_id, tenant_id, "2026-11-30", 10, 20, "tiny:latest"]]],
     ]  # fmt: skip
-    client = aioredis.Redis.from_url(redis_url)
-    try:
-        for number, turn in enumerate(turns, 1):
-            await client.xadd(f"{prefix}journal:{dead}", {b"v": orjson.dumps(turn)}, id=f"{number}-1")
-        await client.xadd(f"{prefix}journal:{dead}", {b"x": b"no v field"}, id="4-1")
-        await client.sadd(prefix + "journals", dead)
-    finally:
-        await client.aclose()
+    await plant_dead_journal(redis_url, prefix, dead, [*({b"v": orjson.dumps(t)} for t in turns), {b"x": b"no v"}])
     async with open_worker({**gateway_env, "REDIS_KEY_PREFIX": prefix}) as worker:
         worker.journal.connected_since = asyncio.get_running_loop().time() - 60
         assert await worker.journal.replay_dead() == 2  # the two good entries, once
@@ -133,10 +143,7 @@ async def test_an_older_workers_journal_still_replays_its_usage_under_no_model_a
     replaces workers killed mid-flight): that usage lands under model '', the entries with a
     model under theirs, each once. Its audit records, without the columns added since, are
     written with those NULL."""
-    key = await admin.key()
-    row = await admin.pool.fetchrow("SELECT id, tenant_id FROM api_keys WHERE prefix = $1", key[:11])
-    assert row is not None
-    key_id, tenant_id = row["id"], row["tenant_id"]
+    key, key_id, tenant_id = await key_and_ids(admin)
     prefix = f"{redis_prefix}older{secrets.token_hex(2)}:"  # journals of this test only
     dead = "old-host-7-abcdef"
     audit_record = [
@@ -149,12 +156,7 @@ async def test_an_older_workers_journal_still_replays_its_usage_under_no_model_a
         [3, "u", [key_id, tenant_id, "2026-11-30", 100, 200]],
         [4, "a", audit_record],  # with the columns of its version
     ]
-    client = aioredis.Redis.from_url(redis_url)
-    try:
-        await client.xadd(f"{prefix}journal:{dead}", {b"v": orjson.dumps(entries)}, id="3-1")
-        await client.sadd(prefix + "journals", dead)  # and no heartbeat: it is dead
-    finally:
-        await client.aclose()
+    await plant_dead_journal(redis_url, prefix, dead, [{b"v": orjson.dumps(entries)}])
     async with open_worker({**gateway_env, "REDIS_KEY_PREFIX": prefix}) as worker:
         # As if this worker's own heartbeats had succeeded for long enough to judge others dead.
         worker.journal.connected_since = asyncio.get_running_loop().time() - 60
