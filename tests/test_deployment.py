@@ -58,6 +58,13 @@ CODENAMES = {12: "bookworm", 13: "trixie", 14: "forky"}
 DISTROLESS_PYTHON = {12: "3.11", 13: "3.13"}
 # The packages distroless python3-debianN is made of, one per line (sources cited there).
 DISTROLESS_PACKAGE_LISTS = ROOT / "ops" / "rootfs"
+# Where each image keeps its data inside its container (paths in the images, not on this
+# machine), as the images' public documentation gives them:
+IMAGE_DATA_DIRECTORIES = {
+    "postgres": "/var/lib/postgresql/data",  # PGDATA, https://hub.docker.com/_/postgres
+    "redis": "/data",  # persistent storage, https://hub.docker.com/_/redis
+    "ollama": "/root/.ollama",  # https://github.com/ollama/ollama/blob/main/docs/docker.md
+}
 # The users, groups and environment of every distroless image (distroless common/BUILD.bazel,
 # static/static.bzl, python3/python.bzl).
 DISTROLESS_PASSWD = (
@@ -441,10 +448,8 @@ def test_production_compose_gateway_runs_as_10001_read_only_with_backends_from_i
     assert services["caddy"]["depends_on"]["gateway"]["condition"] == "service_healthy"
     for name in ("caddy", "postgres", "redis", "ollama"):
         assert services[name]["healthcheck"]["test"][0] == "CMD", f"{name} needs a healthcheck"
-    # Data lives in named volumes, never in a container: mounted where each image keeps it, as
-    # the images document it (PGDATA on hub.docker.com/_/postgres, /data on hub.docker.com/_/redis,
-    # the models directory in Ollama's docs/docker.md).
-    for name, path in (("postgres", "/var/lib/postgresql/data"), ("redis", "/data"), ("ollama", "/root/.ollama")):
+    # Data lives in named volumes, never in a container: mounted where each image keeps it.
+    for name, path in IMAGE_DATA_DIRECTORIES.items():
         assert mounts(services[name])[path] in production["volumes"], f"{name}: {path} must be a named volume"
     assert {"/data", "/config"} <= set(mounts(services["caddy"])), "Caddy keeps its certificates"
     assert mounts(services["caddy"])["/etc/caddy/Caddyfile"] == str(ROOT / "ops/caddy/Caddyfile.example")
