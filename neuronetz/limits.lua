@@ -1,22 +1,25 @@
--- Admission and settlement of one request against every limit of its key and tenant, in one
--- round trip each. All keys carry the tenant's hash tag, so the script also runs on Redis
--- Cluster. The clock is Redis TIME, shared by every replica.
+-- Admission and settlement of requests against every limit of their key and tenant: one round
+-- trip to admit, and settlements that ride along with it. All keys carry the tenant's hash tag,
+-- so the script also runs on Redis Cluster. The clock is Redis TIME, shared by every replica.
 --
--- ARGV[1] = "admit" | "settle"
--- ARGV[2] = lease id (unique per request)
--- ARGV[3] = lease ttl (ms): an in-flight request's lease expires unless renewed
--- admit:  ARGV[4] = prompt estimate (tokens), ARGV[5] = requested output cap (-1: none),
---         ARGV[6] = default output cap, ARGV[7] = minimum output worth admitting
--- settle: ARGV[4] = tokens reserved at admission (as admit returned it), ARGV[5] = tokens
---         actually used
--- renew:  KEYS = lease zsets holding this lease; extends it by the lease ttl
+-- ARGV[1] = "admit" | "settle" | "renew" | "instance" | "rebuild"
+-- admit, settle: ARGV[2] = lease ttl (ms): an in-flight request's lease expires unless renewed
+--         ARGV[3] = n, the number of settlements this call carries, then 3 arguments for each:
+--         lease id, tokens reserved at admission (as admit returned it), tokens actually used
+--         (of requests of the same key that ended: settled before anything else, so a
+--         request that ended gives its slot back before the admission it rides with is counted)
+-- admit:  then 5 more: lease id (unique per request), prompt estimate (tokens), requested
+--         output cap (-1: none), default output cap, minimum output worth admitting
+-- then the checks (below).
+-- renew:  KEYS = lease zsets holding the lease; ARGV[2] = lease ttl, ARGV[3] = lease id;
+--         extends it by the lease ttl
 -- instance: KEYS[1] = this Redis's instance marker (Redis TIME in ms when a gateway first saw
 --         this Redis's data); created if missing. Returns {ms since then}: 0 means it was just
 --         created, so this Redis holds none of the counters it had before (a restart, a flush).
 -- rebuild: KEYS[1] = epoch marker, KEYS[2...] = used-tokens counters; ARGV[2] = new epoch,
 --         ARGV[3...] = (tokens, ttl_s) per counter. Adds the ledger's sums and sets the epoch,
 --         all or nothing, unless another replica finished the rebuild first.
--- ARGV[8...] = checks; each names its kind and consumes its KEYS in order:
+-- The checks; each names its kind and consumes its KEYS in order:
 --   "E"                       KEYS: epoch marker (budget counters are valid only while it exists)
 --   "R", label, rpm           KEYS: GCRA theoretical arrival time (ms) for requests
 --   "T", label, tpm           KEYS: GCRA theoretical arrival time (ms) for tokens
@@ -29,11 +32,12 @@
 --                             later starts from the spend so far). ttl_s: the counter's expiry,
 --                             set when a charge creates it (0: none)
 -- KEYS and the checks are the same in every call for one key on one UTC day, and come first and
--- last: the gateway encodes them once and only ARGV[1..7] per call (limits.py, `Checks`).
+-- last: the gateway encodes them once and only the arguments between them per call (limits.py,
+-- `Checks`).
 --
 -- admit returns {1, cap, reservation, req_limit, req_remaining, req_reset_ms,
 --                tok_limit, tok_remaining, tok_reset_ms}   (-1 where no such limit applies)
---            or {0, reason, retry_after_ms, label}
+--            or {0, reason, retry_after_ms, label}   (its settlements are made either way)
 --   reason: "rebuild" | "rpm" | "tpm" | "tpm_too_large" | "concurrency" | "budget_spent" | "budget_reserved"
 -- settle and renew return {1}; rebuild returns {1} when it wrote, {0} when it was already done
 
@@ -41,16 +45,18 @@ local PERIOD = 60000 -- rate limits are per minute; a whole minute's worth may b
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local mode, lease, lease_ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local mode = ARGV[1]
 
 if mode == 'instance' then
     redis.call('SET', KEYS[1], now, 'NX')
     return {now - tonumber(redis.call('GET', KEYS[1]))}
 end
 
+local lease_ttl = tonumber(ARGV[2])
+
 if mode == 'renew' then
     for _, key in ipairs(KEYS) do
-        redis.call('ZADD', key, 'XX', now + lease_ttl, lease)
+        redis.call('ZADD', key, 'XX', now + lease_ttl, ARGV[3])
         redis.call('PEXPIRE', key, lease_ttl * 2)
     end
     return {1}
@@ -70,7 +76,9 @@ end
 -- Read all checks into a list first: phase 1 of admit evaluates, phase 2 writes. Each lease
 -- check also lists the budget checks that follow it (same scope): its reservations count
 -- against those.
-local checks, k, a, current = {}, 1, 8, nil
+local settlements = tonumber(ARGV[3])
+local first = 4 + 3 * settlements -- the admission's own arguments, or the checks
+local checks, k, a, current = {}, 1, first + ((mode == 'admit') and 5 or 0), nil
 while ARGV[a] do
     -- (each check's table is built whole: a table grown field by field is rehashed each time)
     local kind, c = ARGV[a], nil
@@ -109,9 +117,10 @@ local function read(wanted)
 end
 
 -- A budget counter is given its expiry when it is created (the increment is all it holds), not
--- on every settlement.
-local function charge(budget, amount, text)
-    if redis.call('INCRBY', budget.key, text or amount) == amount and budget.ttl > 0 then
+-- on every charge. The new count is kept for the checks that follow.
+local function charge(budget, amount)
+    budget.value = redis.call('INCRBY', budget.key, amount)
+    if budget.value == amount and budget.ttl > 0 then
         redis.call('EXPIRE', budget.key, budget.ttl)
     end
 end
@@ -144,38 +153,60 @@ local function reserved(lease_check)
     return tonumber(redis.call('HGET', lease_check.amounts, '=') or '0')
 end
 
-if mode == 'settle' then
-    local reserved_tokens, used = tonumber(ARGV[4]), tonumber(ARGV[5])
-    local refund = reserved_tokens - used
-    read(function(c) return c.kind == 'T' and refund ~= 0 end)
+-- The settlements this call carries: each frees its request's slot and reservation, gives back
+-- the tokens per minute it reserved but did not use (or charges an overrun), and charges what it
+-- used to the budget counters. Needs the "T" checks' values read.
+local function settle()
+    if settlements == 0 then return end
+    local leases, used = {}, 0
+    for i = 1, settlements do
+        leases[i] = ARGV[1 + 3 * i]
+        used = used + tonumber(ARGV[3 + 3 * i])
+    end
     for _, c in ipairs(checks) do
-        if c.kind == 'T' and refund ~= 0 then
-            -- Give back what was reserved but not used (or charge an overrun): move the
-            -- theoretical arrival time, never into the past.
+        if c.kind == 'T' then
+            -- Move the theoretical arrival time by each refund, never into the past.
             local tat = tonumber(c.value or now)
-            local moved = math.max(now, tat - refund * PERIOD / c.limit)
-            redis.call('SET', c.key, moved, 'PX', math.max(1, math.ceil(moved - now) + PERIOD))
-        elseif c.kind == 'L' then
-            redis.call('ZREM', c.key, lease)
-            -- The reservation is the one this lease made (ARGV[4]), unless the lease expired
-            -- and was reaped: then its entry is gone and the sum no longer holds it.
-            if reserved_tokens > 0 and redis.call('HDEL', c.amounts, lease) == 1 then
-                redis.call('HINCRBY', c.amounts, '=', '-' .. ARGV[4])
+            local moved = tat
+            for i = 1, settlements do
+                local refund = tonumber(ARGV[2 + 3 * i]) - tonumber(ARGV[3 + 3 * i])
+                if refund ~= 0 then moved = math.max(now, moved - refund * PERIOD / c.limit) end
             end
+            if moved ~= tat then
+                redis.call('SET', c.key, moved, 'PX', math.max(1, math.ceil(moved - now) + PERIOD))
+                c.value = moved
+            end
+        elseif c.kind == 'L' then
+            redis.call('ZREM', c.key, unpack(leases))
+            -- The reservation is the one the lease made, unless the lease expired and was
+            -- reaped: then its entry is gone and the sum no longer holds it.
+            local freed = 0
+            for i = 1, settlements do
+                local amount = tonumber(ARGV[2 + 3 * i])
+                if amount > 0 and redis.call('HDEL', c.amounts, leases[i]) == 1 then freed = freed + amount end
+            end
+            if freed > 0 then redis.call('HINCRBY', c.amounts, '=', -freed) end
         elseif c.kind == 'B' and used > 0 then
-            charge(c, used, ARGV[5])
+            charge(c, used)
         end
     end
+end
+
+if mode == 'settle' then
+    read(function(c) return c.kind == 'T' end)
+    settle()
     return {1}
 end
 
 -- admit, phase 1: evaluate every check, write nothing.
-local prompt, requested, default_cap, min_output =
-    tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local lease, prompt, requested, default_cap, min_output =
+    ARGV[first], tonumber(ARGV[first + 1]), tonumber(ARGV[first + 2]), tonumber(ARGV[first + 3]),
+    tonumber(ARGV[first + 4])
 -- room: the fewest tokens any token limit (TPM or budget) allows right now, and which one
 local room, room_label, room_reason, room_limit = nil, nil, nil, 0
 current = nil
 read(function(c) return c.kind ~= 'L' and not (c.kind == 'B' and c.limit < 0) end)
+settle()
 for _, c in ipairs(checks) do
     if c.kind == 'E' then
         if not c.value then return {0, 'rebuild', 1000, ''} end

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from importlib import resources
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 import hiredis
 import redis.exceptions
@@ -106,6 +106,17 @@ class Checks:
     leases: list[str]
     head: bytes  # EVALSHA <sha> <number of keys> KEYS..., RESP bulk strings
     tail: bytes  # the checks, RESP bulk strings
+    tenant_id: int | None = None  # whose counters the KEYS are (None: a call outside the request path)
+
+
+class Settlement(NamedTuple):
+    """A finished request's usage, queued for the next pipeline (limits.lua's settlement)."""
+
+    queued: float  # time.monotonic()
+    checks: Checks
+    lease: str
+    reserved: int
+    used: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,11 +175,11 @@ class Limiter:
         self.clock = clock
         self.script = client.register_script(resources.files("neuronetz").joinpath("limits.lua").read_text())
         self.leases: dict[str, list[str]] = {}  # lease id -> lease zsets, for renewal
-        self.settlements: list[tuple[float, Call]] = []  # (queued at, call)
+        self.settlements: list[Settlement] = []
         self._scheduled = False
-        self._admissions: list[tuple[Call, asyncio.Future[list[Any]]]] = []
+        self._admissions: list[tuple[Checks, list[str | int], asyncio.Future[list[Any]]]] = []
         self._sending: set[asyncio.Task[bool]] = set()
-        self._checks: dict[tuple[Subject, int], Checks] = {}
+        self._checks: dict[int, tuple[Subject, int, Checks]] = {}  # key id -> (subject, day, its checks)
         self.rebuilding: dict[int, asyncio.Task[None]] = {}
         self.tasks = Supervisor()
         self.unenforced = Throttled(log, "limits not enforced: Redis unreachable")
@@ -184,14 +195,18 @@ class Limiter:
     def checks(self, subject: Subject, now: float) -> Checks:
         """KEYS and ARGV checks for limits.lua, and the lease zsets among the KEYS; memoised,
         encoded, per subject and UTC day (the periods' ids cannot change within a day; their
-        TTLs only need to outlive the period)."""
-        memo = (subject, int(now // 86400))
-        found = self._checks.get(memo)
-        if found is None:
-            if len(self._checks) > 10_000:
-                self._checks.clear()
-            found = self._checks[memo] = self._build_checks(subject, now)
-        return found
+        TTLs only need to outlive the period). Found by key id, then compared: a subject is the
+        same object for every request of a key until its record is reloaded, and hashing one
+        would cost more than the rest of the lookup."""
+        day = int(now // 86400)
+        found = self._checks.get(subject.key_id)
+        if found is not None and found[1] == day and (found[0] is subject or found[0] == subject):
+            return found[2]
+        if len(self._checks) > 10_000:
+            self._checks.clear()
+        checks = self._build_checks(subject, now)
+        self._checks[subject.key_id] = (subject, day, checks)
+        return checks
 
     def _build_checks(self, subject: Subject, now: float) -> Checks:
         tag = self._tag(subject.tenant_id)
@@ -220,14 +235,15 @@ class Limiter:
                     current = period(name, now)
                     keys.append(f"{tag}used:{sid}:{current.id}")
                     args += ["B", f"{scope}:{name}", -1 if limit is None else limit, current.ttl]
-        return self._encoded(keys, args, leases)
+        return self._encoded(keys, args, leases, subject.tenant_id)
 
-    def _encoded(self, keys: list[str], args: list[str | int], leases: list[str]) -> Checks:
-        return Checks(keys, args, leases, _bulk(["EVALSHA", self.script.sha, len(keys), *keys]), _bulk(args))
+    def _encoded(self, keys: list[str], args: list[str | int], leases: list[str], tenant_id: int | None) -> Checks:
+        head = _bulk(["EVALSHA", self.script.sha, len(keys), *keys])
+        return Checks(keys, args, leases, head, _bulk(args), tenant_id)
 
     def _call(self, keys: list[str], argv: list[str | int]) -> Call:
         """A call outside the request path, whose arguments are all its own."""
-        return Call(self._encoded(keys, [], []), argv)
+        return Call(self._encoded(keys, [], [], None), argv)
 
     # --- admission and settlement ---------------------------------------------------------------
 
@@ -239,14 +255,13 @@ class Limiter:
         now = self.clock()
         checks = self.checks(subject, now)
         lease = os.urandom(9).hex()
-        call = Call(checks, [
-            "admit", lease, self.lease_ttl_ms, prompt_estimate,
-            -1 if requested_cap is None else requested_cap, self.default_cap, self.min_output,
-        ])  # fmt: skip
+        own: list[str | int] = [
+            lease, prompt_estimate, -1 if requested_cap is None else requested_cap, self.default_cap, self.min_output
+        ]  # fmt: skip
         try:
-            reply = await self._admit_together(call)
+            reply = await self._admit_together(checks, own)
             if int(reply[0]) == 0 and _text(reply[1]) == "rebuild" and await self._build_new(subject.tenant_id):
-                reply = await self._admit_together(call)
+                reply = await self._admit_together(checks, own)
         except REDIS_ERRORS as exc:
             if subject.budgeted:
                 raise ServiceUnavailable(
@@ -304,28 +319,29 @@ class Limiter:
         """Record the real usage: in the ledger always (under `model`, see `Ledger.record`), and
         against the limits exactly once per admission (a second call is a no-op); limits and
         budgets count every model alike. The settlement leaves the request path: it rides along
-        with the next pipeline (see `_flush`), which only ever holds a slot or a reservation a
-        moment longer, never less."""
+        with the next pipeline (see `_flush`, `_batch`), which only ever holds a slot or a
+        reservation a moment longer, never less."""
         self.ledger.record(subject.key_id, subject.tenant_id, prompt, completion, model=model)
         if admission is None or admission.settled:
             return
         admission.settled = True
         self.leases.pop(admission.lease, None)
-        argv: list[str | int] = ["settle", admission.lease, self.lease_ttl_ms, admission.reserved, prompt + completion,
-                                 0, 0]  # fmt: skip
-        self.settlements.append((time.monotonic(), Call(self.checks(subject, self.clock()), argv)))
+        checks = self.checks(subject, self.clock())
+        self.settlements.append(Settlement(time.monotonic(), checks, admission.lease, admission.reserved,
+                                           prompt + completion))  # fmt: skip
         self._schedule()
 
     # --- one pipeline per loop turn -----------------------------------------------------------------
     #
     # Every admission and settlement that comes up in one turn of the event loop goes to Redis in
-    # one pipeline. Each request still costs exactly one round trip to admit and one to settle,
-    # but a pipeline of many costs redis-py a quarter of the CPU per command that separate calls
-    # do, and settlements ride along with admissions (tests/bench/bench_limits.py).
+    # one pipeline. Each request still costs exactly one round trip to admit, but a pipeline of
+    # many costs redis-py a quarter of the CPU per command that separate calls do, and a key's
+    # settlements ride inside the call of its next admission: one script call per request
+    # instead of two (tests/bench/bench_limits.py).
 
-    async def _admit_together(self, call: Call) -> list[Any]:
+    async def _admit_together(self, checks: Checks, own: list[str | int]) -> list[Any]:
         future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        self._admissions.append((call, future))
+        self._admissions.append((checks, own, future))
         self._schedule()
         return await future
 
@@ -342,29 +358,65 @@ class Limiter:
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)
 
+    def _batch(
+        self,
+        admissions: list[tuple[Checks, list[str | int], asyncio.Future[list[Any]]]],
+        settlements: list[Settlement],
+    ) -> tuple[list[Call], list[list[Settlement]]]:
+        """One pipeline's calls, and the settlements each carries. A key's settlements go
+        together in one call: inside its first admission of the batch when the batch holds no
+        other key of its tenant, otherwise in a call of their own ahead of every admission. Either
+        way a request that ended gives back its slot before any admission of its tenant that came
+        up with it is counted (a client that sends its next request as soon as the last one ended
+        must not meet its own finished request in flight)."""
+        subjects: dict[int | None, set[int]] = {}  # tenant -> its Checks in this batch, by id
+        groups: dict[int, list[Settlement]] = {}
+        for settlement in settlements:
+            subjects.setdefault(settlement.checks.tenant_id, set()).add(id(settlement.checks))
+            groups.setdefault(id(settlement.checks), []).append(settlement)
+        for checks, _, _ in admissions:
+            subjects.setdefault(checks.tenant_id, set()).add(id(checks))
+        calls: list[Call] = []
+        carried: list[list[Settlement]] = []
+        riding = {id(checks) for checks, _, _ in admissions if len(subjects[checks.tenant_id]) == 1}
+        for identity, group in groups.items():
+            if identity not in riding:
+                calls.append(self._settling("settle", group[0].checks, group, []))
+                carried.append(group)
+        for checks, own, _ in admissions:
+            group = groups.pop(id(checks), []) if id(checks) in riding else []
+            calls.append(self._settling("admit", checks, group, own))
+            carried.append(group)
+        return calls, carried
+
+    def _settling(self, mode: str, checks: Checks, group: list[Settlement], own: list[str | int]) -> Call:
+        argv: list[str | int] = [mode, self.lease_ttl_ms, len(group)]
+        for settlement in group:
+            argv += [settlement.lease, settlement.reserved, settlement.used]
+        return Call(checks, argv + own)
+
     async def _send(
         self,
-        admissions: list[tuple[Call, asyncio.Future[list[Any]]]],
-        settlements: list[tuple[float, Call]],
+        admissions: list[tuple[Checks, list[str | int], asyncio.Future[list[Any]]]],
+        settlements: list[Settlement],
     ) -> bool:
-        # Settlements first: a request whose answer has ended gives back its slot before the
-        # admissions that came up with it are counted (a client that sends its next request as
-        # soon as the last one ended must not meet its own finished request in flight).
-        calls = [call for _, call in settlements] + [call for call, _ in admissions]
+        calls, carried = self._batch(admissions, settlements)
         if not calls:
             return True
         replies = await self._pipelined(calls)
-        for (_, future), reply in zip(admissions, replies[len(settlements) :], strict=True):
+        for (_, _, future), reply in zip(admissions, replies[len(replies) - len(admissions) :], strict=True):
             if not future.done():  # the request may have been cancelled meanwhile
                 if isinstance(reply, Exception):
                     future.set_exception(reply)
                 else:
                     future.set_result(reply)
-        unsent: list[tuple[float, Call]] = []
+        unsent: list[Settlement] = []
         error: BaseException | None = None
-        for item, reply in zip(settlements, replies, strict=False):
+        for group, reply in zip(carried, replies, strict=True):
+            if not group:
+                continue
             if _unreachable(reply):
-                unsent.append(item)
+                unsent += group
                 error = reply
             elif isinstance(reply, Exception):
                 log.error("settlement refused by Redis", extra={"fields": {"error": str(reply)}})
@@ -372,11 +424,11 @@ class Limiter:
             self._keep(unsent, error)
         return error is None
 
-    def _keep(self, settlements: list[tuple[float, Call]], exc: BaseException) -> None:
+    def _keep(self, settlements: list[Settlement], exc: BaseException) -> None:
         """Hold settlements through a Redis outage until their leases would have expired anyway
         (then the lease charges the full reservation, never less than was used), and retry."""
         horizon = time.monotonic() - self.lease_ttl_ms / 1000
-        kept = [item for item in settlements if item[0] > horizon]
+        kept = [item for item in settlements if item.queued > horizon]
         if settlements:
             self.settle_failed(error=type(exc).__name__, pending=len(kept), given_up=len(settlements) - len(kept))
         self.settlements = kept + self.settlements
@@ -461,7 +513,7 @@ class Limiter:
         """Extend the leases of requests still in flight (long streams outlive one lease)."""
         if not self.leases:
             return
-        calls = [self._call(zsets, ["renew", lease, self.lease_ttl_ms]) for lease, zsets in list(self.leases.items())]
+        calls = [self._call(zsets, ["renew", self.lease_ttl_ms, lease]) for lease, zsets in list(self.leases.items())]
         for reply in await self._pipelined(calls):
             if isinstance(reply, Exception):
                 self.renew_failed(error=type(reply).__name__)
@@ -611,14 +663,21 @@ def _node_marker(cluster: RedisCluster, prefix: str, node: str) -> str | None:
 
 
 async def _exchange(connection: Any, payload: bytes, count: int) -> list[Any]:
-    """Send encoded commands at once and read their replies, an error reply in its place."""
+    """Send encoded commands at once and read their replies, an error reply in its place. The
+    connection's socket timeout bounds the whole exchange rather than each reply (redis-py
+    would start a timer per reply: `math.inf` tells it not to)."""
     await connection.send_packed_command(payload)
     replies: list[Any] = []
-    for _ in range(count):
-        try:
-            replies.append(await connection.read_response())
-        except redis.exceptions.ResponseError as exc:
-            replies.append(exc)
+    try:
+        async with asyncio.timeout(connection.socket_timeout):
+            for _ in range(count):
+                try:
+                    replies.append(await connection.read_response(timeout=math.inf))
+                except redis.exceptions.ResponseError as exc:
+                    replies.append(exc)
+    except TimeoutError:
+        await connection.disconnect(nowait=True)  # its replies may still come: never reuse it
+        raise redis.exceptions.TimeoutError("Timeout reading from Redis") from None
     return replies
 
 
@@ -635,13 +694,18 @@ def _text(value: Any) -> str:
 
 
 def _headers(reply: list[Any]) -> list[tuple[bytes, bytes]]:
+    """OpenAI's rate-limit headers from an admission's reply (integers, -1: no such limit)."""
     headers: list[tuple[bytes, bytes]] = []
-    for offset, kind in ((3, b"requests"), (6, b"tokens")):
-        limit, remaining, reset = (int(v) for v in reply[offset : offset + 3])
-        if limit >= 0:
-            headers += [
-                (b"x-ratelimit-limit-" + kind, str(limit).encode()),
-                (b"x-ratelimit-remaining-" + kind, str(max(remaining, 0)).encode()),
-                (b"x-ratelimit-reset-" + kind, _duration(reset).encode()),
-            ]
+    if reply[3] >= 0:
+        headers += (
+            (b"x-ratelimit-limit-requests", b"%d" % reply[3]),
+            (b"x-ratelimit-remaining-requests", b"%d" % max(reply[4], 0)),
+            (b"x-ratelimit-reset-requests", _duration(reply[5]).encode()),
+        )
+    if reply[6] >= 0:
+        headers += (
+            (b"x-ratelimit-limit-tokens", b"%d" % reply[6]),
+            (b"x-ratelimit-remaining-tokens", b"%d" % max(reply[7], 0)),
+            (b"x-ratelimit-reset-tokens", _duration(reply[8]).encode()),
+        )
     return headers

@@ -21,8 +21,8 @@ from redis.asyncio.connection import Connection
 
 from neuronetz import tenants
 from neuronetz.budgets import Ledger
-from neuronetz.errors import BudgetExceeded, RateLimited
-from neuronetz.limits import Call, Limiter, Limits, Subject
+from neuronetz.errors import BudgetExceeded, RateLimited, ServiceUnavailable
+from neuronetz.limits import Admission, Call, Limiter, Limits, Subject, in_flight, spent
 from tests.asgi import in_process
 from tests.emulator import Emulator
 from tests.support import Admin, GatewayProcess, PrivateRedis, auth
@@ -386,7 +386,7 @@ async def test_each_days_calls_are_encoded_as_redis_py_would_send_them(limiter_w
     for _ in range(2):
         checks = limiter.checks(subject, clock.now)
         assert limiter.checks(subject, clock.now) is checks  # encoded once per day
-        call = Call(checks, ["admit", "lease-1", 30000, 12, -1, 100, 1])
+        call = Call(checks, ["admit", 30000, 1, "lease-0", 30, 12, "lease-1", 12, -1, 100, 1])
         assert len(call.args(limiter.script.sha)) > 60
         assert call.wire() == b"".join(packer.pack_command(*call.args(limiter.script.sha)))
         day = dt.datetime.fromtimestamp(clock.now, dt.UTC).strftime("d%Y%m%d").encode()
@@ -428,6 +428,114 @@ async def test_a_settlement_frees_its_slot_for_an_admission_sent_with_it(limiter
         await limiter.admit(subject, 5, 10)
     limiter.settle(first, subject, 5, 10, model="tiny")
     assert (await limiter.admit(subject, 5, 10)) is not None  # queued after the settlement, sent with it
+
+
+def pipelines_of(limiter: Limiter, monkeypatch: pytest.MonkeyPatch) -> list[list[Call]]:
+    """The calls of each pipeline the limiter sends from now on."""
+    sent: list[list[Call]] = []
+    send = limiter._pipelined
+
+    async def recorded(calls: list[Call], *rest: Any) -> list[Any]:
+        sent.append(calls)
+        return await send(calls, *rest)
+
+    monkeypatch.setattr(limiter, "_pipelined", recorded)
+    return sent
+
+
+async def test_a_keys_settlements_ride_in_its_next_admission_and_each_counts(
+    limiter_with_clock: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three requests end and the key's next one comes up in the same loop turn: one script
+    call admits it and settles all three, each with its own usage and reservation."""
+    limiter, clock = limiter_with_clock
+    tenant_id = secrets.randbelow(10**9) + 5 * 10**9
+    every = Limits(rpm=1000, tpm=100_000, max_concurrent=10, daily_tokens=10_000, monthly_tokens=10**6,
+                   total_tokens=10**7)  # fmt: skip
+    subject = Subject(1, tenant_id, every, every)
+    await _ready(limiter, tenant_id)
+    ended = [await limiter.admit(subject, 5, 20) for _ in range(3)]
+    pipelines = pipelines_of(limiter, monkeypatch)
+    for admission, used in zip(ended, (7, 11, 13), strict=True):
+        assert admission is not None
+        limiter.settle(admission, subject, used, 0, model="tiny")
+    admission = await limiter.admit(subject, 5, 20)
+    assert admission is not None
+    assert [len(calls) for calls in pipelines] == [1]
+    assert await in_flight(limiter.redis, limiter.prefix, tenant_id, "t") == 1
+    assert await in_flight(limiter.redis, limiter.prefix, tenant_id, "k1") == 1
+    used = {"daily_tokens": 31, "monthly_tokens": 31, "total_tokens": 31}
+    assert await spent(limiter.redis, limiter.prefix, tenant_id, clock.now) == used
+    for sid in ("t", "k1"):  # only the new request's reservation is held
+        assert await limiter.redis.hget(f"{limiter.prefix}{{t{tenant_id}}}:reserved:{sid}", "=") == b"25"
+    # Tokens per minute: what the three used and the new one's reservation, not four reservations.
+    remaining = int(dict(admission.headers)[b"x-ratelimit-remaining-tokens"])
+    assert 100_000 - 31 - 25 <= remaining <= 100_000 - 25
+
+
+async def test_a_settlement_goes_ahead_of_admissions_of_its_tenants_other_keys(limiter_with_clock: Any) -> None:
+    """A tenant allows one request in flight. Its request on key A ends as one on key B and
+    A's next one come up: A's settlement is not held back for A's next admission; B gets the
+    slot it freed, and A's next one is refused."""
+    limiter, _ = limiter_with_clock
+    tenant_id = secrets.randbelow(10**9) + 6 * 10**9
+    a, b = (Subject(key_id, tenant_id, Limits(), Limits(max_concurrent=1)) for key_id in (1, 2))
+    first = await limiter.admit(a, 5, 10)
+    on_b, again_on_a = asyncio.ensure_future(limiter.admit(b, 5, 10)), asyncio.ensure_future(limiter.admit(a, 5, 10))
+    limiter.settle(first, a, 5, 10, model="tiny")  # queued in the same turn, after both admissions
+    answers = await asyncio.gather(on_b, again_on_a, return_exceptions=True)
+    assert isinstance(answers[0], Admission)
+    assert isinstance(answers[1], RateLimited)
+    assert "in flight" in str(answers[1])
+
+
+async def test_an_expired_lease_charged_by_an_admission_counts_against_that_admission(
+    limiter_with_clock: Any,
+) -> None:
+    """A request's holder died: its lease expires and the next admission charges its whole
+    reservation to the budget, and must then see that charge: 100 - 65 - 5 leaves room for
+    30 tokens of output, not 60."""
+    limiter, _ = limiter_with_clock
+    tenant_id = secrets.randbelow(10**9) + 7 * 10**9
+    subject = Subject(1, tenant_id, Limits(daily_tokens=100), Limits())
+    await _ready(limiter, tenant_id)
+    crashed = await limiter.admit(subject, 5, 60)
+    assert crashed is not None
+    assert crashed.reserved == 65
+    limiter.leases.pop(crashed.lease)  # no one renews it
+    await limiter.redis.zadd(f"{limiter.prefix}{{t{tenant_id}}}:lease:k1", {crashed.lease: 1})  # expired long ago
+    after = await limiter.admit(subject, 5, 60)
+    assert after is not None
+    assert after.cap == 30
+
+
+async def test_a_redis_that_stops_answering_fails_the_admission_in_bounded_time(
+    redis_prefix: str, database_url: str
+) -> None:
+    """A Redis that takes the calls and never answers (hung, or a black hole on the way): the
+    connection's socket timeout bounds the whole exchange, and a budgeted request gets 503."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def hold(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = aioredis.Redis(host="127.0.0.1", port=port, socket_timeout=0.3)
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+    limiter = Limiter(client, Ledger(pool), prefix=redis_prefix + "unit:", lease_ttl=30, default_cap=100, min_output=1)
+    try:
+        started = time.monotonic()
+        with pytest.raises(ServiceUnavailable, match="budget store is unreachable"):
+            await limiter.admit(Subject(1, 1, Limits(daily_tokens=100), Limits()), 5, 10)
+        assert time.monotonic() - started < 10
+        assert accepted  # it was reached, and did not answer
+    finally:
+        await client.aclose()
+        await pool.close()
+        for writer in accepted:
+            writer.close()
+        server.close()
 
 
 FATES = st.sampled_from(["done", "cancelled", "late"])

@@ -3,7 +3,7 @@
     .venv/bin/python tests/bench/profile_gateway.py [--seconds 10] [--rate 250]
 
 The rig of bench_gateway.py (emulator and this load generator on CPU 0, one Granian worker on
-CPU 1, `POST /api/chat` with a key without limits, c=32) while two things are read:
+CPU 1, `POST /api/chat` with a key without limits, or with `--limits` every limit set, c=32) while two things are read:
 
 * each thread of the worker from /proc (utime + stime): the event-loop thread, which runs all
   Python code, and Granian's Rust runtime threads, which read requests off the sockets and
@@ -34,6 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 from tests.bench import loadgen
+from tests.bench.bench_limits import EVERY_LIMIT
 
 # A sample is charged to the module of its innermost neuronetz frame (MODULES), so library and
 # C code (redis-py, asyncpg, orjson, uvloop's socket calls) counts for the code that called
@@ -83,6 +84,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--rate", type=int, default=250, help="py-spy samples per second (default 250)")
     add("--concurrency", type=int, default=32, help="connections (default 32)")
     add("--keep", type=Path, help="also write py-spy's raw stacks to this file")
+    add("--limits", action="store_true",
+        help="a key whose key and tenant set every limit and budget (bench_limits.py's), not one without")  # fmt: skip
     parser.set_defaults(seconds=10.0)
     return parser.parse_args(argv)
 
@@ -138,7 +141,8 @@ async def run(args: argparse.Namespace) -> int:
     spy = py_spy()
     loadgen.pin_self(loadgen.LOADGEN_CPU)
     async with loadgen.bench_store("prof") as store:
-        key = await loadgen.make_key(store, "bench")
+        limits = {**EVERY_LIMIT, **{f"t_{name}": value for name, value in EVERY_LIMIT.items()}} if args.limits else {}
+        key = await loadgen.make_key(store, "bench", **limits)
         with loadgen.services() as started:
             _, gateway = loadgen.start_rig(started, store.database_url, store.redis_prefix)
             worker = gateway.tree()[1]
@@ -180,7 +184,8 @@ async def run(args: argparse.Namespace) -> int:
     assert plain.cpu is not None
     per_request = plain.cpu.others["gateway"] * plain.seconds / requests * 1e6
     loop_us = threads.get("event loop (Python)", 0.0) / requests * 1e6
-    print(f"\n# Where a proxied request's CPU goes (c={args.concurrency}, POST /api/chat, key without limits)\n")
+    which = "key and tenant with every limit and budget" if args.limits else "key without limits"
+    print(f"\n# Where a proxied request's CPU goes (c={args.concurrency}, POST /api/chat, {which})\n")
     print(f"unprofiled: {plain.rps:,.0f} req/s, gateway CPU {per_request:.0f} us per request ({plain.cpu.describe()})")
     print(f"profiled ({args.rate} Hz, py-spy --native): {profiled.rps:,.0f} req/s, {total} samples\n")
     rows = [[name, f"{seconds / requests * 1e6:.0f} us"] for name, seconds in sorted(threads.items())]
