@@ -464,8 +464,8 @@ async def test_a_keys_settlements_ride_in_its_next_admission_and_each_counts(
     assert [len(calls) for calls in pipelines] == [1]
     assert await in_flight(limiter.redis, limiter.prefix, tenant_id, "t") == 1
     assert await in_flight(limiter.redis, limiter.prefix, tenant_id, "k1") == 1
-    used = {"daily_tokens": 31, "monthly_tokens": 31, "total_tokens": 31}
-    assert await spent(limiter.redis, limiter.prefix, tenant_id, clock.now) == used
+    spent_tokens = {"daily_tokens": 31, "monthly_tokens": 31, "total_tokens": 31}
+    assert await spent(limiter.redis, limiter.prefix, tenant_id, clock.now) == spent_tokens
     for sid in ("t", "k1"):  # only the new request's reservation is held
         assert await limiter.redis.hget(f"{limiter.prefix}{{t{tenant_id}}}:reserved:{sid}", "=") == b"25"
     # Tokens per minute: what the three used and the new one's reservation, not four reservations.
