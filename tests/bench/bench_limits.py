@@ -231,10 +231,10 @@ async def through_gateway(
     ratio = statistics.median(r.rps for r in runs[labels[0]]) / statistics.median(r.rps for r in runs[labels[1]])
     lines = [
         "## B. Gateway requests/s at c=32: every limit and budget set vs none",
-        "method: `python -m neuronetz serve --workers 1` on CPU 1, emulator + load generator on CPU 0 (Redis and "
-        "Postgres float); non-streaming POST /api/chat (75 B body, 337 B answer); closed loop, 32 keep-alive "
-        f"connections, 1 s warm-up + {args.seconds:g} s, {args.repeat} interleaved repeats (median run shown); keys "
-        "of two tenants: one with every limit on key and tenant (generous: none refuses), one with none",
+        "method: `python -m neuronetz serve --workers 1` on CPU 1, emulator + load generator and the benchmark's "
+        "Redis on CPU 0 (Postgres floats); non-streaming POST /api/chat (75 B body, 337 B answer); closed loop, 32 "
+        f"keep-alive connections, 1 s warm-up + {args.seconds:g} s, {args.repeat} interleaved repeats (median run "
+        "shown); keys of two tenants: one with every limit on key and tenant (generous: none refuses), one with none",
         loadgen.table(
             [
                 "key",
@@ -282,7 +282,7 @@ async def measure(args: argparse.Namespace, redis_pid: int) -> int:
         ["worker CPU per admit + settle, every limit, sequential", f"{cpu:.0f} us", "report", "n/a"],
         ["limits.lua per call (Redis, INFO commandstats)", f"{script:.0f} us", "report", "n/a"],
     ]  # fmt: skip
-    loadgen.report("limits and budgets (issue 6)", summary, f"placement: {loadgen.placement()}",
+    loadgen.report("limits and budgets (issue 6)", summary, f"placement: {loadgen.placement(loadgen.OWN_REDIS)}",
                    "(CPU per admission + settlement and the script's time: see section A; no numeric target was set "
                    "for them)",
                    "\n".join(section_a), "\n".join(section_b))  # fmt: skip

@@ -313,8 +313,8 @@ def report(results: dict[tuple[str, int], dict[str, Any]], args: argparse.Namesp
     loadgen.report(
         "what a request costs Redis and Postgres (issue 16)",
         summary,
-        f"placement: {loadgen.placement()}; Redis and Postgres are private servers of this run (nobody else's "
-        "load in their counters), floating over both cores",
+        f"placement: {loadgen.placement(loadgen.OWN_SERVICES)} (private servers of this run: nobody else's load in "
+        "their counters)",
         "\n".join(
             [
                 "## Per request",

@@ -64,12 +64,18 @@ def pinned(cpu: int | str, command: list[str]) -> list[str]:
     return ["taskset", "-c", str(cpu), *command] if can_pin() else command
 
 
-def placement() -> str:
+SHARED_SERVICES = "Redis and Postgres not pinned (they float over both CPUs)"
+# A server a benchmark starts itself inherits the CPU of the load generator that starts it.
+OWN_REDIS = f"the benchmark's own Redis on CPU {LOADGEN_CPU} too, Postgres not pinned"
+OWN_SERVICES = f"the benchmark's own Redis and Postgres on CPU {LOADGEN_CPU} too"
+
+
+def placement(services: str = SHARED_SERVICES) -> str:
     if not can_pin():
         return "NOT pinned (needs taskset and CPUs 0 and 1): read the numbers as indicative only"
     return (
         f"emulator + load generator on CPU {LOADGEN_CPU}, gateway (Granian main + worker) on CPU {GATEWAY_CPU}; "
-        "Redis and Postgres not pinned (they float over both CPUs)"
+        + services
     )
 
 
