@@ -126,19 +126,27 @@ async def test_max_concurrent_holds_and_slots_come_back(
         refused = next(a for a in answers if a.status_code == 429)
         assert refused.json()["error"] == "Too many requests in flight: this key may have 2 at once."
         # After completion: both slots are free again.
-        again = await asyncio.gather(
-            *(client.post(gateway.url + "/api/generate", json=body, headers=auth(key)) for _ in range(2))
-        )
-        assert [a.status_code for a in again] == [200, 200]
-        # After a client disconnect: the slot comes back at once.
+        assert await both_admitted(client, gateway.url, body, key) == [200, 200]
+        # After a client disconnect: the slot comes back (the forward is cancelled at once).
         async with client.stream("POST", gateway.url + "/api/generate", json=body, headers=auth(key)) as stream:
             async for _ in stream.aiter_lines():
                 break
-        await asyncio.sleep(0.2)
-        after = await asyncio.gather(
-            *(client.post(gateway.url + "/api/generate", json=body, headers=auth(key)) for _ in range(2))
+        assert await both_admitted(client, gateway.url, body, key) == [200, 200]
+
+
+async def both_admitted(client: httpx.AsyncClient, url: str, body: dict[str, Any], key: str) -> list[int]:
+    """Two requests at once, asked again while one meets a slot still held, for a few seconds:
+    a request settles after its answer's last byte is sent, so a client quicker than the
+    gateway's next event-loop turn (a busy machine) can still meet it in flight."""
+    deadline = time.monotonic() + 5
+    while True:
+        answers = await asyncio.gather(
+            *(client.post(url + "/api/generate", json=body, headers=auth(key)) for _ in range(2))
         )
-        assert [a.status_code for a in after] == [200, 200]
+        statuses = [answer.status_code for answer in answers]
+        if statuses == [200, 200] or time.monotonic() > deadline:
+            return statuses
+        assert all(answer.status_code == 200 or "in flight" in answer.json()["error"] for answer in answers)
 
 
 async def test_a_killed_replicas_slots_expire_with_their_lease(
