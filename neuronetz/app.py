@@ -280,13 +280,10 @@ class App:
         if key.log_prompts:
             exchange.prompt = _prompt_of(body)
             exchange.outcome.text = []
-        try:
-            async with self._forwarding(request, send, exchange):
-                await worker.forwarder.forward(
-                    request, send, exchange, model, endpoint.backend_path, orjson.dumps(body) if rewrite else raw,
-                    queue_as=key, strip_usage=strip_usage, cap=cap,
-                )  # fmt: skip
-        finally:
+
+        def settle() -> None:
+            # Synchronous (queued for the next Redis pipeline): a cancelled request settles too.
+            exchange.complete = None  # once
             usage = exchange.outcome.usage
             if exchange.backend is None:  # nothing reached a backend: nothing to charge
                 prompt, completion = 0, 0
@@ -297,8 +294,18 @@ class App:
             else:  # cut short (disconnect, failure, unreadable counters): the estimate and the tokens seen
                 prompt, completion = estimate, usage.completion_tokens
                 usage.prompt_tokens = estimate
-            # Synchronous (queued for the next Redis pipeline): a cancelled request settles too.
             worker.limiter.settle(admission, key.subject, prompt, completion, model=_ledger_model(model))
+
+        exchange.complete = settle  # before the answer's last bytes, when it completes (proxy.py)
+        try:
+            async with self._forwarding(request, send, exchange):
+                await worker.forwarder.forward(
+                    request, send, exchange, model, endpoint.backend_path, orjson.dumps(body) if rewrite else raw,
+                    queue_as=key, strip_usage=strip_usage, cap=cap,
+                )  # fmt: skip
+        finally:
+            if exchange.complete is not None:  # it did not complete: an error, a disconnect
+                settle()
 
     async def show(self, endpoint: Endpoint, request: Request, send: Send, exchange: Exchange) -> None:
         raw: bytes | None

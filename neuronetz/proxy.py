@@ -22,6 +22,7 @@ import asyncio
 import functools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -100,6 +101,10 @@ class Exchange:
     prompt: dict[str, Any] | None = None  # kept only for keys that log prompts
     removed_tools: str | None = None  # server-side tools taken out of the request (dialects.py)
     outcome: Outcome = field(default_factory=Outcome)
+    # Called once the answer is whole and its usage read, before its last bytes go to the
+    # client (app.py settles the request's limits there): a client that sends its next request
+    # the moment this one ended must find its slot free. Errors and cancellations settle after.
+    complete: Callable[[], None] | None = None
 
 
 def backend_error(exc: BaseException, backend: str) -> GatewayError | BackendUnreachable:
@@ -306,11 +311,17 @@ async def _exchange(
             extra.append((b"content-length", length))
             whole = int(length)
         await _start(send, request, exchange, status, content_type, extra)
+        held = b""  # an answer of declared length: its latest bytes, the last ones sent once it is complete
         try:
             async for chunk in cast(httpx.AsyncByteStream, response.stream):
                 forwarded = relay.feed(chunk)
                 if forwarded:
-                    await _body(send, exchange, forwarded, whole)
+                    if whole is None:
+                        await _body(send, exchange, forwarded)
+                    else:
+                        if held:
+                            await _body(send, exchange, held, whole)
+                        held = forwarded
                 if cap is not None and exchange.stream and outcome.usage.completion_tokens > cap + CAP_SLACK:
                     message = "The answer reached the output token limit and was cut off."
                     await end_with_error(send, request, exchange, message, "max_tokens_reached")
@@ -344,6 +355,10 @@ async def _exchange(
             # The backend's own error record, passed on, or an answer that cannot be trusted:
             # audited as a backend error.
             exchange.error_code = "backend_error"
+        if exchange.complete is not None:
+            exchange.complete()
+        if held:
+            await _body(send, exchange, held, whole)
         if not exchange.ended:
             await http.finish(send)
     finally:

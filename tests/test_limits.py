@@ -7,7 +7,7 @@ import contextlib
 import datetime as dt
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, MutableMapping
 from typing import Any
 
 import asyncpg
@@ -20,10 +20,11 @@ from hypothesis import strategies as st
 from redis.asyncio.connection import Connection
 
 from neuronetz import tenants
+from neuronetz.app import App
 from neuronetz.budgets import Ledger
 from neuronetz.errors import BudgetExceeded, RateLimited, ServiceUnavailable
 from neuronetz.limits import Admission, Call, Limiter, Limits, Subject, in_flight, spent
-from tests.asgi import in_process
+from tests.asgi import ASGITransport, in_process, open_worker
 from tests.emulator import Emulator
 from tests.support import Admin, GatewayProcess, PrivateRedis, auth
 
@@ -135,9 +136,10 @@ async def test_max_concurrent_holds_and_slots_come_back(
 
 
 async def both_admitted(client: httpx.AsyncClient, url: str, body: dict[str, Any], key: str) -> list[int]:
-    """Two requests at once, asked again while one meets a slot still held, for a few seconds:
-    a request settles after its answer's last byte is sent, so a client quicker than the
-    gateway's next event-loop turn (a busy machine) can still meet it in flight."""
+    """Two requests at once, asked again for a few seconds while one meets a slot still held.
+    (A request is settled before its answer's last bytes go out, see the test below, but its
+    settlement and the next admission can go to Redis in separate pipelines on separate
+    connections, which Redis may take in either order when both arrive at once.)"""
     deadline = time.monotonic() + 5
     while True:
         answers = await asyncio.gather(
@@ -147,6 +149,44 @@ async def both_admitted(client: httpx.AsyncClient, url: str, body: dict[str, Any
         if statuses == [200, 200] or time.monotonic() > deadline:
             return statuses
         assert all(answer.status_code == 200 or "in flight" in answer.json()["error"] for answer in answers)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_request_gives_its_slot_back_before_its_answers_last_bytes(
+    gateway_env: dict[str, str], admin: Admin, stream: bool
+) -> None:
+    """A client that sends its next request the moment its answer is whole must find its slot
+    free: the request is settled before the send that completes its answer (the last bytes of
+    an answer of declared length, the end of a stream), not after it."""
+    key = await admin.key(max_concurrent=1)
+    async with open_worker(gateway_env) as worker:
+        application = App()
+        application.attach(worker)
+        ends: list[tuple[int | None, bool]] = []  # (declared length, a lease still held) when the answer completed
+
+        async def watched(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            length: int | None = None
+            sent = 0
+
+            async def watching(message: MutableMapping[str, Any]) -> None:
+                nonlocal length, sent
+                if message["type"] == "http.response.start":
+                    declared = dict(message.get("headers", [])).get(b"content-length")
+                    length = None if declared is None else int(declared)
+                elif message["type"] == "http.response.body":
+                    sent += len(message.get("body", b""))
+                    if not ends and (sent == length or not message.get("more_body", False)):
+                        ends.append((length, bool(worker.limiter.leases)))
+                await send(message)
+
+            await application(scope, receive, watching)
+
+        async with httpx.AsyncClient(transport=ASGITransport(watched), base_url="http://gateway") as client:
+            answer = await client.post("/api/generate", json={**GENERATE, "stream": stream}, headers=auth(key))
+    assert answer.status_code == 200
+    [(length, held)] = ends
+    assert (length is None) is stream  # a whole answer of declared length; a stream without one
+    assert not held
 
 
 async def test_a_killed_replicas_slots_expire_with_their_lease(
