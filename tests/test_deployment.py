@@ -58,12 +58,16 @@ CODENAMES = {12: "bookworm", 13: "trixie", 14: "forky"}
 DISTROLESS_PYTHON = {12: "3.11", 13: "3.13"}
 # The packages distroless python3-debianN is made of, one per line (sources cited there).
 DISTROLESS_PACKAGE_LISTS = ROOT / "ops" / "rootfs"
+# Ollama keeps its models and keys under $HOME/.ollama (envconfig.Models in Ollama's source
+# defaults to that home's .ollama/models), and its image sets no USER: it runs as root, whose
+# home in the image is this one.
+OLLAMA_IMAGE_HOME = "/root"
 # Where each image keeps its data inside its container (paths in the images, not on this
 # machine), as the images' public documentation gives them:
 IMAGE_DATA_DIRECTORIES = {
     "postgres": "/var/lib/postgresql/data",  # PGDATA, https://hub.docker.com/_/postgres
     "redis": "/data",  # persistent storage, https://hub.docker.com/_/redis
-    "ollama": "/root/.ollama",  # https://github.com/ollama/ollama/blob/main/docs/docker.md
+    "ollama": f"{OLLAMA_IMAGE_HOME}/.ollama",  # the volume Ollama's Docker instructions mount
 }
 # The users, groups and environment of every distroless image (distroless common/BUILD.bazel,
 # static/static.bzl, python3/python.bzl).
