@@ -179,6 +179,8 @@ class Limiter:
         self._scheduled = False
         self._admissions: list[tuple[Checks, list[str | int], asyncio.Future[list[Any]]]] = []
         self._sending: set[asyncio.Task[bool]] = set()
+        self._unanswered: set[int | None] = set()  # tenants whose settlements are in an unanswered pipeline
+        self._holding = False  # a flush left calls queued behind such a pipeline
         self._checks: dict[int, tuple[Subject, int, Checks]] = {}  # key id -> (subject, day, its checks)
         self.rebuilding: dict[int, asyncio.Task[None]] = {}
         self.tasks = Supervisor()
@@ -338,6 +340,12 @@ class Limiter:
     # many costs redis-py a quarter of the CPU per command that separate calls do, and a key's
     # settlements ride inside the call of its next admission: one script call per request
     # instead of two (tests/bench/bench_limits.py).
+    #
+    # Order: a request that ended must give back its slot before its tenant's next admission is
+    # counted. Within a pipeline `_batch` puts settlements first. Across pipelines nothing orders
+    # them (they may go out on different connections), so while a pipeline carrying a tenant's
+    # settlements is unanswered, that tenant's new calls wait and go together in the pipeline
+    # after it: at most one such pipeline per tenant is in flight.
 
     async def _admit_together(self, checks: Checks, own: list[str | int]) -> list[Any]:
         future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
@@ -354,9 +362,29 @@ class Limiter:
         self._scheduled = False
         admissions, self._admissions = self._admissions, []
         settlements, self.settlements = self.settlements, []
+        self._holding = False
+        if self._unanswered:
+            busy = self._unanswered
+            self._admissions = [item for item in admissions if item[0].tenant_id in busy]
+            self.settlements = [item for item in settlements if item.checks.tenant_id in busy]
+            self._holding = bool(self._admissions or self.settlements)
+            admissions = [item for item in admissions if item[0].tenant_id not in busy]
+            settlements = [item for item in settlements if item.checks.tenant_id not in busy]
+        admissions = [item for item in admissions if not item[2].done()]  # not for a request cancelled meanwhile
+        if not (admissions or settlements):
+            return
+        tenants = {item.checks.tenant_id for item in settlements}  # none of them busy: see above
+        self._unanswered |= tenants
         task = asyncio.create_task(self._send(admissions, settlements))
         self._sending.add(task)
-        task.add_done_callback(self._sending.discard)
+        task.add_done_callback(lambda done: self._answered(done, tenants))
+
+    def _answered(self, task: asyncio.Task[bool], tenants: set[int | None]) -> None:
+        self._sending.discard(task)
+        self._unanswered -= tenants
+        if self._holding:
+            self._holding = False
+            self._schedule()
 
     def _batch(
         self,
@@ -400,10 +428,15 @@ class Limiter:
         admissions: list[tuple[Checks, list[str | int], asyncio.Future[list[Any]]]],
         settlements: list[Settlement],
     ) -> bool:
-        calls, carried = self._batch(admissions, settlements)
-        if not calls:
-            return True
-        replies = await self._pipelined(calls)
+        try:
+            calls, carried = self._batch(admissions, settlements)
+            replies = await self._pipelined(calls) if calls else []
+        except Exception as exc:  # a defect here must fail its requests, not leave them waiting
+            log.exception("limits pipeline failed")
+            for _, _, future in admissions:
+                if not future.done():
+                    future.set_exception(exc)
+            return False
         for (_, _, future), reply in zip(admissions, replies[len(replies) - len(admissions) :], strict=True):
             if not future.done():  # the request may have been cancelled meanwhile
                 if isinstance(reply, Exception):

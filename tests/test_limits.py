@@ -126,8 +126,13 @@ async def test_max_concurrent_holds_and_slots_come_back(
         assert statuses == [200, 200, 429, 429, 429, 429]
         refused = next(a for a in answers if a.status_code == 429)
         assert refused.json()["error"] == "Too many requests in flight: this key may have 2 at once."
-        # After completion: both slots are free again.
-        assert await both_admitted(client, gateway.url, body, key) == [200, 200]
+        # After completion: both slots are free again, at once (the settlements are counted
+        # before the next admissions: test_a_request_gives_its_slot_back_before_its_answers_last_bytes,
+        # test_an_admission_waits_for_its_tenants_settlements_already_on_their_way).
+        again = await asyncio.gather(
+            *(client.post(gateway.url + "/api/generate", json=body, headers=auth(key)) for _ in range(2))
+        )
+        assert [answer.status_code for answer in again] == [200, 200]
         # After a client disconnect: the slot comes back (the forward is cancelled at once).
         async with client.stream("POST", gateway.url + "/api/generate", json=body, headers=auth(key)) as stream:
             async for _ in stream.aiter_lines():
@@ -136,10 +141,9 @@ async def test_max_concurrent_holds_and_slots_come_back(
 
 
 async def both_admitted(client: httpx.AsyncClient, url: str, body: dict[str, Any], key: str) -> list[int]:
-    """Two requests at once, asked again for a few seconds while one meets a slot still held.
-    (A request is settled before its answer's last bytes go out, see the test below, but its
-    settlement and the next admission can go to Redis in separate pipelines on separate
-    connections, which Redis may take in either order when both arrive at once.)"""
+    """Two requests at once, asked again for a few seconds while one meets a slot still held:
+    the gateway learns of a client's disconnect a moment after the client has gone, and only
+    then cancels the forward and settles."""
     deadline = time.monotonic() + 5
     while True:
         answers = await asyncio.gather(
@@ -535,6 +539,61 @@ async def test_a_settlement_goes_ahead_of_admissions_of_its_tenants_other_keys(l
     assert isinstance(answers[0], Admission)
     assert isinstance(answers[1], RateLimited)
     assert "in flight" in str(answers[1])
+
+
+async def test_an_admission_waits_for_its_tenants_settlements_already_on_their_way(
+    limiter_with_clock: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request's settlement is on its way to Redis (its pipeline sent, not yet answered) when
+    the key's next request comes up. Sent at once, on another connection, that admission could
+    be counted first and meet the finished request still in flight; it waits for the answer
+    instead, and the tenant's settlements that come up meanwhile wait with it and ride along."""
+    limiter, _ = limiter_with_clock
+    tenant_id = secrets.randbelow(10**9) + 8 * 10**9
+    subject = Subject(1, tenant_id, Limits(max_concurrent=2), Limits())
+    first, second = await limiter.admit(subject, 5, 10), await limiter.admit(subject, 5, 10)
+    reached, release = asyncio.Event(), asyncio.Event()
+    sent: list[list[Call]] = []
+    send = limiter._pipelined
+
+    async def settlement_held_on_the_way(calls: list[Call], *rest: Any) -> list[Any]:
+        sent.append(calls)
+        if calls[0].argv[0] == "settle":
+            reached.set()
+            await release.wait()
+        replies: list[Any] = await send(calls, *rest)
+        return replies
+
+    monkeypatch.setattr(limiter, "_pipelined", settlement_held_on_the_way)
+    limiter.settle(first, subject, 5, 10, model="tiny")
+    await asyncio.wait_for(reached.wait(), 10)
+    third = asyncio.ensure_future(limiter.admit(subject, 5, 10))
+    limiter.settle(second, subject, 5, 10, model="tiny")
+    for _ in range(50):  # loop turns, far more than sending a pipeline takes
+        await asyncio.sleep(0)
+    assert len(sent) == 1
+    release.set()
+    assert await asyncio.wait_for(third, 10) is not None
+    assert [[call.argv[:3] for call in calls] for calls in sent] == [
+        [["settle", limiter.lease_ttl_ms, 1]],
+        [["admit", limiter.lease_ttl_ms, 1]],  # the second request's settlement rides in it
+    ]
+    assert await in_flight(limiter.redis, limiter.prefix, tenant_id, "k1") == 1
+
+
+async def test_a_defect_in_sending_fails_the_waiting_admissions_instead_of_hanging_them(
+    limiter_with_clock: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    limiter, _ = limiter_with_clock
+    subject = Subject(1, secrets.randbelow(10**9) + 9 * 10**9, Limits(rpm=10), Limits())
+
+    def broken(*_: Any) -> Any:
+        raise KeyError("a defect")
+
+    monkeypatch.setattr(limiter, "_batch", broken)
+    with pytest.raises(KeyError, match="a defect"):
+        await asyncio.wait_for(limiter.admit(subject, 5, 10), 10)
+    assert "limits pipeline failed" in caplog.text
 
 
 async def test_an_expired_lease_charged_by_an_admission_counts_against_that_admission(

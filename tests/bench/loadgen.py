@@ -66,7 +66,6 @@ def pinned(cpu: int | str, command: list[str]) -> list[str]:
 
 SHARED_SERVICES = "Redis and Postgres not pinned (they float over both CPUs)"
 # A server a benchmark starts itself inherits the CPU of the load generator that starts it.
-OWN_REDIS = f"the benchmark's own Redis on CPU {LOADGEN_CPU} too, Postgres not pinned"
 OWN_SERVICES = f"the benchmark's own Redis and Postgres on CPU {LOADGEN_CPU} too"
 
 
