@@ -18,6 +18,8 @@ import redis.exceptions as redis_exceptions
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.asyncio.connection import Connection
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from neuronetz import tenants
 from neuronetz.app import App
@@ -637,6 +639,38 @@ async def test_a_redis_that_stops_answering_fails_the_admission_in_bounded_time(
             await limiter.admit(Subject(1, 1, Limits(daily_tokens=100), Limits()), 5, 10)
         assert time.monotonic() - started < 10
         assert accepted  # it was reached, and did not answer
+    finally:
+        await client.aclose()
+        await pool.close()
+        for writer in accepted:
+            writer.close()
+        server.close()
+
+
+async def test_admissions_held_behind_a_settlement_redis_did_not_answer_fail_with_it(
+    redis_prefix: str, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Redis that stops answering while a tenant's settlement is on its way: the tenant's
+    admission waiting behind it gets the same answer (503 with a budget) when that pipeline
+    times out, rather than being sent to wait out a timeout of its own."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def hold(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    client = aioredis.Redis(host="127.0.0.1", port=server.sockets[0].getsockname()[1], socket_timeout=0.5,
+                            retry=Retry(NoBackoff(), 0))  # fmt: skip
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+    limiter = Limiter(client, Ledger(pool), prefix=redis_prefix + "unit:", lease_ttl=30, default_cap=100, min_output=1)
+    pipelines = pipelines_of(limiter, monkeypatch)
+    subject = Subject(1, 1, Limits(daily_tokens=100), Limits())
+    try:
+        limiter.settle(Admission(subject, "ended", 10, 15, []), subject, 5, 10, model="tiny")
+        await asyncio.sleep(0)  # its pipeline leaves in the next turn
+        with pytest.raises(ServiceUnavailable, match="budget store is unreachable"):
+            await asyncio.wait_for(limiter.admit(subject, 5, 10), 10)
+        assert [[call.argv[0] for call in calls] for calls in pipelines] == [["settle"]]
     finally:
         await client.aclose()
         await pool.close()
