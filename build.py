@@ -11,7 +11,9 @@ python3 build.py demo [--port P] [--embedded]
                                       the gateway on an Ollama emulator, with a demo tenant and
                                       key, on the Postgres and Redis found (or embedded ones)
 python3 build.py audit                pip-audit of the pinned runtime dependencies
-python3 build.py bench [names]        the benchmarks in tests/bench (they print tables)
+python3 build.py bench [names] [options]
+                                      the benchmarks in tests/bench (they print tables); the
+                                      options go to each (e.g. `bench limits --repeat 5`)
 python3 build.py docs                 .env.example and the README's settings table, from
                                       the descriptions in neuronetz/config.py (VARIABLES)
 """
@@ -532,14 +534,17 @@ def audit() -> None:
         print(f"pip-audit: no known vulnerabilities in {len(dependencies)} dependencies")
 
 
-def bench(names: list[str]) -> None:
+def bench(args: list[str]) -> None:
+    """The benchmarks named (all without names); the options after the names go to each."""
+    split = next((i for i, arg in enumerate(args) if arg.startswith("-")), len(args))
+    names, options = args[:split], args[split:]
     python = ensure_venv(VENV, sys.executable, ["-e", ".[test]"], [ROOT / "pyproject.toml"])
     scripts = sorted((ROOT / "tests" / "bench").glob("bench_*.py"))
     chosen = [s for s in scripts if not names or any(n in s.stem for n in names)]
     if not chosen:
         fail(f"No benchmark matches {names}; available: {', '.join(s.stem for s in scripts)}")
     for script in chosen:
-        run(python, script)
+        run(python, script, *options)
 
 
 # --- settings documentation: config.VARIABLES is the one place each setting is described ------

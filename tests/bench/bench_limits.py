@@ -8,7 +8,7 @@ A. In-process: a `neuronetz.limits.Limiter` built as worker.py builds it (with i
    requests: Redis round trips counted on the client, process CPU (time.process_time),
    wall time, the Redis server's CPU and limits.lua's own time per call (INFO commandstats,
    usec_per_call of EVALSHA). The same for a key without limits.
-B. Gateway requests/s at c=32 (`python -m neuronetz serve --workers 1` on CPU 1) with that
+B. Gateway requests/s at c=32 (`--concurrency`; `python -m neuronetz serve --workers 1` on CPU 1) with that
    fully limited key (generous values: nothing is refused) vs a key of another tenant with no
    limits at all, interleaved runs.
 
@@ -55,6 +55,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     add = parser.add_argument
     add("--requests", type=int, default=3000, help="sequential admit+settle pairs timed (default 3000)")
+    add("--concurrency", type=int, default=32, help="connections in section B (default 32, the target's)")
     return parser.parse_args(argv)
 
 
@@ -205,7 +206,7 @@ async def through_gateway(
         runs: dict[str, list[Run]] = {label: [] for label in requests}
         for index in range(args.repeat):
             for label, request in list(requests.items())[:: 1 if index % 2 == 0 else -1]:
-                connections = await loadgen.connect(gateway.port, 32)
+                connections = await loadgen.connect(gateway.port, args.concurrency)
                 sample["postgres"] = loadgen.process_tree(postgres_pid)  # with the backends opened since
                 await loadgen.closed_loop(connections, request, 1.0)
                 got = await loadgen.closed_loop(connections, request, args.seconds, sample=sample)
@@ -230,9 +231,10 @@ async def through_gateway(
     labels = list(runs)
     ratio = statistics.median(r.rps for r in runs[labels[0]]) / statistics.median(r.rps for r in runs[labels[1]])
     lines = [
-        "## B. Gateway requests/s at c=32: every limit and budget set vs none",
+        f"## B. Gateway requests/s at c={args.concurrency}: every limit and budget set vs none",
         "method: `python -m neuronetz serve --workers 1` on CPU 1, emulator + load generator and the benchmark's "
-        "own Redis and Postgres on CPU 0; non-streaming POST /api/chat (75 B body, 337 B answer); closed loop, 32 "
+        "own Redis and Postgres on CPU 0; non-streaming POST /api/chat (75 B body, 337 B answer); closed loop, "
+        f"{args.concurrency} "
         f"keep-alive connections, 1 s warm-up + {args.seconds:g} s, {args.repeat} interleaved repeats (median run "
         "shown); keys of two tenants: one with every limit on key and tenant (generous: none refuses), one with none",
         loadgen.table(
@@ -281,7 +283,7 @@ async def measure(args: argparse.Namespace, redis_pid: int, postgres_pid: int) -
     summary = [
         ["Redis round trips per request, every limit (admit + settle)", f"{admit:g} + {settle:g}", "1 + 1",
          loadgen.verdict((admit, settle) == TARGET_ROUND_TRIPS)],
-        ["gateway req/s c=32, every limit / none", f"{ratio:.1%}", f">= {TARGET_RATIO:.0%}",
+        [f"gateway req/s c={args.concurrency}, every limit / none", f"{ratio:.1%}", f">= {TARGET_RATIO:.0%}",
          loadgen.verdict(ratio >= TARGET_RATIO)],
         ["worker CPU per admit + settle, every limit, sequential", f"{cpu:.0f} us", "report", "n/a"],
         ["limits.lua per call (Redis, INFO commandstats)", f"{script:.0f} us", "report", "n/a"],
