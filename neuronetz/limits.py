@@ -31,8 +31,13 @@ from neuronetz.db import REDIS_ERRORS as REDIS_ERRORS  # also what the CLI catch
 from neuronetz.errors import BudgetExceeded, RateLimited, ServiceUnavailable
 from neuronetz.logs import Throttled
 from neuronetz.tasks import Supervisor
+from neuronetz.wire import Wire
 
 log = logging.getLogger("neuronetz.limits")
+
+# Admissions queued in one event-loop turn that are written to Redis at once, without waiting
+# for the end of the turn (see `_admit_together`; 1, 2, 4 and 8 measured alike, README).
+EARLY = 4
 
 # The order is the database's and the CLI's: `--rpm`, `--tpm`, `--max-concurrent`, ...
 LIMIT_NAMES = ("rpm", "tpm", "max_concurrent", "daily_tokens", "monthly_tokens", "total_tokens")
@@ -174,6 +179,8 @@ class Limiter:
         self.min_output = min_output
         self.clock = clock
         self.script = client.register_script(resources.files("neuronetz").joinpath("limits.lua").read_text())
+        # One server (directly or through Sentinel): every pipeline on one connection, in order.
+        self.wire = None if isinstance(client, RedisCluster) else Wire(client.connection_pool)
         self.leases: dict[str, list[str]] = {}  # lease id -> lease zsets, for renewal
         self.settlements: list[Settlement] = []
         self._scheduled = False
@@ -341,16 +348,25 @@ class Limiter:
     # settlements ride inside the call of its next admission: one script call per request
     # instead of two (tests/bench/bench_limits.py).
     #
+    # On one server (directly or through Sentinel) the pipelines are written to one connection
+    # the moment they are made (`Wire`), and once EARLY admissions are queued the pipeline leaves
+    # without waiting for the end of the turn: Redis works on it while the worker goes on.
+    #
     # Order: a request that ended must give back its slot before its tenant's next admission is
-    # counted. Within a pipeline `_batch` puts settlements first. Across pipelines nothing orders
-    # them (they may go out on different connections), so while a pipeline carrying a tenant's
-    # settlements is unanswered, that tenant's new calls wait and go together in the pipeline
-    # after it: at most one such pipeline per tenant is in flight.
+    # counted. Within a pipeline `_batch` puts settlements first; across pipelines the wire's one
+    # connection keeps them in the order written. On a Redis Cluster, pipelines go out on
+    # connections of redis-py's cluster client, which Redis may take in any order, so there,
+    # while a pipeline carrying a tenant's settlements is unanswered, that tenant's new calls
+    # wait and go together in the pipeline after it: at most one such pipeline per tenant is in
+    # flight.
 
     async def _admit_together(self, checks: Checks, own: list[str | int]) -> list[Any]:
         future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
         self._admissions.append((checks, own, future))
-        self._schedule()
+        if self.wire is not None and len(self._admissions) >= EARLY:
+            self._flush()
+        else:
+            self._schedule()
         return await future
 
     def _schedule(self) -> None:
@@ -363,7 +379,7 @@ class Limiter:
         admissions, self._admissions = self._admissions, []
         settlements, self.settlements = self.settlements, []
         self._holding = False
-        if self._unanswered:
+        if self._unanswered:  # (only without the wire)
             busy = self._unanswered
             self._admissions = [item for item in admissions if item[0].tenant_id in busy]
             self.settlements = [item for item in settlements if item.checks.tenant_id in busy]
@@ -373,14 +389,36 @@ class Limiter:
         admissions = [item for item in admissions if not item[2].done()]  # not for a request cancelled meanwhile
         if not (admissions or settlements):
             return
-        tenants = {item.checks.tenant_id for item in settlements}  # none of them busy: see above
+        # (none of them busy: see above)
+        tenants = {item.checks.tenant_id for item in settlements} if self.wire is None else set()
         self._unanswered |= tenants
-        task = asyncio.create_task(self._send(admissions, settlements))
+        self._start(admissions, settlements).add_done_callback(lambda done: self._answered(done, tenants))
+
+    def _start(
+        self,
+        admissions: list[tuple[Checks, list[str | int], asyncio.Future[list[Any]]]],
+        settlements: list[Settlement],
+    ) -> asyncio.Task[bool]:
+        """Send one pipeline: written now on the wire, its replies seen to by a task."""
+        calls: list[Call] | None = None
+        carried: list[list[Settlement]] = []
+        written = None
+        try:
+            calls, carried = self._batch(admissions, settlements)
+            if self.wire is not None and calls:
+                written = self.wire.send(b"".join([call.wire() for call in calls]), len(calls))
+        except Exception as exc:  # a defect here must fail its requests, not leave them waiting
+            log.exception("limits pipeline failed")
+            calls = None
+            for _, _, future in admissions:
+                if not future.done():
+                    future.set_exception(exc)
+        task = asyncio.create_task(self._send(admissions, calls, carried, written))
         self._sending.add(task)
-        task.add_done_callback(lambda done: self._answered(done, tenants))
+        task.add_done_callback(self._sending.discard)
+        return task
 
     def _answered(self, task: asyncio.Task[bool], tenants: set[int | None]) -> None:
-        self._sending.discard(task)
         self._unanswered -= tenants
         if self._holding:
             self._holding = False
@@ -426,11 +464,14 @@ class Limiter:
     async def _send(
         self,
         admissions: list[tuple[Checks, list[str | int], asyncio.Future[list[Any]]]],
-        settlements: list[Settlement],
+        calls: list[Call] | None,
+        carried: list[list[Settlement]],
+        written: asyncio.Future[list[Any]] | None,
     ) -> bool:
+        if calls is None:  # failed in `_start`
+            return False
         try:
-            calls, carried = self._batch(admissions, settlements)
-            replies = await self._pipelined(calls) if calls else []
+            replies = await self._pipelined(calls, written) if calls else []
         except Exception as exc:  # a defect here must fail its requests, not leave them waiting
             log.exception("limits pipeline failed")
             for _, _, future in admissions:
@@ -478,18 +519,19 @@ class Limiter:
     async def flush_settlements(self) -> bool:
         """Send queued settlements now (for shutdown and tests); False if Redis refused."""
         settlements, self.settlements = self.settlements, []
-        return await self._send([], settlements)
+        return await self._start([], settlements)
 
-    async def _pipelined(self, calls: list[Call]) -> list[Any]:
+    async def _pipelined(self, calls: list[Call], written: asyncio.Future[list[Any]] | None = None) -> list[Any]:
         """EVALSHA each call; the replies in order, errors in place (a Redis that cannot be
         reached: its error in place of every call it should have answered).
 
         One pipeline per Redis server: on a Redis Cluster the calls are grouped by the
         primary that holds their tenant's slot and sent to each concurrently, so a primary
         that is down fails only its own tenants' calls. (redis-py's cluster pipeline splits
-        by node too, but fails the whole pipeline when any node fails.)"""
+        by node too, but fails the whole pipeline when any node fails.) `written`: the calls
+        were written on the wire already, these are their replies to come."""
         if not isinstance(self.redis, RedisCluster):
-            return await self._on_server(calls, None)
+            return await self._on_server(calls, None, written)
         cluster = self.redis
         groups: dict[str, list[int]] = {}
         try:
@@ -508,12 +550,14 @@ class Limiter:
                 replies[index] = reply
         return replies
 
-    async def _on_server(self, calls: list[Call], node: str | None) -> list[Any]:
+    async def _on_server(
+        self, calls: list[Call], node: str | None, written: asyncio.Future[list[Any]] | None = None
+    ) -> list[Any]:
         """One server's pipeline. Sent directly rather than through redis-py's Script, whose
         pipelines ask SCRIPT EXISTS first (a second round trip every time); a server that
         forgot the script (restart, failover) gets it loaded once, then the pipeline again."""
         try:
-            replies = await self._send_pipeline(calls)
+            replies = await written if written is not None else await self._send_pipeline(calls)
             if any(isinstance(reply, redis.exceptions.NoScriptError) for reply in replies):
                 if isinstance(self.redis, RedisCluster):
                     primary = self.redis.get_node(node_name=node)
@@ -526,26 +570,15 @@ class Limiter:
         return replies
 
     async def _send_pipeline(self, calls: list[Call]) -> list[Any]:
-        if isinstance(self.redis, RedisCluster):
-            # Its pipelines follow slots that moved (MOVED, ASK); they pack in Python.
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for call in calls:
-                    # (redis-py's cluster pipelines refuse `evalsha` by name, not the command itself)
-                    pipe.execute_command(*call.args(self.script.sha))
-                replies: list[Any] = await pipe.execute(raise_on_error=False)
-            return replies
-        # Standalone and Sentinel: the encoded calls on one pooled connection, as redis-py's own
-        # pipelines send them (and retried as they are), without their per-command work.
-        pool = self.redis.connection_pool
-        payload = b"".join([call.wire() for call in calls])
-        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
-        try:
-            answers: list[Any] = await connection.retry.call_with_retry(
-                lambda: _exchange(connection, payload, len(calls)), lambda _: connection.disconnect()
-            )
-            return answers
-        finally:
-            await pool.release(connection)
+        if self.wire is not None:  # standalone and Sentinel, without redis-py's per-command work
+            return await self.wire.send(b"".join([call.wire() for call in calls]), len(calls))
+        # A Redis Cluster: its client's pipelines follow slots that moved (MOVED, ASK); they pack in Python.
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for call in calls:
+                # (redis-py's cluster pipelines refuse `evalsha` by name, not the command itself)
+                pipe.execute_command(*call.args(self.script.sha))
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+        return replies
 
     # --- background work ----------------------------------------------------------------------------
 
@@ -666,6 +699,8 @@ class Limiter:
         for task in self.rebuilding.values():
             task.cancel()
         await asyncio.gather(*self.rebuilding.values(), return_exceptions=True)
+        if self.wire is not None:
+            await self.wire.close()
 
 
 def tag(prefix: str, tenant_id: int) -> str:
@@ -700,25 +735,6 @@ def _node_marker(cluster: RedisCluster, prefix: str, node: str) -> str | None:
     while key_slot(f"s{n}".encode()) not in owned:
         n += 1
     return f"{prefix}{{s{n}}}:instance"
-
-
-async def _exchange(connection: Any, payload: bytes, count: int) -> list[Any]:
-    """Send encoded commands at once and read their replies, an error reply in its place. The
-    connection's socket timeout bounds the whole exchange rather than each reply (redis-py
-    would start a timer per reply: `math.inf` tells it not to)."""
-    await connection.send_packed_command(payload)
-    replies: list[Any] = []
-    try:
-        async with asyncio.timeout(connection.socket_timeout):
-            for _ in range(count):
-                try:
-                    replies.append(await connection.read_response(timeout=math.inf))
-                except redis.exceptions.ResponseError as exc:
-                    replies.append(exc)
-    except TimeoutError:
-        await connection.disconnect(nowait=True)  # its replies may still come: never reuse it
-        raise redis.exceptions.TimeoutError("Timeout reading from Redis") from None
-    return replies
 
 
 def _unreachable(reply: Any) -> bool:

@@ -543,14 +543,44 @@ async def test_a_settlement_goes_ahead_of_admissions_of_its_tenants_other_keys(l
     assert "in flight" in str(answers[1])
 
 
-async def test_an_admission_waits_for_its_tenants_settlements_already_on_their_way(
+async def test_every_pipeline_goes_to_redis_on_one_connection_in_the_order_made(
+    redis_url: str, redis_prefix: str, database_url: str
+) -> None:
+    """One server: admissions and settlements of many turns, early and at the end of turns,
+    all on the wire's one connection (so Redis counts them in the order they were made), and a
+    request that ended frees its slot for the next admission made after it, every time."""
+    name = f"wire-{secrets.token_hex(4)}"
+    client = aioredis.Redis.from_url(redis_url, client_name=name)
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+    limiter = Limiter(client, Ledger(pool), prefix=redis_prefix + "unit:", lease_ttl=30, default_cap=100, min_output=1)
+    tenant_id = secrets.randbelow(10**9) + 11 * 10**9
+    subject = Subject(1, tenant_id, Limits(max_concurrent=1), Limits(rpm=10**6))
+    many = [Subject(2 + n, tenant_id, Limits(), Limits()) for n in range(40)]
+    try:
+        for _ in range(20):
+            admission = await limiter.admit(subject, 5, 10)
+            # others' admissions in the same turns: some pipelines leave early, mid-turn
+            await asyncio.gather(*(limiter.admit(other, 5, 10) for other in many))
+            limiter.settle(admission, subject, 5, 10, model="tiny")
+        async with aioredis.Redis.from_url(redis_url) as observer:
+            connections = [c for c in await observer.client_list() if c.get("name") == name]
+        assert len([c for c in connections if c["cmd"] == "evalsha"]) == 1
+    finally:
+        await limiter.stop()
+        await client.aclose()
+        await pool.close()
+
+
+async def test_without_the_wire_an_admission_waits_for_its_tenants_settlements_on_their_way(
     limiter_with_clock: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A request's settlement is on its way to Redis (its pipeline sent, not yet answered) when
-    the key's next request comes up. Sent at once, on another connection, that admission could
-    be counted first and meet the finished request still in flight; it waits for the answer
-    instead, and the tenant's settlements that come up meanwhile wait with it and ride along."""
+    """On a Redis Cluster pipelines go out on separate connections: a request's settlement is
+    on its way (its pipeline sent, not yet answered) when the key's next request comes up.
+    Sent at once, that admission could be counted first and meet the finished request still in
+    flight; it waits for the answer instead, and the tenant's settlements that come up
+    meanwhile wait with it and ride along."""
     limiter, _ = limiter_with_clock
+    limiter.wire = None  # pooled connections, as with a Redis Cluster
     tenant_id = secrets.randbelow(10**9) + 8 * 10**9
     subject = Subject(1, tenant_id, Limits(max_concurrent=2), Limits())
     first, second = await limiter.admit(subject, 5, 10), await limiter.admit(subject, 5, 10)
@@ -650,9 +680,10 @@ async def test_a_redis_that_stops_answering_fails_the_admission_in_bounded_time(
 async def test_admissions_held_behind_a_settlement_redis_did_not_answer_fail_with_it(
     redis_prefix: str, database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A Redis that stops answering while a tenant's settlement is on its way: the tenant's
-    admission waiting behind it gets the same answer (503 with a budget) when that pipeline
-    times out, rather than being sent to wait out a timeout of its own."""
+    """Without the wire (a Redis Cluster), a Redis that stops answering while a tenant's
+    settlement is on its way: the tenant's admission waiting behind it gets the same answer
+    (503 with a budget) when that pipeline times out, rather than being sent to wait out a
+    timeout of its own."""
     accepted: list[asyncio.StreamWriter] = []
 
     async def hold(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -663,6 +694,7 @@ async def test_admissions_held_behind_a_settlement_redis_did_not_answer_fail_wit
                             retry=Retry(NoBackoff(), 0))  # fmt: skip
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
     limiter = Limiter(client, Ledger(pool), prefix=redis_prefix + "unit:", lease_ttl=30, default_cap=100, min_output=1)
+    limiter.wire = None  # pooled connections, as with a Redis Cluster (the wire fails all it wrote at once)
     pipelines = pipelines_of(limiter, monkeypatch)
     subject = Subject(1, 1, Limits(daily_tokens=100), Limits())
     try:
