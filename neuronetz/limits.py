@@ -496,13 +496,14 @@ class Limiter:
                 log.error("settlement refused by Redis", extra={"fields": {"error": str(reply)}})
         if error is not None:
             self._keep(unsent, error)
-            # Admissions held behind these settlements (see `_flush`) would only wait for the
-            # same timeout again: they get this answer now.
-            lost = {item.checks.tenant_id for item in unsent}
-            for checks, _, future in self._admissions:
-                if checks.tenant_id in lost and not future.done():
-                    future.set_exception(error)
-            self._admissions = [item for item in self._admissions if item[0].tenant_id not in lost]
+            if self.wire is None:
+                # Admissions held behind these settlements (see `_flush`) would only wait for
+                # the same timeout again: they get this answer now.
+                lost = {item.checks.tenant_id for item in unsent}
+                for checks, _, future in self._admissions:
+                    if checks.tenant_id in lost and not future.done():
+                        future.set_exception(error)
+                self._admissions = [item for item in self._admissions if item[0].tenant_id not in lost]
         return error is None
 
     def _keep(self, settlements: list[Settlement], exc: BaseException) -> None:
