@@ -55,12 +55,21 @@ class Wire:
 
     def _send(self, batch: Batch) -> None:
         connection = self.connection
-        if connection is not None and not self.waiting and connection.is_connected:
-            connection._writer.write(batch.payload)
-            self.pending.append(batch)
-            if self._reading is None:
-                self._reading = asyncio.create_task(self._read(connection))
-            return
+        if (
+            connection is not None
+            and not self.waiting
+            and connection.is_connected
+            and not connection._writer.transport.is_closing()
+        ):
+            try:
+                connection._writer.write(batch.payload)
+            except (RuntimeError, OSError):  # closed under us (uvloop raises here): a new connection
+                pass
+            else:
+                self.pending.append(batch)
+                if self._reading is None:
+                    self._reading = asyncio.create_task(self._read(connection))
+                return
         self.waiting.append(batch)
         if self._connecting is None:
             self._connecting = asyncio.create_task(self._connect())
@@ -69,6 +78,10 @@ class Wire:
         try:
             if self._reading is not None:  # the last connection's reader is failing its batches
                 await asyncio.wait([self._reading])
+            broken, self.connection = self.connection, None  # closed while idle, if still here
+            if broken is not None:
+                await broken.disconnect(nowait=True)
+                await self.pool.release(broken)
             # Taken from the pool for good (closing the client closes it too), given back broken;
             # connected anew, as an idle pooled connection may be one Redis has closed.
             connection = self.pool.get_available_connection()
