@@ -406,13 +406,11 @@ class Limiter:
         try:
             calls, carried = self._batch(admissions, settlements)
             if self.wire is not None and calls:
-                written = self.wire.send(b"".join([call.wire() for call in calls]), len(calls))
+                written = self.wire.send(_payload(calls), len(calls))
         except Exception as exc:  # a defect here must fail its requests, not leave them waiting
             log.exception("limits pipeline failed")
             calls = None
-            for _, _, future in admissions:
-                if not future.done():
-                    future.set_exception(exc)
+            _fail(admissions, exc)
         task = asyncio.create_task(self._send(admissions, calls, carried, written))
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)
@@ -474,9 +472,7 @@ class Limiter:
             replies = await self._pipelined(calls, written) if calls else []
         except Exception as exc:  # a defect here must fail its requests, not leave them waiting
             log.exception("limits pipeline failed")
-            for _, _, future in admissions:
-                if not future.done():
-                    future.set_exception(exc)
+            _fail(admissions, exc)
             return False
         for (_, _, future), reply in zip(admissions, replies[len(replies) - len(admissions) :], strict=True):
             if not future.done():  # the request may have been cancelled meanwhile
@@ -500,9 +496,7 @@ class Limiter:
                 # Admissions held behind these settlements (see `_flush`) would only wait for
                 # the same timeout again: they get this answer now.
                 lost = {item.checks.tenant_id for item in unsent}
-                for checks, _, future in self._admissions:
-                    if checks.tenant_id in lost and not future.done():
-                        future.set_exception(error)
+                _fail([item for item in self._admissions if item[0].tenant_id in lost], error)
                 self._admissions = [item for item in self._admissions if item[0].tenant_id not in lost]
         return error is None
 
@@ -572,7 +566,7 @@ class Limiter:
 
     async def _send_pipeline(self, calls: list[Call]) -> list[Any]:
         if self.wire is not None:  # standalone and Sentinel, without redis-py's per-command work
-            return await self.wire.send(b"".join([call.wire() for call in calls]), len(calls))
+            return await self.wire.send(_payload(calls), len(calls))
         # A Redis Cluster: its client's pipelines follow slots that moved (MOVED, ASK); they pack in Python.
         async with self.redis.pipeline(transaction=False) as pipe:
             for call in calls:
@@ -736,6 +730,17 @@ def _node_marker(cluster: RedisCluster, prefix: str, node: str) -> str | None:
     while key_slot(f"s{n}".encode()) not in owned:
         n += 1
     return f"{prefix}{{s{n}}}:instance"
+
+
+def _payload(calls: list[Call]) -> bytes:
+    return b"".join([call.wire() for call in calls])
+
+
+def _fail(admissions: list[tuple[Checks, list[str | int], asyncio.Future[list[Any]]]], exc: BaseException) -> None:
+    """Admissions that will not be answered get `exc` (unless their request is gone)."""
+    for _, _, future in admissions:
+        if not future.done():
+            future.set_exception(exc)
 
 
 def _unreachable(reply: Any) -> bool:

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 
 import redis.exceptions
 
-ERRORS = (redis.exceptions.RedisError, OSError, TimeoutError)
+from neuronetz.db import REDIS_ERRORS
 
 
 class Batch(NamedTuple):
@@ -45,11 +45,11 @@ class Wire:
         self._connecting: asyncio.Task[None] | None = None
         self._reading: asyncio.Task[None] | None = None
 
-    def send(self, payload: bytes, count: int) -> asyncio.Future[list[Any]]:
+    def send(self, payload: bytes, replies: int) -> asyncio.Future[list[Any]]:
         """Write the commands now if connected (else as soon as connected); the future has
         their replies in order, an error reply in its place, or the error that broke the
         connection (after one more try on a new connection if it was closed on us)."""
-        batch = Batch(payload, count, asyncio.get_running_loop().create_future(), False)
+        batch = Batch(payload, replies, asyncio.get_running_loop().create_future(), False)
         self._send(batch)
         return batch.future
 
@@ -91,7 +91,7 @@ class Wire:
             except BaseException:
                 await self.pool.release(connection)
                 raise
-        except ERRORS as exc:
+        except REDIS_ERRORS as exc:
             self._connecting = None
             waiting, self.waiting = self.waiting, []
             _fail(waiting, exc)
@@ -123,7 +123,7 @@ class Wire:
         except asyncio.CancelledError:  # closing
             _fail([*self.pending, *self.waiting], redis.exceptions.ConnectionError("Redis connection closed"))
             raise
-        except ERRORS as exc:
+        except REDIS_ERRORS as exc:
             if self.connection is connection:
                 self.connection = None
             await connection.disconnect(nowait=True)  # replies may still come: never reuse it

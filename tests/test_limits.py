@@ -25,7 +25,7 @@ from neuronetz import tenants
 from neuronetz.app import App
 from neuronetz.budgets import Ledger
 from neuronetz.errors import BudgetExceeded, RateLimited, ServiceUnavailable
-from neuronetz.limits import Admission, Call, Limiter, Limits, Subject, in_flight, spent
+from neuronetz.limits import EARLY, Admission, Call, Limiter, Limits, Subject, in_flight, spent
 from tests.asgi import ASGITransport, in_process, open_worker
 from tests.emulator import Emulator
 from tests.support import Admin, GatewayProcess, PrivateRedis, auth
@@ -544,24 +544,30 @@ async def test_a_settlement_goes_ahead_of_admissions_of_its_tenants_other_keys(l
 
 
 async def test_every_pipeline_goes_to_redis_on_one_connection_in_the_order_made(
-    redis_url: str, redis_prefix: str, database_url: str
+    redis_url: str, redis_prefix: str, database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """One server: admissions and settlements of many turns, early and at the end of turns,
-    all on the wire's one connection (so Redis counts them in the order they were made), and a
-    request that ended frees its slot for the next admission made after it, every time."""
+    """One server: pipelines leave mid-turn once a few admissions are queued, all on the
+    wire's one connection, and Redis counts them in the order written: a request's settlement
+    still unanswered when the key's next admission is written frees its slot for it, every
+    time (on pooled connections Redis could take the admission first)."""
     name = f"wire-{secrets.token_hex(4)}"
     client = aioredis.Redis.from_url(redis_url, client_name=name)
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
     limiter = Limiter(client, Ledger(pool), prefix=redis_prefix + "unit:", lease_ttl=30, default_cap=100, min_output=1)
+    assert limiter.wire is not None
+    pipelines = pipelines_of(limiter, monkeypatch)
     tenant_id = secrets.randbelow(10**9) + 11 * 10**9
     subject = Subject(1, tenant_id, Limits(max_concurrent=1), Limits(rpm=10**6))
-    many = [Subject(2 + n, tenant_id, Limits(), Limits()) for n in range(40)]
+    many = [Subject(2 + n, tenant_id, Limits(), Limits(rpm=10**6)) for n in range(40)]
     try:
         for _ in range(20):
-            admission = await limiter.admit(subject, 5, 10)
-            # others' admissions in the same turns: some pipelines leave early, mid-turn
-            await asyncio.gather(*(limiter.admit(other, 5, 10) for other in many))
+            admission = await limiter.admit(subject, 5, 10)  # refused if the last settlement came second
+            await asyncio.gather(*(limiter.admit(other, 5, 10) for other in many))  # in one turn
             limiter.settle(admission, subject, 5, 10, model="tiny")
+            await asyncio.sleep(0)  # the turn that writes the settlement's pipeline
+            assert limiter.wire.pending  # not answered yet when the next admission is written
+        assert len(many) > EARLY
+        assert len(pipelines) >= 20 * (len(many) // EARLY)  # the others' admissions left EARLY at a time
         async with aioredis.Redis.from_url(redis_url) as observer:
             connections = [c for c in await observer.client_list() if c.get("name") == name]
         assert len([c for c in connections if c["cmd"] == "evalsha"]) == 1

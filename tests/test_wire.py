@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -14,48 +16,54 @@ from tests.support import PrivateRedis
 PING = b"*1\r\n$4\r\nPING\r\n"
 
 
-def test_batches_written_after_redis_restarted_are_answered_on_a_new_connection() -> None:
-    """Redis restarts while the wire's connection sits idle. The writes that follow meet a
-    connection closed under them (uvloop refuses a write on it outright once it knows): each
-    batch is answered all the same, in order, on a new connection."""
+def on_uvloop(scenario: Callable[[PrivateRedis, Wire], Awaitable[Any]]) -> Any:
+    """Run `scenario` on uvloop with a wire to a Redis of its own that has answered once."""
     with PrivateRedis() as server:
 
-        async def restart_between() -> list[Any]:
-            client = aioredis.Redis.from_url(server.url, socket_timeout=5)
-            wire = Wire(client.connection_pool)
-            try:
+        async def run() -> Any:
+            async with opened(server.url) as wire:
                 assert await wire.send(PING, 1) == [b"PONG"]
-                server.stop()
-                server.start()
-                batches = [wire.send(PING * n, n) for n in (1, 2, 3)]  # one turn, on the old connection
-                return await asyncio.wait_for(asyncio.gather(*batches), 10)
-            finally:
-                await wire.close()
-                await client.aclose()
+                return await scenario(server, wire)
 
-        replies = uvloop.run(restart_between())
-    assert replies == [[b"PONG"] * n for n in (1, 2, 3)]
+        return uvloop.run(run())
+
+
+@contextlib.asynccontextmanager
+async def opened(url: str) -> AsyncIterator[Wire]:
+    client = aioredis.Redis.from_url(url, socket_timeout=5)
+    wire = Wire(client.connection_pool)
+    try:
+        yield wire
+    finally:
+        await wire.close()
+        await client.aclose()
+
+
+def test_batches_written_after_redis_restarted_are_answered_on_a_new_connection() -> None:
+    """Redis restarts while the wire's connection sits idle. The batches that follow are
+    written to the connection Redis closed: each is answered all the same, in order, on a new
+    connection."""
+
+    async def restart_between(server: PrivateRedis, wire: Wire) -> list[Any]:
+        server.stop()
+        server.start()
+        batches = [wire.send(PING * n, n) for n in (1, 2, 3)]  # one turn, on the old connection
+        return await asyncio.wait_for(asyncio.gather(*batches), 10)
+
+    assert on_uvloop(restart_between) == [[b"PONG"] * n for n in (1, 2, 3)]
 
 
 def test_a_batch_meeting_a_connection_closed_under_it_goes_on_a_new_one() -> None:
     """The connection is closed under the idle wire (the event loop saw a reset; uvloop then
     refuses a write on it outright): the next batch is not written to it but to a new
     connection."""
-    with PrivateRedis() as server:
 
-        async def closed_under() -> list[Any]:
-            client = aioredis.Redis.from_url(server.url, socket_timeout=5)
-            wire = Wire(client.connection_pool)
-            try:
-                assert await wire.send(PING, 1) == [b"PONG"]
-                wire.connection._writer.transport.close()
-                deadline = asyncio.get_running_loop().time() + 10
-                while not wire.connection._reader.at_eof():  # the loop has taken the close in
-                    assert asyncio.get_running_loop().time() < deadline
-                    await asyncio.sleep(0)
-                return await asyncio.wait_for(wire.send(PING, 1), 10)
-            finally:
-                await wire.close()
-                await client.aclose()
+    async def closed_under(_: PrivateRedis, wire: Wire) -> list[Any]:
+        wire.connection._writer.transport.close()
+        deadline = asyncio.get_running_loop().time() + 10
+        while not wire.connection._reader.at_eof():  # the loop has taken the close in
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0)
+        return await asyncio.wait_for(wire.send(PING, 1), 10)
 
-        assert uvloop.run(closed_under()) == [b"PONG"]
+    assert on_uvloop(closed_under) == [b"PONG"]
