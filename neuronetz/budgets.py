@@ -91,6 +91,7 @@ class Ledger:
         self.tasks = Supervisor()
         self.dropped = 0  # rows Postgres refused for their content
         self.failed = Throttled(log, "ledger write failed; will retry")
+        self._today: tuple[int, dt.date] = (0, dt.date(1970, 1, 1))  # (days since the epoch, that UTC date)
 
     def record(
         self,
@@ -105,7 +106,7 @@ class Ledger:
         """Add one settled request. `model` is its name as `models.normalize` writes it, already
         checked by the request path (printable, bounded: app.py `_model_of`), or '' when the
         request named none."""
-        day = day or dt.datetime.fromtimestamp(self.clock(), dt.UTC).date()
+        day = day or self._day()
         prompt_tokens = max(0, min(prompt_tokens, MAX_TOKENS))
         completion_tokens = max(0, min(completion_tokens, MAX_TOKENS))
         row = self.pending.setdefault((key_id, day, model), [tenant_id, 0, 0, 0])
@@ -114,6 +115,13 @@ class Ledger:
         row[3] += completion_tokens
         if self.journal is not None:
             self.journal.usage(key_id, tenant_id, day, prompt_tokens, completion_tokens, model)
+
+    def _day(self) -> dt.date:
+        """Today's UTC date, worked out once a day rather than on every request."""
+        number = int(self.clock() // 86400)
+        if number != self._today[0]:
+            self._today = (number, dt.date(1970, 1, 1) + dt.timedelta(days=number))
+        return self._today[1]
 
     async def flush(self) -> None:
         """Write what is pending; on failure keep it (merged with newer usage) for the next try."""

@@ -12,8 +12,12 @@ Every worker keeps a heartbeat key alive while it runs. A worker whose heartbeat
 dead: another worker takes its journal, hands the audit records (written idempotently) and the
 usage past the dead worker's `journal_progress` (so none is counted twice) to its own writers,
 and deletes the journal. What a crash still loses: requests in flight, and what was handed to
-the writers within the last turn of the event loop before the kill (or, while an append awaited
-Redis's answer, since it was sent: the next one waits for it), or while Redis was down.
+the writers within the last turn of the event loop before the kill, or while Redis was down.
+
+On one Redis server (directly or through Sentinel) each turn's entry is written at the end of
+the turn on the worker's wire (wire.py), whose one connection keeps the entries in order; on a
+Redis Cluster it goes through the client's pool, one append at a time (the next waits for the
+answer to the last, so the entries arrive in order: Redis refuses an id below the stream's last).
 """
 
 from __future__ import annotations
@@ -28,11 +32,13 @@ from collections.abc import Callable
 from typing import Any
 
 import asyncpg
+import hiredis
 import orjson
 
 from neuronetz import db
 from neuronetz.logs import Throttled
 from neuronetz.tasks import Supervisor
+from neuronetz.wire import Wire
 
 log = logging.getLogger("neuronetz.journal")
 
@@ -52,8 +58,9 @@ AuditSink = Callable[[tuple[Any, ...]], None]
 
 
 class Journal:
-    def __init__(self, client: db.RedisClient, pool: asyncpg.Pool[Any], prefix: str) -> None:
+    def __init__(self, client: db.RedisClient, pool: asyncpg.Pool[Any], prefix: str, wire: Wire | None = None) -> None:
         self.redis = client
+        self.wire = wire
         self.pool = pool
         self.prefix = prefix
         self.worker = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
@@ -64,7 +71,9 @@ class Journal:
         self.replay_usage: UsageSink | None = None
         self.replay_audit: AuditSink | None = None
         self._buffer: list[tuple[int, str, Any]] = []
-        self._sender: asyncio.Task[None] | None = None
+        self._sender: asyncio.Task[None] | None = None  # without a wire
+        self._scheduled = False  # with a wire: this turn's entry is to be written
+        self._written: asyncio.Future[list[Any]] | None = None  # with a wire: the last entry written
         self.connected_since: float | None = None  # loop time of the first heartbeat of an unbroken run
         self.tasks = Supervisor()
         self.failed = Throttled(log, "journal append failed: a crash now would lose these records")
@@ -85,9 +94,40 @@ class Journal:
     def _append(self, kind: str, value: tuple[Any, ...]) -> int:
         self.seq += 1
         self._buffer.append((self.seq, kind, value))
-        if self._sender is None or self._sender.done():
+        if self.wire is not None:
+            if not self._scheduled:
+                self._scheduled = True
+                asyncio.get_running_loop().call_soon(self._write)  # after the rest of this turn's entries
+        elif self._sender is None or self._sender.done():
             self._sender = asyncio.create_task(self._send())
         return self.seq
+
+    def _write(self) -> None:
+        """This turn's entries as one XADD, written on the wire now (no task, no pooled
+        connection: a task and a redis-py command per turn cost more than the rest of the
+        journal's work); a failure is counted when its answer comes."""
+        self._scheduled = False
+        batch, self._buffer = self._buffer, []
+        if not batch or self.wire is None:
+            return
+        try:
+            parts: Any = self._xadd(batch)  # (hiredis's stub types the tuple as a single value)
+            command = hiredis.pack_command(parts)
+        except (orjson.JSONEncodeError, TypeError) as exc:
+            self.failed(error=type(exc).__name__, records=len(batch))
+            return
+        written = self._written = self.wire.send(command, 1)
+        written.add_done_callback(lambda done: self._answered(done, len(batch)))
+
+    def _answered(self, written: asyncio.Future[list[Any]], records: int) -> None:
+        error = written.exception() or next((r for r in written.result() if isinstance(r, Exception)), None)
+        if error is not None:
+            self.failed(error=type(error).__name__, records=records)
+
+    def _xadd(self, batch: list[tuple[int, str, Any]]) -> tuple[str | bytes | int, ...]:
+        # datetimes as RFC 3339 (orjson's own), addresses as text
+        payload = orjson.dumps(batch, default=str)
+        return ("XADD", self.stream(self.worker), "MAXLEN", "~", MAX_ENTRIES, f"{batch[-1][0]}-1", "v", payload)
 
     async def _send(self) -> None:
         """One pipeline at a time, so entries reach the stream in the order of their ids
@@ -96,11 +136,8 @@ class Journal:
         while self._buffer:
             batch, self._buffer = self._buffer, []
             try:
-                # datetimes as RFC 3339 (orjson's own), addresses as text
-                payload = orjson.dumps(batch, default=str)
-                await self.redis.xadd(self.stream(self.worker), {b"v": payload}, id=f"{batch[-1][0]}-1",
-                                      maxlen=MAX_ENTRIES, approximate=True)  # fmt: skip
-            except db.REDIS_ERRORS as exc:
+                await self.redis.execute_command(*self._xadd(batch))
+            except (*db.REDIS_ERRORS, orjson.JSONEncodeError, TypeError) as exc:
                 self.failed(error=type(exc).__name__, records=len(batch))
 
     # --- background: heartbeat, trimming, replaying dead workers' journals ------------------------
@@ -191,8 +228,12 @@ class Journal:
         """After the writers' last flush (graceful stop): if they wrote everything, nothing is
         left to keep; otherwise the journal stays for another worker to replay."""
         await self.tasks.stop()
+        if self._scheduled:
+            self._write()
         if self._sender is not None:
             await asyncio.gather(self._sender, return_exceptions=True)
+        if self._written is not None:  # the wire answers in order: the last answer is the last to come
+            await asyncio.gather(self._written, return_exceptions=True)
         if min(self.ledger_done, self.audit_done) < self.seq:
             return
         try:

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import math
 import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field, fields
 from importlib import resources
 from typing import Any, NamedTuple, NoReturn
 
@@ -79,10 +80,13 @@ class Subject:
     tenant_id: int
     key: Limits  # as set on the key; None = inherited (covered by the tenant's check)
     tenant: Limits
+    # Asked on every request: worked out once.
+    limited: bool = field(init=False, compare=False)  # any limit at all on the key or its tenant
+    budgeted: bool = field(init=False, compare=False)  # a token budget on either
 
-    @property
-    def budgeted(self) -> bool:
-        return self.key.has_budget or self.tenant.has_budget
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "limited", self.key.any or self.tenant.any)
+        object.__setattr__(self, "budgeted", self.key.has_budget or self.tenant.has_budget)
 
 
 @dataclass(slots=True)
@@ -182,6 +186,10 @@ class Limiter:
         # One server (directly or through Sentinel): every pipeline on one connection, in order.
         self.wire = None if isinstance(client, RedisCluster) else Wire(client.connection_pool)
         self.leases: dict[str, list[str]] = {}  # lease id -> lease zsets, for renewal
+        # Lease ids: unique to this limiter (a random prefix) and request (a count); drawing 9
+        # random bytes per request cost a system call.
+        self._lease_prefix = os.urandom(8).hex() + "."
+        self._lease_numbers = itertools.count()
         self.settlements: list[Settlement] = []
         self._scheduled = False
         self._admissions: list[tuple[Checks, list[str | int], asyncio.Future[list[Any]]]] = []
@@ -259,11 +267,11 @@ class Limiter:
     async def admit(self, subject: Subject, prompt_estimate: int, requested_cap: int | None) -> Admission | None:
         """Charge the request against every limit of its key and tenant, or raise the refusal
         (RateLimited / BudgetExceeded 429, ServiceUnavailable 503). None: nothing to enforce."""
-        if not (subject.key.any or subject.tenant.any):
+        if not subject.limited:
             return None
         now = self.clock()
         checks = self.checks(subject, now)
-        lease = os.urandom(9).hex()
+        lease = f"{self._lease_prefix}{next(self._lease_numbers):x}"
         own: list[str | int] = [
             lease, prompt_estimate, -1 if requested_cap is None else requested_cap, self.default_cap, self.min_output
         ]  # fmt: skip
@@ -390,16 +398,21 @@ class Limiter:
         if not (admissions or settlements):
             return
         # (none of them busy: see above)
-        tenants = {item.checks.tenant_id for item in settlements} if self.wire is None else set()
+        if self.wire is not None:
+            self._start(admissions, settlements)
+            return
+        tenants = {item.checks.tenant_id for item in settlements}
         self._unanswered |= tenants
-        self._start(admissions, settlements).add_done_callback(lambda done: self._answered(done, tenants))
+        self._start(admissions, settlements).add_done_callback(lambda _: self._answered(tenants))
 
     def _start(
         self,
         admissions: list[tuple[Checks, list[str | int], asyncio.Future[list[Any]]]],
         settlements: list[Settlement],
-    ) -> asyncio.Task[bool]:
-        """Send one pipeline: written now on the wire, its replies seen to by a task."""
+    ) -> asyncio.Future[bool]:
+        """Send one pipeline: written now on the wire, its replies handed out when they come
+        (`_answer`), or sent by a task (`_send`); the future says whether every settlement
+        reached Redis."""
         calls: list[Call] | None = None
         carried: list[list[Settlement]] = []
         written = None
@@ -411,12 +424,43 @@ class Limiter:
             log.exception("limits pipeline failed")
             calls = None
             _fail(admissions, exc)
-        task = asyncio.create_task(self._send(admissions, calls, carried, written))
+        if written is not None and calls is not None:
+            done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+            written.add_done_callback(lambda _: self._answer(admissions, calls, carried, written, done))
+            return done
+        return self._task(self._send(admissions, calls, carried, written))
+
+    def _answer(
+        self,
+        admissions: list[tuple[Checks, list[str | int], asyncio.Future[list[Any]]]],
+        calls: list[Call],
+        carried: list[list[Settlement]],
+        written: asyncio.Future[list[Any]],
+        done: asyncio.Future[bool],
+    ) -> None:
+        """The replies of a pipeline written on the wire, in the callback of their arrival (a
+        task per pipeline cost more than the rest of its handling); the rare reply that needs
+        more round trips (a Redis that forgot the script) is left to `_send`."""
+        exc = written.exception()
+        replies = [exc] * len(calls) if exc is not None else written.result()
+        if exc is None and any(isinstance(reply, redis.exceptions.NoScriptError) for reply in replies):
+            task = self._task(self._send(admissions, calls, carried, written))
+            task.add_done_callback(lambda _: done.set_result(not task.cancelled() and task.result()))
+            return
+        try:
+            done.set_result(self._deliver(admissions, carried, replies))
+        except Exception as exc:  # a defect here must fail its requests, not leave them waiting
+            log.exception("limits pipeline failed")
+            _fail(admissions, exc)
+            done.set_result(False)
+
+    def _task(self, coroutine: Coroutine[Any, Any, bool]) -> asyncio.Task[bool]:
+        task = asyncio.create_task(coroutine)
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)
         return task
 
-    def _answered(self, task: asyncio.Task[bool], tenants: set[int | None]) -> None:
+    def _answered(self, tenants: set[int | None]) -> None:
         self._unanswered -= tenants
         if self._holding:
             self._holding = False
@@ -470,10 +514,19 @@ class Limiter:
             return False
         try:
             replies = await self._pipelined(calls, written) if calls else []
+            return self._deliver(admissions, carried, replies)
         except Exception as exc:  # a defect here must fail its requests, not leave them waiting
             log.exception("limits pipeline failed")
             _fail(admissions, exc)
             return False
+
+    def _deliver(
+        self,
+        admissions: list[tuple[Checks, list[str | int], asyncio.Future[list[Any]]]],
+        carried: list[list[Settlement]],
+        replies: list[Any],
+    ) -> bool:
+        """Hand each admission its reply; keep the settlements Redis was not reached with."""
         for (_, _, future), reply in zip(admissions, replies[len(replies) - len(admissions) :], strict=True):
             if not future.done():  # the request may have been cancelled meanwhile
                 if isinstance(reply, Exception):

@@ -35,15 +35,30 @@ class Batch(NamedTuple):
     resent: bool  # sent again already after its connection broke
 
 
+class Written(NamedTuple):
+    batch: Batch
+    deadline: float  # loop time by which its replies must have come
+
+
 class Wire:
+    """Each connection has one reader task for its life: it reads the replies of what was
+    written, oldest first, and waits on a future while nothing is unanswered. The socket
+    timeout is kept by one timer (`_watch`) that looks at the oldest unanswered batch, not by
+    a timer per batch: arming and cancelling one for every batch cost the worker more than
+    reading its replies."""
+
     def __init__(self, pool: Any) -> None:
         self.pool = pool
         self.timeout: float = pool.connection_kwargs.get("socket_timeout") or 5.0
         self.connection: Any = None
         self.waiting: list[Batch] = []  # until a connection is up
-        self.pending: deque[Batch] = deque()  # written, replies not read yet
+        self.pending: deque[Written] = deque()  # written on `connection`, replies not read yet
         self._connecting: asyncio.Task[None] | None = None
-        self._reading: asyncio.Task[None] | None = None
+        self._reading: asyncio.Task[None] | None = None  # the reader of `connection`
+        self._work: asyncio.Future[None] | None = None  # what the idle reader waits on
+        self._timeout: asyncio.Timeout | None = None  # the reader's, expired by `_watch`
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._closed = False
 
     def send(self, payload: bytes, replies: int) -> asyncio.Future[list[Any]]:
         """Write the commands now if connected (else as soon as connected); the future has
@@ -66,22 +81,41 @@ class Wire:
             except (RuntimeError, OSError):  # closed under us (uvloop raises here): a new connection
                 pass
             else:
-                self.pending.append(batch)
-                if self._reading is None:
-                    self._reading = asyncio.create_task(self._read(connection))
+                loop = asyncio.get_running_loop()
+                self.pending.append(Written(batch, loop.time() + self.timeout))
+                if self._work is not None:
+                    self._work.set_result(None)
+                    self._work = None
+                if self._watchdog is None:
+                    self._watchdog = loop.call_at(self.pending[0].deadline, self._watch)
                 return
         self.waiting.append(batch)
-        if self._connecting is None:
+        if self._connecting is None and not self._closed:
             self._connecting = asyncio.create_task(self._connect())
+
+    def _watch(self) -> None:
+        """Expire the reader's timeout if the oldest unanswered batch is past its deadline;
+        otherwise look again at the deadline of whichever batch is oldest by then."""
+        self._watchdog = None
+        if not self.pending:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = self.pending[0].deadline
+        if deadline > loop.time():
+            self._watchdog = loop.call_at(deadline, self._watch)
+        elif self._timeout is not None:
+            self._timeout.reschedule(loop.time())
 
     async def _connect(self) -> None:
         try:
-            if self._reading is not None:  # the last connection's reader is failing its batches
+            # The last connection's reader gives it up: at once if idle (it was closed while
+            # idle), else once it has failed or re-queued what was written to it.
+            self.connection = None
+            if self._reading is not None:
+                if self._work is not None:
+                    self._work.set_result(None)
+                    self._work = None
                 await asyncio.wait([self._reading])
-            broken, self.connection = self.connection, None  # closed while idle, if still here
-            if broken is not None:
-                await broken.disconnect(nowait=True)
-                await self.pool.release(broken)
             # Taken from the pool for good (closing the client closes it too), given back broken;
             # connected anew, as an idle pooled connection may be one Redis has closed.
             connection = self.pool.get_available_connection()
@@ -98,57 +132,70 @@ class Wire:
             return
         self._connecting = None
         self.connection = connection
+        self._reading = asyncio.create_task(self._read(connection))
         waiting, self.waiting = self.waiting, []
         for batch in waiting:
             self._send(batch)
 
     async def _read(self, connection: Any) -> None:
-        """Read the replies of what was written, oldest first, each batch within the socket
-        timeout. A connection that fails is dropped with everything written to it: a batch
-        it failed is sent once more on a new connection when the connection was closed
-        (Redis restarted: it never ran them), otherwise fails with the error."""
+        """Read the replies of what was written, oldest first, until the connection is
+        replaced or fails; then close it. A failed connection is dropped with everything
+        written to it: a batch it failed is sent once more on a new connection when the
+        connection was closed (Redis restarted: it never ran them), otherwise fails with the
+        error (a timeout: Redis may have run them)."""
+        loop = asyncio.get_running_loop()
         try:
-            while self.pending:
-                batch = self.pending[0]
-                replies: list[Any] = []
-                async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout(None) as self._timeout:
+                while self.pending or self.connection is connection:
+                    if not self.pending:
+                        self._work = loop.create_future()
+                        await self._work
+                        continue
+                    batch = self.pending[0].batch
+                    replies: list[Any] = []
                     for _ in range(batch.replies):
                         try:
                             replies.append(await connection.read_response(timeout=math.inf))
                         except redis.exceptions.ResponseError as exc:
                             replies.append(exc)
-                self.pending.popleft()
-                if not batch.future.done():
-                    batch.future.set_result(replies)
+                    self.pending.popleft()
+                    if not batch.future.done():
+                        batch.future.set_result(replies)
         except asyncio.CancelledError:  # closing
-            _fail([*self.pending, *self.waiting], redis.exceptions.ConnectionError("Redis connection closed"))
+            await self._drop(connection)
             raise
         except REDIS_ERRORS as exc:
-            if self.connection is connection:
-                self.connection = None
-            await connection.disconnect(nowait=True)  # replies may still come: never reuse it
-            await self.pool.release(connection)
-            failed, self.pending = list(self.pending), deque()
+            failed, self.pending = [written.batch for written in self.pending], deque()
             closed = isinstance(exc, redis.exceptions.ConnectionError)
             _fail([b for b in failed if b.resent or not closed], _reading_error(exc))
             # Ahead of anything written since: the order holds on the next connection too.
             self.waiting[:0] = [b._replace(resent=True) for b in failed if closed and not b.resent]
-            self._reading = None
-            if self.waiting and self._connecting is None:
-                self._connecting = asyncio.create_task(self._connect())
-            return
+        await self._drop(connection)
+        if self.waiting and self._connecting is None and not self._closed:
+            self._connecting = asyncio.create_task(self._connect())
+
+    async def _drop(self, connection: Any) -> None:
+        """The reader's last step (not in a `finally`: a coroutine closed with its event loop
+        must not await)."""
+        self._timeout = None
+        if self.connection is connection:
+            self.connection = None
         self._reading = None
+        await connection.disconnect(nowait=True)  # replies may still come: never reuse it
+        await self.pool.release(connection)
 
     async def close(self) -> None:
-        for task in (self._connecting, self._reading):
-            if task is not None:
-                task.cancel()
-        await asyncio.gather(*(t for t in (self._connecting, self._reading) if t is not None), return_exceptions=True)
-        _fail([*self.pending, *self.waiting], redis.exceptions.ConnectionError("Redis connection closed"))
-        if self.connection is not None:
-            await self.connection.disconnect()
-            await self.pool.release(self.connection)
-            self.connection = None
+        self._closed = True
+        tasks = [task for task in (self._connecting, self._reading) if task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        _fail([*(written.batch for written in self.pending), *self.waiting],
+              redis.exceptions.ConnectionError("Redis connection closed"))  # fmt: skip
+        self.pending.clear()
+        self.waiting.clear()
 
 
 def _fail(batches: list[Batch], exc: BaseException) -> None:

@@ -83,6 +83,8 @@ class Worker:
             default_cap=settings.default_max_tokens,
             min_output=settings.min_output_tokens,
         )
+        # The journal's appends go on the limiter's wire: written in the turn they are made.
+        self.journal.wire = self.limiter.wire
         self.audit = AuditWriter(
             pool,
             capacity=settings.audit_queue,
@@ -146,8 +148,9 @@ class Worker:
         named in an error line and left behind, so a stop never hangs on one part, and the
         database pool, which waits for every connection to come back, is terminated."""
         parts: list[tuple[str, Callable[[], Awaitable[None]]]] = [
-            ("background tasks", self.tasks.stop), ("fair queue", self.slots.stop), ("limiter", self.limiter.stop),
-            ("ledger", self.ledger.stop), ("audit", self.audit.stop), ("journal", self.journal.stop),
+            # (the limiter after the journal: it closes the wire the journal writes on)
+            ("background tasks", self.tasks.stop), ("fair queue", self.slots.stop), ("ledger", self.ledger.stop),
+            ("audit", self.audit.stop), ("journal", self.journal.stop), ("limiter", self.limiter.stop),
             ("authentication", self.auth.stop), ("backend client", self.http.aclose), ("redis", self.redis.aclose),
             ("database pool", self.db.close),
         ]  # fmt: skip

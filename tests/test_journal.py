@@ -170,3 +170,31 @@ async def test_an_older_workers_journal_still_replays_its_usage_under_no_model_a
     audited = await admin.pool.fetchrow("SELECT * FROM request_log WHERE request_id = $1", f"older-{prefix}")
     assert audited is not None
     assert (audited["completion_tokens"], audited["queue_wait_ms"]) == (20, None)
+
+
+async def test_each_turns_entry_goes_on_the_wire_without_waiting_for_the_last_and_arrives_in_order(
+    gateway_env: dict[str, str], redis_prefix: str
+) -> None:
+    """On one Redis server the journal writes each turn's entry on the worker's wire in the
+    next turn, without waiting for the answer to the one before (the wire's one connection
+    keeps them in order: Redis refuses an entry whose id is below the stream's last)."""
+    prefix = f"{redis_prefix}wire{secrets.token_hex(2)}:"
+    async with open_worker({**gateway_env, "REDIS_KEY_PREFIX": prefix}) as worker:
+        journal = worker.journal
+        assert journal.wire is not None
+        assert journal.wire is worker.limiter.wire
+        written: list[asyncio.Future[list[Any]]] = []
+        for turn in range(1, 6):
+            journal.usage(turn, 1, dt.date(2026, 12, 2), turn, 0, "tiny")
+            journal.usage(turn, 1, dt.date(2026, 12, 2), turn, 1, "tiny")  # the same turn: the same entry
+            await asyncio.sleep(0)  # the turn that writes it
+            assert journal._written is not None  # written by then
+            written.append(journal._written)
+        assert len({id(future) for future in written}) == 5  # each turn's, none held back
+        answers = await asyncio.wait_for(asyncio.gather(*written), 10)
+        entries: list[Any] = await worker.redis.xrange(journal.stream(journal.worker)) or []
+    assert all(not isinstance(reply, Exception) for answer in answers for reply in answer)
+    assert [entry_id for entry_id, _ in entries] == [f"{2 * turn}-1".encode() for turn in range(1, 6)]
+    assert [[record[2][0] for record in orjson.loads(fields[b"v"])] for _, fields in entries] == [
+        [turn, turn] for turn in range(1, 6)
+    ]

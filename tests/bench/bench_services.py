@@ -40,6 +40,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 from tests.bench import loadgen
 
+# Generous: nothing is refused at a few thousand requests per second for minutes. Each request
+# reserves its prompt estimate + GATEWAY_DEFAULT_MAX_TOKENS (1,024) until it settles. (tpm: the
+# column is an integer.)
 EVERY_LIMIT = {
     "rpm": 100_000_000, "tpm": 2_000_000_000, "max_concurrent": 100_000,
     "daily_tokens": 10**15, "monthly_tokens": 10**15, "total_tokens": 10**15,

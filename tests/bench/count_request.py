@@ -38,6 +38,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 from tests.bench import loadgen
+from tests.bench.bench_limits import ON_KEY_AND_TENANT
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -52,6 +53,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--key", help="internal")
     add("--profile", type=Path, help="keep the larger run's callgrind.out here")
     add("--against", metavar="REF", help="also count git REF's neuronetz/ (before/after)")
+    add("--limits", action="store_true", help="a key and tenant with every limit and budget set (bench_limits.py's)")
     add("--source", type=Path, help="internal: the tree whose neuronetz/ the driver runs")
     return parser.parse_args(argv)
 
@@ -165,7 +167,7 @@ def callgrind(args: argparse.Namespace, count: int, out: Path, common: list[str]
 
 async def run(args: argparse.Namespace) -> int:
     async with loadgen.bench_store("count") as store:
-        key = await loadgen.make_key(store, "bench")
+        key = await loadgen.make_key(store, "bench", **(ON_KEY_AND_TENANT if args.limits else {}))
         with loadgen.services() as started:
             emulator = loadgen.start_emulator()
             started.append(emulator)

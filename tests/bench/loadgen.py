@@ -407,9 +407,27 @@ async def make_key(store: BenchStore, tenant: str, **limits: int) -> str:
 
     tenant_limits = Limits(**{name[2:]: value for name, value in limits.items() if name.startswith("t_")})
     key_limits = Limits(**{name: value for name, value in limits.items() if not name.startswith("t_")})
-    await tenants.create_tenant(store.pool, tenant, tenant_limits)
+    created = await tenants.create_tenant(store.pool, tenant, tenant_limits)
     _, key = await tenants.create_key(store.pool, tenant, "bench", limits=key_limits)
+    if tenant_limits.has_budget or key_limits.has_budget:
+        await _budgets_ready(store, created.id)
     return key
+
+
+async def _budgets_ready(store: BenchStore, tenant_id: int) -> None:
+    """Build a new budgeted tenant's counters now, as its first request would after the rebuild
+    wait (503 until then: a fresh Redis prefix looks like a Redis that just lost its data)."""
+    from neuronetz.budgets import Ledger
+    from neuronetz.limits import Limiter
+    from neuronetz.worker import redis_client
+
+    client = redis_client(store.redis_url)
+    limiter = Limiter(client, Ledger(store.pool), prefix=store.redis_prefix, lease_ttl=60, default_cap=1, min_output=1)
+    try:
+        await limiter.rebuild(tenant_id, wait=0.0)
+    finally:
+        await limiter.stop()
+        await client.aclose()
 
 
 # --- HTTP/1.1 requests and the client protocol -------------------------------------------------

@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 from tests.bench import loadgen
-from tests.bench.bench_limits import EVERY_LIMIT
+from tests.bench.bench_limits import ON_KEY_AND_TENANT
 
 # A sample is charged to the module of its innermost neuronetz frame (MODULES), so library and
 # C code (redis-py, asyncpg, orjson, uvloop's socket calls) counts for the code that called
@@ -141,8 +141,7 @@ async def run(args: argparse.Namespace) -> int:
     spy = py_spy()
     loadgen.pin_self(loadgen.LOADGEN_CPU)
     async with loadgen.bench_store("prof") as store:
-        limits = {**EVERY_LIMIT, **{f"t_{name}": value for name, value in EVERY_LIMIT.items()}} if args.limits else {}
-        key = await loadgen.make_key(store, "bench", **limits)
+        key = await loadgen.make_key(store, "bench", **(ON_KEY_AND_TENANT if args.limits else {}))
         with loadgen.services() as started:
             _, gateway = loadgen.start_rig(started, store.database_url, store.redis_prefix)
             worker = gateway.tree()[1]
