@@ -193,7 +193,7 @@ class Limiter:
         self.settlements: list[Settlement] = []
         self._scheduled = False
         self._admissions: list[tuple[Checks, list[str | int], asyncio.Future[list[Any]]]] = []
-        self._sending: set[asyncio.Task[bool]] = set()
+        self._in_flight: set[asyncio.Future[bool]] = set()  # pipelines sent and not answered yet
         self._unanswered: set[int | None] = set()  # tenants whose settlements are in an unanswered pipeline
         self._holding = False  # a flush left calls queued behind such a pipeline
         self._checks: dict[int, tuple[Subject, int, Checks]] = {}  # key id -> (subject, day, its checks)
@@ -427,6 +427,8 @@ class Limiter:
         if written is not None and calls is not None:
             done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
             written.add_done_callback(lambda _: self._answer(admissions, calls, carried, written, done))
+            self._in_flight.add(done)
+            done.add_done_callback(self._in_flight.discard)
             return done
         return self._task(self._send(admissions, calls, carried, written))
 
@@ -456,8 +458,8 @@ class Limiter:
 
     def _task(self, coroutine: Coroutine[Any, Any, bool]) -> asyncio.Task[bool]:
         task = asyncio.create_task(coroutine)
-        self._sending.add(task)
-        task.add_done_callback(self._sending.discard)
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
         return task
 
     def _answered(self, tenants: set[int | None]) -> None:
@@ -737,10 +739,13 @@ class Limiter:
         self.tasks.start("limits.instance", self._mark_instance)
 
     async def stop(self) -> None:
-        """Stop the background work after sending what is still queued (a few tries: the
-        leases of anything left over expire by themselves)."""
+        """Stop the background work after sending what is still queued and hearing back about
+        every pipeline on its way (closing the wire would fail their settlements); a few tries:
+        the leases of anything left over expire by themselves."""
         for _ in range(5):
-            if await self.flush_settlements():
+            sent = await self.flush_settlements()
+            await asyncio.gather(*self._in_flight, return_exceptions=True)
+            if sent and not self.settlements:  # (a failed pipeline puts its settlements back)
                 break
             await asyncio.sleep(0.5)
         await self.tasks.stop()

@@ -722,6 +722,35 @@ async def test_admissions_held_behind_a_settlement_redis_did_not_answer_fail_wit
         server.close()
 
 
+async def test_a_graceful_stop_hears_back_about_settlements_already_on_their_way(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A request ended and its settlement's pipeline is written, but Redis has not answered
+    yet (it holds every client's commands for 0.3 s) when the worker stops: the stop waits
+    for the answer rather than closing the connection under it, so the request's slot is
+    given back instead of being held until its lease expires."""
+    tenant_id = secrets.randbelow(10**9) + 12 * 10**9
+    subject = Subject(1, tenant_id, Limits(max_concurrent=1), Limits())
+    with PrivateRedis() as server:
+        client = aioredis.Redis.from_url(server.url)
+        pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+        limiter = Limiter(client, Ledger(pool), prefix="stop:", lease_ttl=30, default_cap=100, min_output=1)
+        try:
+            admission = await limiter.admit(subject, 5, 10)
+            async with aioredis.Redis.from_url(server.url) as other:
+                await other.execute_command("CLIENT", "PAUSE", 300, "ALL")
+            limiter.settle(admission, subject, 5, 10, model="tiny")
+            await asyncio.sleep(0)  # the turn that writes the settlement's pipeline
+            assert limiter.wire is not None
+            assert limiter.wire.pending
+            await asyncio.wait_for(limiter.stop(), 10)
+            assert await in_flight(client, "stop:", tenant_id, "k1") == 0
+            assert "settlement failed; will retry" not in caplog.text
+        finally:
+            await client.aclose()
+            await pool.close()
+
+
 FATES = st.sampled_from(["done", "cancelled", "late"])
 
 
