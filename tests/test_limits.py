@@ -738,7 +738,7 @@ async def test_a_graceful_stop_hears_back_about_settlements_already_on_their_way
         try:
             admission = await limiter.admit(subject, 5, 10)
             async with aioredis.Redis.from_url(server.url) as other:
-                await other.execute_command("CLIENT", "PAUSE", 300, "ALL")
+                await other.client_pause(300, all=True)
             limiter.settle(admission, subject, 5, 10, model="tiny")
             await asyncio.sleep(0)  # the turn that writes the settlement's pipeline
             assert limiter.wire is not None
