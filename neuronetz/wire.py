@@ -11,18 +11,22 @@ Redis works on it while the worker goes on with that work, instead of the worker
 Redis afterwards (README → Benchmarks: the limits figure and what it is made of).
 
 The connection is redis-py's: made by the client's pool (address or Sentinel lookup, TLS,
-credentials, the gateway's C packing), connected, read (`read_response`, parsed by hiredis)
-and closed through its API. The one part of it used that redis-py keeps private is its stream
-writer, for the write that must not wait.
+credentials, the gateway's C packing), connected and closed through its API. Its streams are
+the parts redis-py keeps private that the wire uses: the writer, for the write that must not
+wait, and the reader, whose bytes go to a hiredis reader of the wire's own (with redis-py's
+mapping of error replies to its exceptions), so that one read of the socket hands out every
+reply it holds; redis-py's `read_response`, two coroutines and a timeout check per reply,
+cost more than the rest of a reply's handling. Replies are bytes, as the gateway's clients
+do not decode.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 from collections import deque
 from typing import Any, NamedTuple
 
+import hiredis
 import redis.exceptions
 
 from neuronetz.db import REDIS_ERRORS
@@ -144,6 +148,11 @@ class Wire:
         connection was closed (Redis restarted: it never ran them), otherwise fails with the
         error (a timeout: Redis may have run them)."""
         loop = asyncio.get_running_loop()
+        stream: asyncio.StreamReader = connection._reader
+        # Error replies come as redis-py's exceptions (NoScriptError, ...), in their place.
+        parser = hiredis.Reader(protocolError=redis.exceptions.InvalidResponse,
+                                replyError=connection._parser.parse_error)  # fmt: skip
+        replies: list[Any] = []  # of the oldest unanswered batch, so far
         try:
             async with asyncio.timeout(None) as self._timeout:
                 while self.pending or self.connection is connection:
@@ -151,16 +160,17 @@ class Wire:
                         self._work = loop.create_future()
                         await self._work
                         continue
+                    reply = parser.gets()
+                    if reply is False:  # nothing whole in what was read: read on
+                        parser.feed(await _received(stream))
+                        continue
+                    replies.append(reply)
                     batch = self.pending[0].batch
-                    replies: list[Any] = []
-                    for _ in range(batch.replies):
-                        try:
-                            replies.append(await connection.read_response(timeout=math.inf))
-                        except redis.exceptions.ResponseError as exc:
-                            replies.append(exc)
-                    self.pending.popleft()
-                    if not batch.future.done():
-                        batch.future.set_result(replies)
+                    if len(replies) == batch.replies:
+                        self.pending.popleft()
+                        if not batch.future.done():
+                            batch.future.set_result(replies)
+                        replies = []
         except asyncio.CancelledError:  # closing
             await self._drop(connection)
             raise
@@ -196,6 +206,18 @@ class Wire:
               redis.exceptions.ConnectionError("Redis connection closed"))  # fmt: skip
         self.pending.clear()
         self.waiting.clear()
+
+
+async def _received(stream: asyncio.StreamReader) -> bytes:
+    """The next bytes from Redis; a connection closed or reset is redis-py's ConnectionError,
+    the one the wire sends the unanswered batches again for."""
+    try:
+        data = await stream.read(65536)
+    except OSError as exc:
+        raise redis.exceptions.ConnectionError(f"Error while reading from Redis: {exc}") from exc
+    if not data:
+        raise redis.exceptions.ConnectionError("Connection closed by server.")
+    return data
 
 
 def _fail(batches: list[Batch], exc: BaseException) -> None:

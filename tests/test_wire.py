@@ -7,7 +7,9 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import hiredis
 import redis.asyncio as aioredis
+import redis.exceptions
 import uvloop
 
 from neuronetz.wire import Wire
@@ -67,3 +69,23 @@ def test_a_batch_meeting_a_connection_closed_under_it_goes_on_a_new_one() -> Non
         return await asyncio.wait_for(wire.send(PING, 1), 10)
 
     assert on_uvloop(closed_under) == [b"PONG"]
+
+
+def test_replies_larger_than_one_read_and_error_replies_come_in_their_place() -> None:
+    """A batch's replies are handed out whole however the socket splits them (a 300 KB value
+    takes several reads), nil stays None, and an error reply is redis-py's exception for it,
+    in its place."""
+    value = b"v" * 300_000
+    commands: list[Any] = [("SET", "big", value), ("GET", "big"), ("GET", "missing"), ("EVALSHA", "0" * 40, 0),
+                           ("INCR", "big"), ("PING",)]  # fmt: skip
+
+    async def batch(_: PrivateRedis, wire: Wire) -> list[Any]:
+        payload = b"".join(hiredis.pack_command(parts) for parts in commands)
+        return await asyncio.wait_for(wire.send(payload, len(commands)), 10)
+
+    replies = on_uvloop(batch)
+    assert replies[:3] == [b"OK", value, None]
+    assert isinstance(replies[3], redis.exceptions.NoScriptError)
+    assert type(replies[4]) is redis.exceptions.ResponseError
+    assert "not an integer" in str(replies[4])
+    assert replies[5] == b"PONG"
