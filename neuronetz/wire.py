@@ -87,15 +87,19 @@ class Wire:
             else:
                 loop = asyncio.get_running_loop()
                 self.pending.append(Written(batch, loop.time() + self.timeout))
-                if self._work is not None:
-                    self._work.set_result(None)
-                    self._work = None
+                self._wake()
                 if self._watchdog is None:
                     self._watchdog = loop.call_at(self.pending[0].deadline, self._watch)
                 return
         self.waiting.append(batch)
         if self._connecting is None and not self._closed:
             self._connecting = asyncio.create_task(self._connect())
+
+    def _wake(self) -> None:
+        """Wake the reader if it is idle: there is something to read, or its connection is gone."""
+        if self._work is not None:
+            self._work.set_result(None)
+            self._work = None
 
     def _watch(self) -> None:
         """Expire the reader's timeout if the oldest unanswered batch is past its deadline;
@@ -116,9 +120,7 @@ class Wire:
             # idle), else once it has failed or re-queued what was written to it.
             self.connection = None
             if self._reading is not None:
-                if self._work is not None:
-                    self._work.set_result(None)
-                    self._work = None
+                self._wake()
                 await asyncio.wait([self._reading])
             # Taken from the pool for good (closing the client closes it too), given back broken;
             # connected anew, as an idle pooled connection may be one Redis has closed.
